@@ -1,0 +1,5 @@
+"""Decoder-only transformers as pure functions, their loaders, tokenizers and generation."""
+
+from recovery_jax.models.config import ModelConfig
+from recovery_jax.models.transformer import forward, ForwardOutput, KVCache, init_cache, embed, unembed, default_positions
+from recovery_jax.models.sites import parse_site, site_name

@@ -1,0 +1,80 @@
+"""Static model configuration: one frozen dataclass covers the four decoder-only families."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+Family = Literal["llama", "gemma2", "gemma3", "gpt2"]
+FAMILIES = ("llama", "gemma2", "gemma3", "gpt2")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Architecture of a decoder-only transformer.
+
+  Everything here is static (hashable, part of the jit cache key); arrays live in the params pytree.
+  ``layer_types`` holds ``"full"`` or ``"sliding"`` per layer.
+  """
+
+  family: Family
+  vocab_size: int
+  d_model: int
+  n_layers: int
+  n_heads: int
+  n_kv_heads: int
+  d_head: int
+  d_mlp: int
+  norm_eps: float = 1e-6
+  act: Literal["silu", "gelu_tanh", "gelu"] = "silu"
+  rope_theta: float = 10000.0
+  rope_local_theta: float | None = None  # gemma3: RoPE base of sliding layers
+  rope_scaling_factor: float = 1.0  # linear RoPE scaling of full-attention layers
+  sliding_window: int | None = None
+  layer_types: tuple[str, ...] = ()
+  attn_softcap: float | None = None
+  final_softcap: float | None = None
+  query_pre_attn_scalar: float | None = None  # gemma: q is scaled by this**-0.5 instead of d_head**-0.5
+  tie_embeddings: bool = True
+  n_positions: int = 0  # gpt2: learned positions
+  bos_token_id: int | None = None
+  eos_token_ids: tuple[int, ...] = ()
+  pad_token_id: int | None = None
+  name: str = ""
+
+  def __post_init__(self):
+    if self.family not in FAMILIES:
+      raise ValueError(f"ModelConfig.family={self.family!r}: expected one of {FAMILIES}")
+    if self.n_heads % self.n_kv_heads:
+      raise ValueError(f"ModelConfig: n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
+    if self.layer_types and len(self.layer_types) != self.n_layers:
+      raise ValueError(f"ModelConfig.layer_types has {len(self.layer_types)} entries for n_layers={self.n_layers}")
+    bad = set(self.layer_types) - {"full", "sliding"}
+    if bad:
+      raise ValueError(f"ModelConfig.layer_types: unknown entries {sorted(bad)}; expected 'full' or 'sliding'")
+
+  @property
+  def is_gemma(self) -> bool:
+    return self.family in ("gemma2", "gemma3")
+
+  @property
+  def uses_rope(self) -> bool:
+    return self.family != "gpt2"
+
+  @property
+  def norm(self) -> str:
+    return "layernorm" if self.family == "gpt2" else "rms"
+
+  @property
+  def query_scale(self) -> float:
+    s = self.query_pre_attn_scalar if self.query_pre_attn_scalar is not None else self.d_head
+    return float(s) ** -0.5
+
+  @property
+  def sliding_layers(self) -> tuple[bool, ...]:
+    if not self.layer_types:
+      return (False,) * self.n_layers
+    return tuple(t == "sliding" for t in self.layer_types)
+
+  def replace(self, **kw) -> "ModelConfig":
+    return dataclasses.replace(self, **kw)
