@@ -12,6 +12,20 @@ site is a static boundary.
 The same forward covers: a plain batch (optionally left-padded), prefill into a KV cache, one-token
 decode from a cache, and starting from a cached prefix at a given layer with a residual in hand
 (``resid=..., start_layer=L``), which is what the recovery engine differentiates.
+
+Params pytree (TransformerLens-like names; L = n_layers, H = n_heads, K = n_kv_heads, E = d_head,
+F = d_mlp; optional entries in brackets):
+
+  embed/W_E [V, D];  [pos_embed/W_pos [n_positions, D]] (gpt2)
+  blocks/ln1/w [L, D], [ln1/b];  [ln1_post/w] (gemma: norm of the attention output)
+  blocks/attn/W_Q [L, D, H, E], W_K [L, D, K, E], W_V [L, D, K, E], W_O [L, H, E, D],
+                 [b_Q [L, H, E], b_K, b_V [L, K, E], b_O [L, D]], [q_norm/w, k_norm/w [L, E]] (gemma3)
+  blocks/ln2/w [L, D], [ln2/b];  [ln2_post/w] (gemma)
+  blocks/mlp/W_in [L, D, F], [W_gate [L, D, F]] (gated MLPs: out = act(x W_gate) * (x W_in)),
+                W_out [L, F, D], [b_in [L, F], b_out [L, D]]
+  ln_final/w [D], [ln_final/b];  [unembed/W_U [D, V], unembed/b_U [V]] (absent when tied to W_E)
+
+RMSNorm weights are stored as the effective scale: gemma's (1 + w) is folded in at load time.
 """
 
 from __future__ import annotations
