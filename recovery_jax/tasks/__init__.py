@@ -1,0 +1,1 @@
+"""Experiment tasks: token batches, readouts and behaviour predicates."""
