@@ -1,0 +1,401 @@
+"""The projected recovery optimiser: an optax chain in the reference's order, scanned over steps.
+
+Per step (paper-method 1.4 and 6.4):
+
+  1. evaluate the objective and the monitored defended features c at delta_t (one linearisation);
+  2. gradient: ``none`` / ``encoder*``: g = grad(-obj + penalties), encoder modes project each row;
+     ``jacobian*``: g = P_J(grad(-obj)) + grad(penalties) (the drift gradient is added unprojected);
+  3. optax chain: [project gradient] -> Adam -> [project the update (jacobian_exact) or the parameter
+     (encoder modes with project_params)] -> clip to the Frobenius budget
+     (delta <- delta * B / (||delta|| + 1e-8) if ||delta|| > B, all sites and rows jointly);
+  4. jacobian modes: ``correction_steps`` plain gradient steps on the drift loss (each clipped);
+  5. best-checkpoint bookkeeping (snapshots after the update at steps 0, every-1, ..., last).
+
+The snapshot of step t is scored with the forward of step t+1 (same delta, same numbers as the
+reference's extra no-grad pass), so checkpointing costs no extra forward.
+
+Everything is a pure function of arrays: ``optimize`` runs inside jit/vmap. Numeric knobs that a
+sweep varies (lr, budget, ridge, lambdas, correction lr, checkpoint threshold/weight) are traced
+``HParams``; the rest of ``RecoveryConfig`` is static.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from recovery_jax.recovery import objectives as obj_lib
+from recovery_jax.recovery import projections as proj_lib
+
+Array = jax.Array
+
+CHECKPOINTS = ("final", "drift_constrained", "penalty_score")
+_TRACED = ("lr", "budget", "ridge", "lambda_act", "lambda_decode", "lambda_delta", "correction_lr",
+           "checkpoint_tau", "checkpoint_penalty_weight")
+
+
+@dataclasses.dataclass(frozen=True)
+class RecoveryConfig:
+  """Recovery settings. Defaults are the core reference's (``optimize_delta``).
+
+  projection: none | encoder | encoder_exact | jacobian | jacobian_exact.
+  project_params: also project the parameter after Adam. None = the mode's default: False for
+    ``encoder`` (core, faithful; True reproduces v4's encoder mode), True for ``encoder_exact``
+    (exact C1) and ``jacobian_exact`` (the update is projected onto null(J) at delta_t), False for
+    ``jacobian`` (reference sketch).
+  drift_penalty: l2 (core A, with lambda_act) | raw_mse | relative_mse | relative_l2 (v4).
+  lambda_decode: core ``Dd`` = ||(c - r) W_dec[S]||_F. lambda_delta: core ||delta||_F term.
+  checkpoint: final | drift_constrained | penalty_score (v4 best-checkpoint selection).
+  semantics: frozen (defended residual at the delta sites computed once; no re-clamp there) | live.
+  shared_delta: one delta for every row of a problem (IOI) instead of one per example.
+  """
+
+  steps: int = 100
+  lr: float = 0.1
+  budget: float = 20.0
+  projection: str = "encoder"
+  project_params: bool | None = None
+  ridge: float = 1e-4
+  exact_rtol: float | None = None
+  lambda_act: float = 0.0
+  lambda_decode: float = 0.0
+  lambda_delta: float = 0.0
+  drift_penalty: str = "l2"
+  act_loss_eps: float = 1e-6
+  jacobian_probes: int = 8
+  jacobian_drift_probe: bool = True
+  jacobian_tol: float = 1e-7
+  correction_steps: int = 0
+  correction_lr: float = 0.05
+  correction_every: int = 1
+  checkpoint: str = "final"
+  checkpoint_every: int = 10
+  checkpoint_tau: float = 0.03
+  checkpoint_penalty_weight: float = 10.0
+  seed: int = 0
+  semantics: str = "frozen"
+  shared_delta: bool = False
+  b1: float = 0.9
+  b2: float = 0.999
+  eps: float = 1e-8
+
+  def __post_init__(self):
+    if self.projection not in proj_lib.PROJECTIONS:
+      raise ValueError(f"RecoveryConfig.projection={self.projection!r}: expected one of {proj_lib.PROJECTIONS}")
+    if self.checkpoint not in CHECKPOINTS:
+      raise ValueError(f"RecoveryConfig.checkpoint={self.checkpoint!r}: expected one of {CHECKPOINTS}")
+    if self.drift_penalty not in obj_lib.DRIFT_PENALTIES:
+      raise ValueError(f"RecoveryConfig.drift_penalty={self.drift_penalty!r}: expected one of {obj_lib.DRIFT_PENALTIES}")
+    if self.semantics not in ("frozen", "live"):
+      raise ValueError(f"RecoveryConfig.semantics={self.semantics!r}: expected 'frozen' or 'live'")
+    if self.steps < 1:
+      raise ValueError(f"RecoveryConfig.steps={self.steps}: need at least one step")
+
+  @property
+  def projects_params(self) -> bool:
+    if self.project_params is not None:
+      return self.project_params
+    return self.projection in ("encoder_exact", "jacobian_exact")
+
+  @property
+  def is_jacobian(self) -> bool:
+    return self.projection in ("jacobian", "jacobian_exact")
+
+  def hparams(self, **overrides) -> "HParams":
+    """The traced numeric knobs as float32 arrays (``overrides`` may pass arrays, e.g. budgets [G])."""
+    vals = {k: overrides.pop(k, getattr(self, k)) for k in _TRACED}
+    if overrides:
+      raise TypeError(f"hparams: unknown overrides {sorted(overrides)}")
+    return HParams(**{k: jnp.asarray(v, jnp.float32) for k, v in vals.items()})
+
+  def static(self) -> "RecoveryConfig":
+    """This config with traced values canonicalised: the jit cache key. Lambdas keep only whether
+    they are non-zero (zero terms are skipped statically)."""
+    kw = {k: 0.0 for k in _TRACED}
+    for k in ("lambda_act", "lambda_decode", "lambda_delta"):
+      kw[k] = 1.0 if getattr(self, k) != 0 else 0.0
+    return dataclasses.replace(self, **kw)
+
+  def replace(self, **kw) -> "RecoveryConfig":
+    return dataclasses.replace(self, **kw)
+
+
+class HParams(NamedTuple):
+  lr: Array
+  budget: Array
+  ridge: Array
+  lambda_act: Array
+  lambda_decode: Array
+  lambda_delta: Array
+  correction_lr: Array
+  checkpoint_tau: Array
+  checkpoint_penalty_weight: Array
+
+
+class Eval(NamedTuple):
+  """One evaluation of a delta: the objective (scalar), per-row scores [B], monitored features
+  (tuple over monitored clamps of [B, M, K])."""
+
+  objective: Array
+  rows: Array
+  feats: tuple
+
+
+class Monitor(NamedTuple):
+  """What the drift terms compare against: refs (tuple of [B, M, K]), masks (bool, same shapes),
+  dec (tuple of [K, d] masked W_dec[S] rows, for lambda_decode)."""
+
+  refs: tuple
+  masks: tuple
+  dec: tuple
+
+
+class OptResult(NamedTuple):
+  delta: Array  # selected delta (best checkpoint, or final iterate)
+  delta_last: Array  # final iterate
+  objective: Array  # at the selected delta
+  rows: Array  # [B] per-row scores at the selected delta
+  feats: tuple  # monitored features at the selected delta
+  drift_rel: Array  # relative_l2 drift at the selected delta
+  best_step: Array  # step of the selected snapshot (steps - 1 for final)
+  history: dict  # per-step arrays [steps, ...]
+
+
+# ----------------------------------------------------------------------------------------------
+# optax pieces
+
+
+def clip_to_ball(budget: Array) -> optax.GradientTransformation:
+  """Clip the *parameter* to the Frobenius ball: p' = p * B / (||p|| + 1e-8) if ||p|| > B."""
+
+  def fn(updates, params):
+    new = params + updates
+    n = jnp.sqrt(jnp.sum(jnp.square(new)))
+    new = jnp.where(n > budget, new * (budget / (n + 1e-8)), new)
+    return new - params
+
+  return optax.stateless(fn)
+
+
+def project_gradient(fn: Callable[[Array], Array]) -> optax.GradientTransformation:
+  return optax.stateless(lambda u, p: fn(u))
+
+
+def project_parameter(fn: Callable[[Array], Array]) -> optax.GradientTransformation:
+  """p' = fn(p + u), expressed as an update."""
+  return optax.stateless(lambda u, p: fn(p + u) - p)
+
+
+def recovery_tx(hp: HParams, cfg: RecoveryConfig, grad_proj=None, update_proj=None, param_proj=None):
+  """project gradient -> Adam -> project update/parameter -> clip to the budget."""
+  ident = lambda x: x
+  return optax.chain(
+      project_gradient(grad_proj or ident),
+      optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps),
+      optax.scale(-hp.lr),
+      project_gradient(update_proj or ident),
+      project_parameter(param_proj or ident),
+      clip_to_ball(hp.budget),
+  )
+
+
+def clip(delta: Array, budget: Array) -> Array:
+  n = jnp.sqrt(jnp.sum(jnp.square(delta)))
+  return jnp.where(n > budget, delta * (budget / (n + 1e-8)), delta)
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def _flat(feats: tuple) -> Array:
+  if not feats:
+    return jnp.zeros((0,), jnp.float32)
+  return jnp.concatenate([f.reshape(-1).astype(jnp.float32) for f in feats])
+
+
+def _unflat(flat: Array, like: tuple) -> tuple:
+  out, o = [], 0
+  for f in like:
+    out.append(flat[o:o + f.size].reshape(f.shape))
+    o += f.size
+  return tuple(out)
+
+
+def penalties(cfg: RecoveryConfig, hp: HParams, feats: tuple, mon: Monitor):
+  """(weighted penalty on the features, act penalty value, act l2 drift)."""
+  act = obj_lib.drift_penalty(cfg.drift_penalty, feats, mon.refs, mon.masks, cfg.act_loss_eps)
+  total = jnp.zeros((), jnp.float32)
+  if cfg.lambda_act != 0:
+    total += hp.lambda_act * act
+  if cfg.lambda_decode != 0 and feats:
+    dd = jnp.concatenate([
+        jnp.einsum("bmk,kd->bmd", jnp.where(m, c - r, 0.0), w).reshape(-1)
+        for c, r, m, w in zip(feats, mon.refs, mon.masks, mon.dec)])
+    total += hp.lambda_decode * obj_lib.safe_norm(dd)
+  return total, act
+
+
+def drift_l2(feats: tuple, mon: Monitor) -> Array:
+  return obj_lib.drift_penalty("l2", feats, mon.refs, mon.masks)
+
+
+def _cos(a: Array, b: Array) -> Array:
+  return jnp.vdot(a, b) / (jnp.linalg.norm(a) * jnp.linalg.norm(b) + 1e-12)
+
+
+class _Best(NamedTuple):
+  has: Array
+  score: Array
+  fallback: Array
+  step: Array
+  delta: Array
+  objective: Array
+  rows: Array
+  feats: tuple
+  rel: Array
+
+
+def _update_best(cfg: RecoveryConfig, hp: HParams, best: _Best, take: Array, step, delta, ev: Eval, rel):
+  if cfg.checkpoint == "drift_constrained":
+    feasible = rel <= hp.checkpoint_tau
+    score = jnp.where(feasible, ev.objective, -jnp.inf)
+    fallback = ev.objective - hp.checkpoint_penalty_weight * rel
+  else:
+    score = ev.objective - hp.checkpoint_penalty_weight * jnp.maximum(0.0, rel - hp.checkpoint_tau)
+    fallback = score
+  both_inf = (score == -jnp.inf) & (best.score == -jnp.inf)
+  better = jnp.where(both_inf, fallback > best.fallback, score > best.score)
+  upd = take & (~best.has | better)
+  pick = lambda new, old: jax.tree.map(lambda n, o: jnp.where(upd, n, o), new, old)
+  return _Best(best.has | upd, pick(score, best.score), pick(fallback, best.fallback),
+               pick(jnp.asarray(step, jnp.int32), best.step), pick(delta, best.delta),
+               pick(ev.objective, best.objective), pick(ev.rows, best.rows), pick(ev.feats, best.feats),
+               pick(rel, best.rel))
+
+
+def _is_snapshot(cfg: RecoveryConfig, step):
+  every = max(int(cfg.checkpoint_every), 1)
+  return (step == 0) | (step == cfg.steps - 1) | ((step + 1) % every == 0)
+
+
+def optimize(f: Callable[[Array], Eval], delta0: Array, mon: Monitor, cfg: RecoveryConfig, hp: HParams,
+             key: Array, enc_proj: proj_lib.EncoderProjector | None = None) -> OptResult:
+  """Maximises ``f(delta).objective`` from ``delta0`` [n_sites, P, d] (see the module docstring).
+
+  f: delta -> Eval (pure; traced once per linearisation). mon: defended references for drift.
+  enc_proj: per-site row projector for the encoder modes.
+  """
+  mode = cfg.projection
+  if mode in ("encoder", "encoder_exact") and enc_proj is None:
+    raise ValueError(f"projection {mode!r} needs an encoder projector")
+  enc = (lambda g: proj_lib.apply_encoder(enc_proj, g)) if enc_proj is not None else (lambda g: g)
+  masks_flat = _flat(tuple(m.astype(jnp.float32) for m in mon.masks)) > 0
+  refs_flat = _flat(mon.refs)
+  shape = delta0.shape
+
+  def loss_parts(delta):
+    ev = f(delta)
+    pen, act = penalties(cfg, hp, ev.feats, mon)
+    loss = -ev.objective + pen
+    if cfg.lambda_delta != 0:
+      loss += hp.lambda_delta * obj_lib.safe_norm(delta)
+    return loss, (ev, act)
+
+  def grad_step(delta, key):
+    """Returns (eval, act, loss, g, grad_proj, update_proj, rank)."""
+    if not cfg.is_jacobian:
+      (loss, (ev, act)), g = jax.value_and_grad(loss_parts, has_aux=True)(delta)
+      gp = enc if mode in ("encoder", "encoder_exact") else None
+      return ev, act, loss, g, gp, None, jnp.zeros((), jnp.int32)
+
+    def fc(d):
+      ev = f(d)
+      return (ev.objective, _flat(ev.feats)), ev
+
+    (objective, c_flat), vjp, ev = jax.vjp(fc, delta, has_aux=True)
+    feats_like = ev.feats
+
+    def pen_of_flat(cf):
+      return penalties(cfg, hp, _unflat(cf, feats_like), mon)
+
+    (pen, act), pen_ct = jax.value_and_grad(pen_of_flat, has_aux=True)(c_flat)
+    loss = -objective + pen
+    n_c = c_flat.shape[0]
+    if mode == "jacobian":
+      probes = proj_lib.sketch_probes(key, c_flat, refs_flat, masks_flat, cfg.jacobian_probes,
+                                      cfg.jacobian_drift_probe)
+    else:
+      probes = jnp.eye(n_c, dtype=jnp.float32) * masks_flat[None].astype(jnp.float32)
+    n_p = probes.shape[0]
+    cts_obj = jnp.concatenate([jnp.array([-1.0, 0.0], jnp.float32), jnp.zeros((n_p,), jnp.float32)])
+    cts_c = jnp.concatenate([jnp.zeros((1, n_c), jnp.float32), pen_ct[None], probes], axis=0)
+    (grads,) = jax.vmap(lambda a, b: vjp((a, b)))(cts_obj, cts_c)
+    g_obj, g_pen, q = grads[0], grads[1], grads[2:].reshape(n_p, -1)
+    if mode == "jacobian":
+      basis = proj_lib.gram_schmidt(q, cfg.jacobian_tol)
+    else:
+      basis = proj_lib.rowspace_basis(q, cfg.exact_rtol)
+    rank = jnp.sum(jnp.any(basis != 0, axis=-1)).astype(jnp.int32)
+    proj = lambda g: proj_lib.apply_basis(basis, g.reshape(-1)).reshape(shape)
+    if cfg.lambda_delta != 0:
+      g_pen = g_pen + hp.lambda_delta * jax.grad(obj_lib.safe_norm)(delta)
+      loss += hp.lambda_delta * obj_lib.safe_norm(delta)
+    gp = lambda g: proj(g) + g_pen  # the objective gradient is projected, the drift gradient not
+    up = proj if mode == "jacobian_exact" and cfg.projects_params else None
+    return ev, act, loss, g_obj, gp, up, rank
+
+  def correction(delta):
+    def act_loss(d):
+      ev = f(d)
+      return obj_lib.drift_penalty(cfg.drift_penalty, ev.feats, mon.refs, mon.masks, cfg.act_loss_eps)
+
+    def body(_, d):
+      return clip(d - hp.correction_lr * jax.grad(act_loss)(d), hp.budget)
+
+    return jax.lax.fori_loop(0, cfg.correction_steps, body, delta)
+
+  param_proj = enc if (mode in ("encoder", "encoder_exact") and cfg.projects_params) else None
+  tx0 = recovery_tx(hp, cfg)
+  if param_proj is not None:
+    delta0 = param_proj(delta0)  # v4 projects the initial delta in encoder mode
+  ev0 = jax.eval_shape(f, delta0)
+  zeros = lambda s: jnp.zeros(s.shape, s.dtype)
+  best0 = _Best(jnp.asarray(False), jnp.asarray(-jnp.inf, jnp.float32), jnp.asarray(-jnp.inf, jnp.float32),
+                jnp.asarray(cfg.steps - 1, jnp.int32), delta0, zeros(ev0.objective), zeros(ev0.rows),
+                jax.tree.map(zeros, ev0.feats), jnp.zeros((), jnp.float32))
+
+  def step_fn(carry, step):
+    delta, opt_state, best = carry
+    ev, act, loss, g, gp, up, rank = grad_step(delta, jax.random.fold_in(key, step))
+    rel = obj_lib.relative_l2(ev.feats, mon.refs, mon.masks)
+    if cfg.checkpoint != "final":
+      prev = step - 1
+      best = _update_best(cfg, hp, best, (step >= 1) & _is_snapshot(cfg, prev), prev, delta, ev, rel)
+    g_applied = (gp or (lambda x: x))(g)
+    tx = recovery_tx(hp, cfg, grad_proj=gp, update_proj=up, param_proj=param_proj)
+    updates, opt_state = tx.update(g, opt_state, delta)
+    new = optax.apply_updates(delta, updates)
+    if cfg.is_jacobian and cfg.correction_steps > 0:
+      every = max(int(cfg.correction_every), 1)
+      if every == 1:
+        new = correction(new)
+      else:
+        new = jax.lax.cond((step + 1) % every == 0, correction, lambda d: d, new)
+    hist = dict(objective=ev.objective, loss=loss, act_penalty=act, drift_l2=drift_l2(ev.feats, mon),
+                drift_rel=rel, delta_norm=jnp.sqrt(jnp.sum(jnp.square(new))), proj_cos=_cos(g, g_applied),
+                basis_rank=rank, rows=ev.rows)
+    return (new, opt_state, best), hist
+
+  (delta_n, _, best), history = jax.lax.scan(
+      step_fn, (delta0, tx0.init(delta0), best0), jnp.arange(cfg.steps, dtype=jnp.int32))
+  ev_n = f(delta_n)
+  rel_n = obj_lib.relative_l2(ev_n.feats, mon.refs, mon.masks)
+  if cfg.checkpoint == "final":
+    return OptResult(delta_n, delta_n, ev_n.objective, ev_n.rows, ev_n.feats, rel_n,
+                     jnp.asarray(cfg.steps - 1, jnp.int32), history)
+  best = _update_best(cfg, hp, best, jnp.asarray(True), cfg.steps - 1, delta_n, ev_n, rel_n)
+  return OptResult(best.delta, delta_n, best.objective, best.rows, best.feats, best.rel, best.step, history)
