@@ -20,7 +20,7 @@ DEFAULT_SAE = "assets/smollm2-135m-instruct-res12-topk"
 
 
 def get_config(arg=None):
-  a = parse_arg(arg, variant="default", model_path="", sae_path="", n_prompts=0, steps=0)
+  a = parse_arg(arg, variant="default", model_path="", sae_path="", n_prompts=0, steps=0, grid=False)
   c = ml_collections.ConfigDict()
   c.variant = a.variant
   c.seed = 0
@@ -81,11 +81,17 @@ def get_config(arg=None):
     c.site = "blocks.2.hook_resid_pre"
     c.task.n_prompts = 16
     c.recovery.steps = 20
+    c.recovery.modes = ("none", "encoder")
+    c.recovery.variants = ("shared",)
     c.sweep.n_features = (8,)
     c.sweep.clamp_value = (-5.0,)
     c.plots = False
   elif a.variant != "default":
     raise ValueError(f"configs/ioi.py: unknown variant {a.variant!r}; expected default, paper, sweep or tiny")
+  if a.grid:  # a small grid (used by the sharding and resume tests)
+    c.sweep.clamp_value = (-5.0, -2.0)
+    c.sweep.budget = (5.0, 20.0)
+    c.unit_size = 2
   if a.n_prompts:
     c.task.n_prompts = a.n_prompts
   if a.steps:

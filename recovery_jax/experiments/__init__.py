@@ -1,0 +1,1 @@
+"""Experiment runners: one module per experiment family, each with ``run(config, workdir)``."""

@@ -1,0 +1,289 @@
+"""IOI post-intervention recovery, end to end (paper-method sections 5 and 7).
+
+Phases: load model + SAE -> IOI prompts -> base logit difference -> feature ranking by attribution
+through a pass-through SAE -> the sweep grid (feature-set size K, clamp value, budget, seed) crossed
+with projection modes and delta variants -> work units, each one jit-compiled call of the engine
+vmapped over its points and sharded over the mesh's ``data`` axis -> per-example metrics, summary
+table, plots. Finished units are saved (orbax) so an interrupted run resumes.
+
+Variants: ``shared`` (the reference: one delta for all prompts, maximising the mean logit
+difference over all of them) and ``per_prompt`` (one delta per prompt, vmapped).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from recovery_jax import errors, features, intervene, metrics, report, sweep
+from recovery_jax.experiments import setup as setup_lib
+from recovery_jax.models import transformer
+from recovery_jax.recovery import engine, projections
+from recovery_jax.recovery.objectives import Objective
+from recovery_jax.recovery.optimizer import RecoveryConfig
+from recovery_jax.tasks import ioi as ioi_task
+
+VARIANTS = ("shared", "per_prompt")
+STATIC_KEYS = ("mode", "variant")
+
+
+def _log(msg: str) -> None:
+  logging.info("%s", msg)
+  print(msg, flush=True)
+
+
+def validate(config) -> None:
+  """Checks config values that need no model; errors name the field."""
+  r = config.recovery
+  for m in r.modes:
+    if m not in projections.PROJECTIONS:
+      raise errors.UserError(f"config field 'recovery.modes': {m!r} is not one of {projections.PROJECTIONS}")
+  for v in r.variants:
+    if v not in VARIANTS:
+      raise errors.UserError(f"config field 'recovery.variants': {v!r} is not one of {VARIANTS}")
+  if not r.modes or not r.variants:
+    raise errors.UserError("config fields 'recovery.modes' and 'recovery.variants' must not be empty")
+  if r.steps < 1:
+    raise errors.UserError(f"config field 'recovery.steps'={r.steps}: expected >= 1")
+  if config.task.n_prompts < 1:
+    raise errors.UserError(f"config field 'task.n_prompts'={config.task.n_prompts}: expected >= 1")
+  if config.clamp.mode not in intervene.CLAMP_MODES:
+    raise errors.UserError(f"config field 'clamp.mode'={config.clamp.mode!r}: expected one of {intervene.CLAMP_MODES}")
+  for k in config.sweep.n_features:
+    if int(k) < 1:
+      raise errors.UserError(f"config field 'sweep.n_features' has {k}: expected >= 1")
+  for b in config.sweep.budget:
+    if float(b) < 0:
+      raise errors.UserError(f"config field 'sweep.budget' has {b}: expected >= 0")
+  try:
+    sweep.expand_grid(dict(config.sweep))
+  except ValueError as e:
+    raise errors.UserError(f"config field 'sweep': {e}") from e
+
+
+def _snapshot_config(config, workdir: str) -> None:
+  path = os.path.join(workdir, "config.json")
+  text = config.to_json(indent=2, sort_keys=True)
+  if os.path.exists(path):
+    with open(path) as f:
+      old = f.read()
+    if old != text:
+      raise errors.UserError(f"{path}: the workdir holds a run of a different config; use a new --workdir "
+                             "(resuming needs the same config)")
+    return
+  report.atomic_write(path, text)
+
+
+def _problems(batch: ioi_task.IOIBatch, variant: str) -> engine.Problem:
+  """Stacked engine problems: shared -> 1 problem of n rows; per_prompt -> n problems of 1 row."""
+  n, t = batch.tokens.shape
+  tokens = jnp.asarray(batch.tokens)
+  mask = jnp.asarray(batch.attention_mask, bool)
+  pos = transformer.default_positions(mask, n, t)
+  last = jnp.full((n, 1), t - 1, jnp.int32)
+  pb = engine.Problem(
+      tokens=tokens, attention_mask=mask, positions=pos, delta_cols=last, delta_valid=jnp.ones((n, 1), bool),
+      readout_cols=last, monitor_cols=last, monitor_valid=jnp.ones((n, 1), bool),
+      targets={"pos": jnp.asarray(batch.io_ids), "neg": jnp.asarray(batch.s_ids)},
+      row_weight=jnp.ones((n,), jnp.float32))
+  if variant == "shared":
+    return jax.tree.map(lambda a: a[None], pb)
+  return jax.tree.map(lambda a: a[:, None], pb)
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_unit(spec: engine.RecoverySpec, mesh):
+  """One jit-compiled program per static spec: G points x N problems, points sharded over data."""
+  repl = NamedSharding(mesh, P())
+  data = NamedSharding(mesh, P("data"))
+
+  def unit(params, sae, cps, hp, keys, problems):
+    def one_point(cp, h, k):
+      n = problems.tokens.shape[0]
+      return jax.vmap(lambda pb, i: engine.recover(spec, params, (sae,), (cp,), pb, h, jax.random.fold_in(k, i)))(
+          problems, jnp.arange(n))
+    out = jax.vmap(one_point)(cps, hp, keys)
+    return out
+
+  return jax.jit(unit, in_shardings=(repl, repl, data, data, data, repl), out_shardings=data)
+
+
+def run(config, workdir: str) -> dict[str, Any]:
+  """Runs the IOI experiment of ``config`` into ``workdir``; returns the summary rows."""
+  t_start = time.time()
+  validate(config)
+  os.makedirs(workdir, exist_ok=True)
+  _snapshot_config(config, workdir)
+
+  _log(f"loading model {config.model!r} and SAE {config.sae!r} at {config.site}")
+  params, mcfg, tok = setup_lib.load_model(config.model, config.model_processing, seed=config.seed)
+  sae, scfg = setup_lib.load_sae(config.sae, mcfg, config.site, override=config.sae_override_checks)
+  k_max = max(int(k) for k in config.sweep.n_features)
+  if k_max > scfg.d_sae:
+    raise errors.UserError(f"config field 'sweep.n_features': K={k_max} is larger than the SAE's d_sae={scfg.d_sae}")
+
+  bos = mcfg.bos_token_id if mcfg.is_gemma else None
+  batch = ioi_task.make_ioi_batch(tok, config.task.n_prompts, seed=config.task.prompt_seed,
+                                  prompt_type=config.task.prompt_type, nb_templates=config.task.nb_templates or None,
+                                  bos_id=bos, pad_id=mcfg.pad_token_id or 0)
+  tokens, mask = jnp.asarray(batch.tokens), jnp.asarray(batch.attention_mask)
+  objective = lambda logits: ioi_task.logit_diff(logits, jnp.asarray(batch.io_ids), jnp.asarray(batch.s_ids))
+  base_ld = np.asarray(objective(transformer.forward(params, mcfg, tokens, attention_mask=mask).logits[:, -1]))
+  _log(f"{len(batch)} IOI prompts ({config.task.prompt_type}); base logit diff mean {base_ld.mean():.3f}, "
+       f"correct {(base_ld > 0).sum()}/{len(batch)}")
+
+  attr = features.attribution_scores(params, mcfg, sae, scfg, config.site, tokens, mask, batch.readout_pos, objective)
+  ranking = np.asarray(features.top_positive(attr, k_max))
+  _log(f"feature attribution: {int((np.asarray(attr) > 0).sum())} positive features; top {len(ranking)} kept")
+
+  mesh = sweep.make_mesh(config.mesh.data, config.mesh.model)
+  points = []
+  for p in sweep.expand_grid(dict(config.sweep)):
+    for mode in config.recovery.modes:
+      for variant in config.recovery.variants:
+        points.append({**p, "grid_id": p["point_id"], "mode": mode, "variant": variant})
+  for i, p in enumerate(points):
+    p["point_id"] = i
+  n_data = mesh.shape["data"]
+  unit_size = config.unit_size or len(points)
+  units = sweep.make_units(points, STATIC_KEYS, unit_size)
+  store = sweep.UnitStore(os.path.join(workdir, "units"))
+  clamp_spec = intervene.ClampSpec(site=config.site, sae_cfg=scfg, mode=config.clamp.mode,
+                                   positive_only=config.clamp.positive_only)
+
+  def compute(u: sweep.WorkUnit):
+    mode, variant = u.group
+    rc = RecoveryConfig(steps=config.recovery.steps, lr=config.recovery.lr, ridge=config.recovery.ridge,
+                        projection=mode, semantics=config.clamp.semantics, shared_delta=variant == "shared")
+    spec = engine.RecoverySpec(model_cfg=mcfg, clamps=(clamp_spec,), delta_sites=(config.site,),
+                               objective=Objective("logit_diff"), config=rc, suffix_len=1).canonical()
+    cps = intervene.stack_clamp_params([
+        intervene.make_clamp_params(ranking[:int(p["n_features"])], float(p["clamp_value"]), k_max=k_max)
+        for p in u.points])
+    hp = rc.hparams(budget=np.asarray([float(p["budget"]) for p in u.points], np.float32))
+    hp = jax.tree.map(lambda a: jnp.broadcast_to(a, (len(u.points),)), hp)
+    keys = jax.vmap(lambda pid, s: sweep.point_key(s, pid))(
+        jnp.asarray([p["point_id"] for p in u.points]), jnp.asarray([int(p["seed"]) for p in u.points]))
+    (cps, hp, keys), n_real = sweep.pad_to_multiple((cps, hp, keys), n_data)
+    t0 = time.time()
+    out = _compiled_unit(spec, mesh)(params, sae, cps, hp, keys, _problems(batch, variant))
+    out = jax.tree.map(lambda a: np.asarray(a)[:n_real], out)
+    _log(f"  unit {u.unit_id}: mode={mode} variant={variant}: {len(u.points)} points in {time.time() - t0:.1f}s")
+    return {"rows_base": out.rows_base, "rows_defended": out.rows_defended, "rows": out.rows,
+            "feats": out.feats[0], "refs": out.refs[0], "masks": out.masks[0], "delta": out.delta,
+            "history_objective": out.history["objective"], "history_drift": out.history["drift_l2"],
+            "idx": np.asarray(cps.feature_idx)[:n_real]}
+
+  _log(f"{len(points)} grid points in {len(units)} work units on a {dict(mesh.shape)} mesh")
+  results = sweep.run_units(units, compute, store, log=_log)
+  store.close()
+
+  rows, summary = _collect(config, units, results, batch, base_ld, sae)
+  report.write_jsonl(os.path.join(workdir, "results.jsonl"), rows)
+  header = ["K", "clamp", "budget", "seed", "mode", "variant", "valid/N", "recovered", "rate [95% CI]",
+            "mean rec. LD (valid)", "act drift (valid)", "decode drift (valid)", "react. frac (valid)",
+            "zero-react (valid)"]
+  table = report.format_table(header, [s["table_row"] for s in summary])
+  elapsed = time.time() - t_start
+  text = (f"# IOI post-intervention recovery\n\nmodel {config.model}, SAE {config.sae} at {config.site}, "
+          f"{len(batch)} prompts, clamp {config.clamp.mode} (positive_only={config.clamp.positive_only}), "
+          f"{config.recovery.steps} steps, lr {config.recovery.lr}\n\n{table}\n\n(wall time {elapsed:.0f} s)\n")
+  report.atomic_write(os.path.join(workdir, "summary.md"), text)
+  report.write_jsonl(os.path.join(workdir, "summary.jsonl"), [{k: v for k, v in s.items() if k != "table_row"}
+                                                              for s in summary])
+  if config.plots:
+    _plots(workdir, units, results, summary)
+  print(text, flush=True)
+  if all(s["n_valid"] == 0 for s in summary):
+    raise errors.UserError("no valid flips: the clamp did not suppress IOI on any prompt for any grid point "
+                           "(try more features, another clamp value or site); results were written to " + workdir)
+  return {"summary": summary, "rows": rows}
+
+
+def _collect(config, units, results, batch, base_ld, sae):
+  """Per-example rows and per-point summaries from unit results."""
+  rows, summary = [], []
+  w_dec = np.asarray(sae["W_dec"])
+  for u in units:
+    res = results[u.unit_id]
+    for j, p in enumerate(u.points):
+      if p["variant"] == "shared":
+        get = lambda a: np.asarray(a[j, 0])  # [B, ...]
+      else:
+        get = lambda a: np.asarray(a[j, :, 0])
+      rb, rd, rr = get(res["rows_base"]), get(res["rows_defended"]), get(res["rows"])
+      feats, refs, masks = get(res["feats"])[:, 0], get(res["refs"])[:, 0], get(res["masks"])[:, 0]
+      idx = np.asarray(res["idx"][j])
+      ex = metrics.example_metrics(feats, refs, masks, w_dec[idx])
+      valid = (rb > 0) & (rd <= 0)
+      recovered = rr > 0
+      delta = np.asarray(res["delta"][j])
+      for b in range(len(rb)):
+        d_b = delta[0] if p["variant"] == "shared" else delta[b]
+        rows.append({**{k: p[k] for k in ("point_id", "grid_id", "mode", "variant", "n_features", "clamp_value",
+                                           "budget", "seed")},
+                     "prompt": b, "text": batch.texts[b], "template": batch.templates[b],
+                     "base_ld": rb[b], "defended_ld": rd[b], "recovered_ld": rr[b], "valid": valid[b],
+                     "recovered": recovered[b], "act_drift_l2": ex["act_drift_l2"][b],
+                     "decode_drift_l2": ex["decode_drift_l2"][b],
+                     "reactivated_fraction_within_eligible": ex["reactivated_fraction_within_eligible"][b],
+                     "zero_reactivation": bool(recovered[b] and ex["n_reactivated"][b] == 0),
+                     "delta_norm": float(np.linalg.norm(d_b))})
+      nv = int(valid.sum())
+      k_rec = int((recovered & valid).sum())
+      lo, hi = metrics.wilson_interval(k_rec, nv) if nv else (float("nan"), float("nan"))
+      vm = lambda a: float(np.mean(a[valid])) if nv else float("nan")
+      zr = int((recovered & valid & (ex["n_reactivated"] == 0)).sum())
+      s = {"point_id": p["point_id"], "mode": p["mode"], "variant": p["variant"], "n_features": p["n_features"],
+           "clamp_value": p["clamp_value"], "budget": p["budget"], "seed": p["seed"], "n_prompts": len(rb),
+           "n_valid": nv, "n_recovered": k_rec, "rate": k_rec / nv if nv else float("nan"), "ci": [lo, hi],
+           "mean_recovered_ld_valid": vm(rr), "act_drift_valid": vm(ex["act_drift_l2"]),
+           "decode_drift_valid": vm(ex["decode_drift_l2"]),
+           "reactivation_valid": vm(ex["reactivated_fraction_within_eligible"]), "zero_react_valid": zr,
+           "act_drift_all": float(np.mean(ex["act_drift_l2"]))}
+      rate = f"{s['rate']:.2f} [{lo:.2f}, {hi:.2f}]" if nv else "-"
+      s["table_row"] = [int(p["n_features"]), float(p["clamp_value"]), float(p["budget"]), int(p["seed"]), p["mode"],
+                        p["variant"], f"{nv}/{len(rb)}", f"{k_rec}/{nv}", rate, s["mean_recovered_ld_valid"],
+                        s["act_drift_valid"], s["decode_drift_valid"], s["reactivation_valid"], f"{zr}/{nv}"]
+      summary.append(s)
+  return rows, summary
+
+
+def _plots(workdir, units, results, summary):
+  """Recovered logit difference vs defended-feature drift per mode (paper Figure 4), and curves."""
+  by_point = {s["point_id"]: s for s in summary}
+  scatter, curves = {}, {}
+  for u in units:
+    res = results[u.unit_id]
+    for j, p in enumerate(u.points):
+      if p["grid_id"] != 0:
+        continue
+      name = f"{p['mode']} ({p['variant']})"
+      hist = np.asarray(res["history_objective"][j])  # [N, steps]
+      curves[name] = hist.mean(0)
+  rows = [json.loads(l) for l in open(os.path.join(workdir, "results.jsonl"))]
+  for r in rows:
+    if r["grid_id"] != 0 or not r["valid"]:
+      continue
+    key = f"{r['mode']} ({r['variant']})"
+    x, y = scatter.setdefault(key, ([], []))
+    x.append(r["act_drift_l2"])
+    y.append(r["recovered_ld"])
+  del by_point
+  scatter = {k: (np.asarray(x), np.asarray(y)) for k, (x, y) in scatter.items()}
+  if scatter:
+    report.plot_recovery_vs_drift(os.path.join(workdir, "recovery_vs_drift.png"), scatter,
+                                  "defended-feature drift ||E_S(h+delta) - E_S(h)||", "recovered logit diff",
+                                  "IOI recovery vs drift (valid prompts)")
+  if curves:
+    report.plot_curves(os.path.join(workdir, "objective_curves.png"), curves, "objective (mean logit diff)",
+                       "recovery objective per step")

@@ -1,0 +1,111 @@
+"""The IOI absl app end to end on a tiny random model: outputs, sharding, resume, bad configs."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _env(devices: int = 1, cache: str | None = None) -> dict:
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  env["JAX_PLATFORMS"] = "cpu"
+  env["PYTHONUNBUFFERED"] = "1"
+  if cache:
+    env["JAX_COMPILATION_CACHE_DIR"] = cache
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+  return env
+
+
+def _app(workdir, config="configs/ioi.py:tiny", *flags, devices=1, cache=None, check=True, timeout=900):
+  cmd = [sys.executable, "-m", "recovery_jax.main", f"--config={config}", f"--workdir={workdir}", *flags]
+  proc = subprocess.run(cmd, cwd=ROOT, env=_env(devices, cache), capture_output=True, text=True, timeout=timeout)
+  if check and proc.returncode != 0:
+    raise AssertionError(f"app failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+  return proc
+
+
+def _numbers(workdir):
+  rows = [json.loads(l) for l in open(os.path.join(workdir, "results.jsonl"))]
+  keys = ("base_ld", "defended_ld", "recovered_ld", "act_drift_l2", "delta_norm")
+  return sorted((r["point_id"], r["prompt"], *(r[k] for k in keys)) for r in rows)
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("jax_cache"))
+
+
+def test_app_runs_and_writes_outputs(tmp_path, cache_dir):
+  wd = tmp_path / "run"
+  proc = _app(wd, "configs/ioi.py:tiny", "--config.plots=True", cache=cache_dir)
+  for name in ("config.json", "results.jsonl", "summary.md", "summary.jsonl", "recovery_vs_drift.png",
+               "objective_curves.png"):
+    assert (wd / name).exists(), name
+  summary = [json.loads(l) for l in open(wd / "summary.jsonl")]
+  assert {s["mode"] for s in summary} == {"none", "encoder"}
+  assert all(s["n_valid"] > 0 for s in summary)
+  rows = [json.loads(l) for l in open(wd / "results.jsonl")]
+  assert len(rows) == 2 * 16
+  assert all(r["delta_norm"] <= 20.0 + 1e-3 for r in rows)
+  assert "| none" in proc.stdout and "| encoder" in proc.stdout
+
+
+def test_sharded_on_8_devices_equals_unsharded(tmp_path, cache_dir):
+  one = tmp_path / "one"
+  eight = tmp_path / "eight"
+  _app(one, "configs/ioi.py:tiny,grid", "--config.mesh.data=1", devices=1, cache=cache_dir)
+  _app(eight, "configs/ioi.py:tiny,grid", "--config.mesh.data=8", devices=8, cache=cache_dir)
+  a, b = _numbers(one), _numbers(eight)
+  assert len(a) == len(b) == 8 * 16
+  for ra, rb in zip(a, b):
+    assert ra[:2] == rb[:2]
+    for x, y in zip(ra[2:], rb[2:]):
+      assert abs(x - y) <= 1e-4 * (1 + abs(x)), (ra, rb)
+
+
+def test_killed_sweep_resumes_to_identical_results(tmp_path, cache_dir):
+  ref = tmp_path / "ref"
+  _app(ref, "configs/ioi.py:tiny,grid", "--config.unit_size=1", cache=cache_dir)
+  wd = tmp_path / "killed"
+  cmd = [sys.executable, "-m", "recovery_jax.main", "--config=configs/ioi.py:tiny,grid", f"--workdir={wd}",
+         "--config.unit_size=1"]
+  proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(1, cache_dir), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True)
+  units = wd / "units"
+  deadline = time.time() + 600
+  while time.time() < deadline:
+    done = [d for d in units.iterdir() if d.name.isdigit()] if units.exists() else []
+    if len(done) >= 2:
+      break
+    if proc.poll() is not None:
+      pytest.fail("the run finished before it could be killed")
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert not (wd / "results.jsonl").exists()
+  out = _app(wd, "configs/ioi.py:tiny,grid", "--config.unit_size=1", cache=cache_dir)
+  assert "resuming" in out.stdout
+  assert _numbers(wd) == _numbers(ref)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--config.site=blocks.9.hook_resid_pre"], "site"),
+    (["--config.site=blocks.1.hook_nonsense"], "site"),
+    (["--config.sweep.n_features=(100000,)"], "d_sae"),
+    (["--config.model=/nonexistent/model.gguf"], "model"),
+    (["--config.sae=/nonexistent/sae"], "sae"),
+    (["--config.recovery.modes=('sideways',)"], "recovery.modes"),
+    (["--config.sweep.clamp_value=(5.0,)", "--config.clamp.mode=multiply"], "no valid flips"),
+])
+def test_bad_config_values_end_with_a_clear_message(tmp_path, flags, message, cache_dir):
+  proc = _app(tmp_path / "bad", "configs/ioi.py:tiny", *flags, check=False, cache=cache_dir)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert "error:" in proc.stderr and message in proc.stderr, proc.stderr[-2000:]
+  assert "Traceback" not in proc.stderr
