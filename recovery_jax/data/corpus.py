@@ -203,7 +203,8 @@ def build_source(source: str, out_dir: str | os.PathLike, cache_dir: str | os.Pa
 def build_corpus(out_dir: str | os.PathLike, sources: Sequence[str] = DEFAULT_SOURCES,
                  cache_dir: str | os.PathLike = ".cache/corpus_src", max_stdlib_files: int | None = None) -> dict:
   """Builds the offline corpus; returns (and writes to ``out_dir/MANIFEST.json``) the manifest."""
-  manifest = {"sources": {}}
+  mpath = Path(out_dir) / "MANIFEST.json"
+  manifest = json.loads(mpath.read_text()) if mpath.exists() else {"sources": {}}
   for s in sources:
     manifest["sources"][s] = build_source(s, out_dir, cache_dir, max_stdlib_files)
   debs = sorted(p.name for p in (Path(cache_dir) / "debs").glob("*.deb")) if Path(cache_dir).exists() else []

@@ -17,6 +17,10 @@ class SAEConfig:
   Params (SAELens names and shapes): ``W_enc`` [d_in, d_sae], ``b_enc`` [d_sae], ``W_dec`` [d_sae, d_in],
   ``b_dec`` [d_in]; ``threshold`` [d_sae] (jumprelu; kept in float32); gated SAEs have ``b_gate``,
   ``r_mag``, ``b_mag`` [d_sae] and no ``b_enc``.
+
+  ``normalize_activations``: ``expected_average_only_in`` is folded into the weights at load time
+  (the loaded config then says ``none``); ``constant_norm_rescale`` and ``layer_norm`` run per token.
+  ``batchtopk`` at inference is a JumpReLU with the stored (global) ``threshold``.
   """
 
   architecture: Architecture
@@ -28,7 +32,10 @@ class SAEConfig:
   hook_name: str = ""
   model_name: str = ""
   dtype: str = "float32"
-  rescale_acts_by_decoder_norm: bool = False  # topk option in SAELens
+  rescale_acts_by_decoder_norm: bool = False  # topk/batchtopk option in SAELens
+  prepend_bos: bool | None = None  # as the SAE was trained (SAELens metadata), None when unknown
+  context_size: int | None = None
+  source: str = ""  # file it was loaded from (provenance; named in error messages)
 
   def __post_init__(self):
     if self.architecture not in ARCHITECTURES:

@@ -22,8 +22,9 @@ def _norm_stats(cfg: SAEConfig, x: Array):
     scale = jnp.sqrt(cfg.d_in) / jnp.linalg.norm(x, axis=-1, keepdims=True)
     return ("scale", scale)
   if cfg.normalize_activations == "layer_norm":
+    # SAELens: (x - mu) / (std + 1e-5) with the unbiased std; the output is y * std + mu (no eps)
     mu = x.mean(-1, keepdims=True)
-    std = jnp.sqrt(((x - mu) ** 2).mean(-1, keepdims=True) + 1e-5)
+    std = jnp.std(x - mu, axis=-1, keepdims=True, ddof=1)
     return ("ln", (mu, std))
   return None
 
@@ -35,7 +36,7 @@ def _normalize(stats, x: Array) -> Array:
   if kind == "scale":
     return x * s
   mu, std = s
-  return (x - mu) / std
+  return (x - mu) / (std + 1e-5)
 
 
 def _denormalize(stats, y: Array, *, with_shift: bool = True) -> Array:
@@ -57,20 +58,33 @@ def process_in(params, cfg: SAEConfig, x: Array) -> Array:
   return x
 
 
+def _rescales(cfg: SAEConfig) -> bool:
+  return cfg.rescale_acts_by_decoder_norm and cfg.architecture in ("topk", "batchtopk")
+
+
+def decoder_norms(params) -> Array:
+  """Row norms of W_dec: [d_sae]."""
+  return jnp.linalg.norm(params["W_dec"].astype(jnp.float32), axis=-1)
+
+
 def encode_pre(params, cfg: SAEConfig, x: Array) -> Array:
-  """Pre-activations [..., d_sae] (gated: the magnitude path)."""
+  """Pre-activations [..., d_sae] (gated: the magnitude path; topk with
+  ``rescale_acts_by_decoder_norm``: scaled by the decoder row norms, as SAELens)."""
   xin = process_in(params, cfg, x)
   if cfg.architecture == "gated":
     return xin @ (params["W_enc"] * jnp.exp(params["r_mag"])) + params["b_mag"]
-  return xin @ params["W_enc"] + params["b_enc"]
+  pre = xin @ params["W_enc"] + params["b_enc"]
+  if _rescales(cfg):
+    pre = pre * decoder_norms(params)
+  return pre
 
 
 def _activate(params, cfg: SAEConfig, pre: Array, xin: Array | None = None, idx: Array | None = None) -> Array:
   if cfg.architecture == "standard":
     return jax.nn.relu(pre)
-  if cfg.architecture == "jumprelu":
-    th = params["threshold"] if idx is None else params["threshold"][idx]
-    return jnp.where(pre > th.astype(jnp.float32), pre, 0.0) * (pre > 0)
+  if cfg.architecture in ("jumprelu", "batchtopk"):  # strict >, threshold compared in float32
+    th = (params["threshold"] if idx is None else params["threshold"][idx]).astype(jnp.float32)
+    return jnp.where(pre > th, jax.nn.relu(pre), 0.0)
   if cfg.architecture == "gated":
     w_gate = params["W_enc"] if idx is None else params["W_enc"][:, idx]
     b_gate = params["b_gate"] if idx is None else params["b_gate"][idx]
@@ -91,20 +105,28 @@ def encode(params, cfg: SAEConfig, x: Array) -> Array:
   inference is JumpReLU with its stored ``threshold`` when present, else per-token top-k.
   """
   pre = encode_pre(params, cfg, x)
-  if cfg.architecture == "topk" or (cfg.architecture == "batchtopk" and "threshold" not in params):
-    z = jnp.where(_topk_mask(cfg, pre), jax.nn.relu(pre), 0.0)
-    if cfg.rescale_acts_by_decoder_norm:
-      z = z / jnp.linalg.norm(params["W_dec"], axis=-1)
-    return z
-  if cfg.architecture == "batchtopk":
-    return jnp.where(pre > params["threshold"], jax.nn.relu(pre), 0.0)
+  if _uses_topk(params, cfg):
+    return jnp.where(_topk_mask(cfg, pre), jax.nn.relu(pre), 0.0)
   xin = process_in(params, cfg, x) if cfg.architecture == "gated" else None
   return _activate(params, cfg, pre, xin)
 
 
+def _uses_topk(params, cfg: SAEConfig) -> bool:
+  return cfg.architecture == "topk" or (cfg.architecture == "batchtopk" and "threshold" not in params)
+
+
+def effective_decoder(params, cfg: SAEConfig) -> Array:
+  """Rows that multiply z in ``decode``: W_dec, or W_dec / ||W_dec|| rowwise for a topk SAE with
+  ``rescale_acts_by_decoder_norm``. [d_sae, d_in]."""
+  w = params["W_dec"]
+  if _rescales(cfg):
+    w = w / decoder_norms(params)[:, None]
+  return w
+
+
 def decode(params, cfg: SAEConfig, z: Array, x: Array | None = None) -> Array:
   """Reconstruction [..., d_in]; ``x`` supplies run-time normalisation statistics when used."""
-  y = z @ params["W_dec"] + params["b_dec"]
+  y = z @ effective_decoder(params, cfg) + params["b_dec"]
   if cfg.normalize_activations in ("constant_norm_rescale", "layer_norm"):
     if x is None:
       raise ValueError(f"decode of a {cfg.normalize_activations} SAE needs the input x for its statistics")
@@ -131,17 +153,18 @@ def encode_pre_subset(params, cfg: SAEConfig, x: Array, idx: Array) -> Array:
   w = params["W_enc"][:, idx]
   if cfg.architecture == "gated":
     return xin @ (w * jnp.exp(params["r_mag"][idx])) + params["b_mag"][idx]
-  return xin @ w + params["b_enc"][idx]
+  pre = xin @ w + params["b_enc"][idx]
+  if _rescales(cfg):
+    pre = pre * jnp.linalg.norm(params["W_dec"][idx].astype(jnp.float32), axis=-1)
+  return pre
 
 
 def encode_subset(params, cfg: SAEConfig, x: Array, idx: Array) -> Array:
   """Activations of features ``idx``: [..., K]. Exact and sparse for standard/jumprelu/gated;
   topk (and batchtopk without threshold) needs the full encode to know the k-th value."""
-  if cfg.architecture in ("topk", "batchtopk") and not (cfg.architecture == "batchtopk" and "threshold" in params):
+  if _uses_topk(params, cfg):
     return jnp.take(encode(params, cfg, x), idx, axis=-1)
   pre = encode_pre_subset(params, cfg, x, idx)
-  if cfg.architecture == "batchtopk":
-    return jnp.where(pre > params["threshold"][idx], jax.nn.relu(pre), 0.0)
   xin = process_in(params, cfg, x) if cfg.architecture == "gated" else None
   return _activate(params, cfg, pre, xin, idx)
 
@@ -149,7 +172,10 @@ def encode_subset(params, cfg: SAEConfig, x: Array, idx: Array) -> Array:
 def decode_delta(params, cfg: SAEConfig, dz: Array, idx: Array, x: Array | None = None) -> Array:
   """Residual-space change for a change ``dz`` [..., K] of features ``idx``: sum_i dz_i W_dec[i],
   mapped back through the run-time normalisation of ``x`` when the SAE uses one. [..., d_in]."""
-  y = dz @ params["W_dec"][idx]
+  w = params["W_dec"][idx]
+  if _rescales(cfg):
+    w = w / jnp.linalg.norm(w.astype(jnp.float32), axis=-1, keepdims=True)
+  y = dz @ w
   if cfg.normalize_activations in ("constant_norm_rescale", "layer_norm"):
     if x is None:
       raise ValueError(f"decode_delta of a {cfg.normalize_activations} SAE needs the input x")
@@ -158,8 +184,12 @@ def decode_delta(params, cfg: SAEConfig, dz: Array, idx: Array, x: Array | None 
 
 
 def encoder_columns(params, cfg: SAEConfig, idx: Array) -> Array:
-  """Effective encoder directions of features ``idx`` in input space: [d_in, K] (gated: magnitude path)."""
+  """Effective encoder directions of features ``idx`` in input space: [d_in, K], i.e. the gradient of
+  the pre-activations w.r.t. the SAE input before normalisation (gated: magnitude path; topk with
+  ``rescale_acts_by_decoder_norm``: times the decoder norms)."""
   w = params["W_enc"][:, idx]
   if cfg.architecture == "gated":
     w = w * jnp.exp(params["r_mag"][idx])
+  if _rescales(cfg):
+    w = w * jnp.linalg.norm(params["W_dec"][idx].astype(jnp.float32), axis=-1)
   return w

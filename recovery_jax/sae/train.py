@@ -1,0 +1,368 @@
+"""SAE training as pure functions: init, losses per architecture, a jit-compiled optax step, and a
+resumable loop over an activation store (orbax checkpoints).
+
+Architectures and decoder handling:
+
+* ``topk``: per-token top-k then ReLU, AuxK loss on dead latents (OpenAI / sparsify: the top
+  ``aux_k`` pre-activations of dead latents reconstruct the residual error), unit-norm decoder rows:
+  the W_dec gradient's component along each row is projected out before the optimiser and the rows
+  are renormalised after every step.
+* ``jumprelu``: threshold in float32 trained through a rectangle-kernel straight-through estimator
+  (DeepMind), L0 penalty, unit-norm decoder rows as for topk.
+* ``standard`` (ReLU): L1 penalty on ``z * ||W_dec row||`` (scale-free; no renormalisation).
+
+Training runs on inputs scaled by a constant ``input_scale`` (sqrt(d_in) / mean ||x||, SAELens'
+``expected_average_only_in``); ``export_params`` folds it into the weights, so the exported SAE
+takes raw activations and has ``normalize_activations='none'``.
+
+Shapes: x [B, d_in]; params use SAELens names (W_enc [d_in, d_sae], W_dec [d_sae, d_in], ...).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Any, Callable, Iterator, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+
+from recovery_jax.sae.config import SAEConfig
+
+Array = jax.Array
+TRAINABLE = ("standard", "topk", "jumprelu")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """Static training hyper-parameters (hashable: part of the jit cache key)."""
+
+  architecture: str = "topk"
+  d_in: int = 576
+  d_sae: int = 4608
+  k: int = 32  # topk
+  lr: float = 1e-3
+  warmup_steps: int = 100
+  decay_frac: float = 0.2  # linear decay to 0 over the last fraction of steps
+  total_steps: int = 1000
+  batch_size: int = 4096
+  adam_b1: float = 0.9
+  adam_b2: float = 0.999
+  grad_clip: float = 1.0
+  aux_k: int | None = None  # topk AuxK: default d_in // 2
+  aux_coeff: float = 1.0 / 32
+  dead_tokens: int = 1_000_000  # a latent that did not fire for this many tokens is dead
+  l1_coeff: float = 5.0  # standard
+  l0_coeff: float = 1e-3  # jumprelu
+  jumprelu_bandwidth: float = 0.05
+  jumprelu_init_threshold: float = 0.1
+  dec_init_norm: float = 0.1  # standard: decoder row norm at init
+
+  def __post_init__(self):
+    if self.architecture not in TRAINABLE:
+      raise ValueError(f"TrainConfig.architecture={self.architecture!r}: the trainer supports {TRAINABLE}")
+    if self.architecture == "topk" and not 0 < self.k <= self.d_sae:
+      raise ValueError(f"TrainConfig.k={self.k}: need 0 < k <= d_sae={self.d_sae}")
+
+  @property
+  def unit_norm_decoder(self) -> bool:
+    return self.architecture in ("topk", "jumprelu")
+
+  def sae_config(self, **kw) -> SAEConfig:
+    return SAEConfig(architecture=self.architecture, d_in=self.d_in, d_sae=self.d_sae,
+                     k=self.k if self.architecture == "topk" else None, apply_b_dec_to_input=True, **kw)
+
+
+class TrainState(NamedTuple):
+  params: dict
+  opt_state: Any
+  step: Array  # [] int32
+  since_fired: Array  # [d_sae] int32 tokens since each latent last fired (capped)
+  input_scale: Array  # [] float32
+
+
+# --- init ----------------------------------------------------------------------------------------
+
+
+def init_params(key: Array, tc: TrainConfig, b_dec: np.ndarray | None = None) -> dict:
+  """W_dec rows random (unit norm; ``dec_init_norm`` for standard), W_enc = W_dec^T, b_enc = 0,
+  b_dec = ``b_dec`` (e.g. the mean of the scaled activations) or 0."""
+  w = jax.random.normal(key, (tc.d_sae, tc.d_in), jnp.float32)
+  w = w / jnp.linalg.norm(w, axis=-1, keepdims=True)
+  if not tc.unit_norm_decoder:
+    w = w * tc.dec_init_norm
+  p = {"W_dec": w, "W_enc": w.T, "b_enc": jnp.zeros((tc.d_sae,), jnp.float32),
+       "b_dec": jnp.zeros((tc.d_in,), jnp.float32) if b_dec is None else jnp.asarray(b_dec, jnp.float32)}
+  if tc.architecture == "jumprelu":
+    p["threshold"] = jnp.full((tc.d_sae,), tc.jumprelu_init_threshold, jnp.float32)
+  return p
+
+
+def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
+  """clip -> (project W_dec gradients orthogonal to the rows) -> Adam with warmup / linear decay."""
+  decay_start = int(tc.total_steps * (1 - tc.decay_frac))
+  sched = optax.join_schedules(
+      [optax.linear_schedule(0.0, tc.lr, max(tc.warmup_steps, 1)),
+       optax.constant_schedule(tc.lr),
+       optax.linear_schedule(tc.lr, 0.0, max(tc.total_steps - decay_start, 1))],
+      [max(tc.warmup_steps, 1), max(decay_start, tc.warmup_steps + 1)])
+  parts = [optax.clip_by_global_norm(tc.grad_clip)] if tc.grad_clip else []
+  if tc.unit_norm_decoder:
+    parts.append(project_decoder_grads())
+  parts.append(optax.adam(sched, b1=tc.adam_b1, b2=tc.adam_b2))
+  return optax.chain(*parts)
+
+
+def project_decoder_grads() -> optax.GradientTransformation:
+  """Removes from the W_dec gradient its component along each (unit) decoder row."""
+
+  def update(updates, state, params=None):
+    if params is None:
+      raise ValueError("project_decoder_grads needs params")
+    w, g = params["W_dec"], updates["W_dec"]
+    updates = dict(updates)
+    updates["W_dec"] = g - jnp.sum(g * w, axis=-1, keepdims=True) * w
+    return updates, state
+
+  return optax.GradientTransformation(lambda p: optax.EmptyState(), update)
+
+
+def renormalize_decoder(params: dict) -> dict:
+  p = dict(params)
+  p["W_dec"] = p["W_dec"] / jnp.maximum(jnp.linalg.norm(p["W_dec"], axis=-1, keepdims=True), 1e-8)
+  return p
+
+
+# --- JumpReLU straight-through estimators ----------------------------------------------------------
+
+
+def _rect(u):
+  return ((u > -0.5) & (u < 0.5)).astype(u.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def jumprelu_ste(pre, threshold, bandwidth):
+  """pre * 1[pre > threshold]; d/dthreshold through a rectangle kernel of width ``bandwidth``."""
+  return jnp.where(pre > threshold, pre, 0.0)
+
+
+def _jr_fwd(pre, threshold, bandwidth):
+  return jumprelu_ste(pre, threshold, bandwidth), (pre, threshold)
+
+
+def _jr_bwd(bandwidth, res, g):
+  pre, th = res
+  d_pre = jnp.where(pre > th, g, 0.0)
+  d_th = -(th / bandwidth) * _rect((pre - th) / bandwidth) * g
+  return d_pre, d_th.reshape(-1, th.shape[-1]).sum(0)
+
+
+jumprelu_ste.defvjp(_jr_fwd, _jr_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def step_ste(pre, threshold, bandwidth):
+  """1[pre > threshold]; d/dthreshold through a rectangle kernel (no gradient to pre)."""
+  return (pre > threshold).astype(pre.dtype)
+
+
+def _st_fwd(pre, threshold, bandwidth):
+  return step_ste(pre, threshold, bandwidth), (pre, threshold)
+
+
+def _st_bwd(bandwidth, res, g):
+  pre, th = res
+  d_th = -(1.0 / bandwidth) * _rect((pre - th) / bandwidth) * g
+  return jnp.zeros_like(pre), d_th.reshape(-1, th.shape[-1]).sum(0)
+
+
+step_ste.defvjp(_st_fwd, _st_bwd)
+
+
+# --- losses --------------------------------------------------------------------------------------
+
+
+def loss_fn(params: dict, tc: TrainConfig, x: Array, dead: Array) -> tuple[Array, dict]:
+  """Total loss and aux outputs for a batch x [B, d_in] (already scaled); ``dead`` [d_sae] bool."""
+  xin = x - params["b_dec"]
+  pre = xin @ params["W_enc"] + params["b_enc"]
+  aux = jnp.zeros((), jnp.float32)
+  if tc.architecture == "topk":
+    # dense form (a gather of k decoder rows per token is far slower on CPU): keep pre >= k-th value
+    kth = jax.lax.top_k(jax.lax.stop_gradient(pre), tc.k)[0].min(-1, keepdims=True)  # (a slice [..., -1:] makes XLA:CPU sort)
+    z = jnp.where(pre >= kth, jax.nn.relu(pre), 0.0)
+    x_hat = z @ params["W_dec"] + params["b_dec"]
+    fired = jnp.any(z > 0, 0)
+    l0 = jnp.sum(z > 0, -1).mean()
+    # AuxK: the top aux_k dead latents reconstruct the (stopped) residual; only run with dead latents
+    k_aux = min(tc.aux_k or tc.d_in // 2, tc.d_sae)
+    n_dead = dead.sum()
+    e = jax.lax.stop_gradient(x - x_hat)
+
+    def aux_loss(params, pre):
+      aux_pre = jnp.where(dead, pre, -jnp.inf)
+      a_kth = jax.lax.top_k(jax.lax.stop_gradient(aux_pre), k_aux)[0].min(-1, keepdims=True)
+      a_z = jnp.where((aux_pre >= a_kth) & dead, pre, 0.0)
+      e_hat = a_z @ params["W_dec"]
+      scale = jnp.minimum(n_dead / k_aux, 1.0)
+      return scale * jnp.sum(jnp.square(e_hat - e), -1).mean()
+
+    aux = jax.lax.cond(n_dead > 0, aux_loss, lambda *_: jnp.zeros((), jnp.float32), params, pre)
+    sparsity = tc.aux_coeff * aux
+  elif tc.architecture == "standard":
+    z = jax.nn.relu(pre)
+    x_hat = z @ params["W_dec"] + params["b_dec"]
+    fired = jnp.any(z > 0, 0)
+    l0 = jnp.sum(z > 0, -1).mean()
+    sparsity = tc.l1_coeff * jnp.sum(z * jnp.linalg.norm(params["W_dec"], axis=-1), -1).mean()
+  else:  # jumprelu
+    th = params["threshold"].astype(jnp.float32)
+    z = jumprelu_ste(pre, th, tc.jumprelu_bandwidth)
+    x_hat = z @ params["W_dec"] + params["b_dec"]
+    fired = jnp.any(z > 0, 0)
+    l0_per = step_ste(pre, th, tc.jumprelu_bandwidth).sum(-1)
+    l0 = jax.lax.stop_gradient(l0_per.mean())
+    sparsity = tc.l0_coeff * l0_per.mean()
+  sq = jnp.sum(jnp.square(x_hat - x), -1)
+  mse = sq.mean()
+  ev = 1.0 - sq.sum() / jnp.sum(jnp.square(x - x.mean(0)))
+  return mse + sparsity, {"mse": mse, "explained_variance": ev, "l0": l0, "aux": aux, "fired": fired}
+
+
+def make_train_step(tc: TrainConfig, optimizer: optax.GradientTransformation) -> Callable:
+  """jit-compiled ``step(state, x [B, d_in] raw activations) -> (state, metrics)``."""
+
+  @functools.partial(jax.jit, donate_argnums=0)
+  def step(state: TrainState, x: Array):
+    x = x.astype(jnp.float32) * state.input_scale
+    dead = state.since_fired >= tc.dead_tokens
+    (loss, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, tc, x, dead)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    if tc.unit_norm_decoder:
+      params = renormalize_decoder(params)
+    if "threshold" in params:
+      params["threshold"] = jnp.maximum(params["threshold"], 0.0)
+    since = jnp.where(out["fired"], 0, jnp.minimum(state.since_fired + x.shape[0], 2 ** 30))
+    metrics = {"loss": loss, "mse": out["mse"], "explained_variance": out["explained_variance"],
+               "l0": out["l0"], "aux": out["aux"], "dead_fraction": dead.mean()}
+    return TrainState(params, opt_state, state.step + 1, since, state.input_scale), metrics
+
+  return step
+
+
+def init_state(key: Array, tc: TrainConfig, sample: np.ndarray, optimizer: optax.GradientTransformation) -> TrainState:
+  """State from a sample of raw activations [n, d_in]: input scale and b_dec (mean) from it."""
+  sample = np.asarray(sample, np.float32)
+  scale = float(np.sqrt(tc.d_in) / np.mean(np.linalg.norm(sample, axis=-1)))
+  params = init_params(key, tc, b_dec=(sample * scale).mean(0))
+  return TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32),
+                    jnp.zeros((tc.d_sae,), jnp.int32), jnp.asarray(scale, jnp.float32))
+
+
+def export_params(state_or_params, tc: TrainConfig, input_scale: float | None = None) -> dict:
+  """Params for raw activations (input scale folded in: W_enc*s, W_dec/s, b_dec/s), numpy float32."""
+  if isinstance(state_or_params, TrainState):
+    params, s = state_or_params.params, float(state_or_params.input_scale)
+  else:
+    params, s = state_or_params, float(input_scale)
+  p = {k: np.asarray(v, np.float32) for k, v in params.items()}
+  p["W_enc"], p["W_dec"], p["b_dec"] = p["W_enc"] * s, p["W_dec"] / s, p["b_dec"] / s
+  return p
+
+
+# --- data order over a store -----------------------------------------------------------------------
+
+
+def batch_indices(n_rows: int, batch_size: int, step: int, seed: int) -> np.ndarray:
+  """Rows of step ``step``: epoch e = step // (n_rows // batch_size) uses permutation(seed, e)."""
+  spe = n_rows // batch_size
+  if spe == 0:
+    raise ValueError(f"the store has {n_rows} rows, fewer than one batch of {batch_size}")
+  epoch, i = divmod(step, spe)
+  perm = np.random.default_rng([seed, epoch]).permutation(n_rows)
+  return np.sort(perm[i * batch_size:(i + 1) * batch_size])
+
+
+# --- loop with orbax -------------------------------------------------------------------------------
+
+
+def _manager(ckpt_dir: str, max_to_keep: int = 2):
+  import orbax.checkpoint as ocp
+  return ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
+
+
+def restore_or_init(ckpt_dir: str, template: TrainState) -> TrainState:
+  """Latest checkpoint under ``ckpt_dir`` restored into the structure of ``template``, else it."""
+  import orbax.checkpoint as ocp
+  mngr = _manager(ckpt_dir)
+  last = mngr.latest_step()
+  if last is None:
+    mngr.close()
+    return template
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
+  state = mngr.restore(last, args=ocp.args.StandardRestore(abstract))
+  mngr.close()
+  logging.info("resumed from %s step %d", ckpt_dir, int(state.step))
+  return TrainState(*state) if not isinstance(state, TrainState) else state
+
+
+def train(tc: TrainConfig, store: np.ndarray, *, seed: int = 0, ckpt_dir: str | None = None,
+          ckpt_every: int = 200, log_every: int = 50, stop_after: int | None = None, progress: bool = True,
+          log_fn: Callable[[int, dict], None] | None = None) -> tuple[TrainState, list[dict]]:
+  """Trains on a store of raw activations [N, d_in] (array or memmap) for ``tc.total_steps``.
+
+  With ``ckpt_dir`` the state is checkpointed every ``ckpt_every`` steps (and at the end) and a
+  restarted call resumes from the latest checkpoint, reproducing the same data order.
+  ``stop_after`` ends the call after that many steps of this call (tests of resume).
+  Returns the final state and the logged metrics (one dict per ``log_every`` steps).
+  """
+  import orbax.checkpoint as ocp
+  optimizer = make_optimizer(tc)
+  key = jax.random.PRNGKey(seed)
+  sample = np.asarray(store[batch_indices(len(store), min(tc.batch_size, len(store)), 0, seed + 1)], np.float32)
+  state = init_state(key, tc, sample, optimizer)
+  mngr = None
+  if ckpt_dir:
+    state = restore_or_init(ckpt_dir, state)
+    mngr = _manager(ckpt_dir)
+  step_fn = make_train_step(tc, optimizer)
+  start = int(state.step)
+  end = tc.total_steps if stop_after is None else min(tc.total_steps, start + stop_after)
+  history: list[dict] = []
+  bar = None
+  if progress:
+    from tqdm.auto import tqdm
+    bar = tqdm(total=tc.total_steps, initial=start, unit="step", desc=f"train {tc.architecture}", mininterval=5)
+  t0 = time.time()
+  acc: list[dict] = []
+  for s in range(start, end):
+    x = np.asarray(store[batch_indices(len(store), tc.batch_size, s, seed)])
+    state, m = step_fn(state, jnp.asarray(x))
+    acc.append(m)
+    if bar is not None:
+      bar.update(1)
+    done = s + 1
+    if done % log_every == 0 or done == end:
+      mm = {k: float(np.mean([float(a[k]) for a in acc])) for k in acc[0]}
+      mm["step"] = done
+      mm["tokens_per_s"] = len(acc) * tc.batch_size / max(time.time() - t0, 1e-9)
+      history.append(mm)
+      acc, t0 = [], time.time()
+      logging.info("step %d: %s", done, ", ".join(f"{k}={v:.4g}" for k, v in mm.items() if k != "step"))
+      if log_fn is not None:
+        log_fn(done, mm)
+      if bar is not None:
+        bar.set_postfix(ev=f"{mm['explained_variance']:.3f}", l0=f"{mm['l0']:.1f}", dead=f"{mm['dead_fraction']:.3f}")
+    if mngr is not None and (done % ckpt_every == 0 or done == end):
+      mngr.save(done, args=ocp.args.StandardSave(state))
+  if bar is not None:
+    bar.close()
+  if mngr is not None:
+    mngr.wait_until_finished()
+    mngr.close()
+  return state, history
