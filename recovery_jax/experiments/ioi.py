@@ -106,13 +106,13 @@ def _compiled_unit(spec: engine.RecoverySpec, mesh):
   repl = NamedSharding(mesh, P())
   data = NamedSharding(mesh, P("data"))
 
-  def unit(params, sae, cps, hp, keys, problems):
-    def one_point(cp, h, k):
+  def unit(params, sae, cps, hp, key_data, problems):
+    def one_point(cp, h, kd):
+      k = jax.random.wrap_key_data(kd)
       n = problems.tokens.shape[0]
       return jax.vmap(lambda pb, i: engine.recover(spec, params, (sae,), (cp,), pb, h, jax.random.fold_in(k, i)))(
           problems, jnp.arange(n))
-    out = jax.vmap(one_point)(cps, hp, keys)
-    return out
+    return jax.vmap(one_point)(cps, hp, key_data)
 
   return jax.jit(unit, in_shardings=(repl, repl, data, data, data, repl), out_shardings=data)
 
@@ -171,8 +171,8 @@ def run(config, workdir: str) -> dict[str, Any]:
         for p in u.points])
     hp = rc.hparams(budget=np.asarray([float(p["budget"]) for p in u.points], np.float32))
     hp = jax.tree.map(lambda a: jnp.broadcast_to(a, (len(u.points),)), hp)
-    keys = jax.vmap(lambda pid, s: sweep.point_key(s, pid))(
-        jnp.asarray([p["point_id"] for p in u.points]), jnp.asarray([int(p["seed"]) for p in u.points]))
+    keys = np.stack([np.asarray(jax.random.key_data(sweep.point_key(int(p["seed"]), p["point_id"])))
+                     for p in u.points])
     (cps, hp, keys), n_real = sweep.pad_to_multiple((cps, hp, keys), n_data)
     t0 = time.time()
     out = _compiled_unit(spec, mesh)(params, sae, cps, hp, keys, _problems(batch, variant))
