@@ -260,7 +260,7 @@ def _collect(config, units, results, batch, base_ld, sae):
 
 def _plots(workdir, units, results, summary):
   """Recovered logit difference vs defended-feature drift per mode (paper Figure 4), and curves."""
-  by_point = {s["point_id"]: s for s in summary}
+  del summary
   scatter, curves = {}, {}
   for u in units:
     res = results[u.unit_id]
@@ -278,7 +278,6 @@ def _plots(workdir, units, results, summary):
     x, y = scatter.setdefault(key, ([], []))
     x.append(r["act_drift_l2"])
     y.append(r["recovered_ld"])
-  del by_point
   scatter = {k: (np.asarray(x), np.asarray(y)) for k, (x, y) in scatter.items()}
   if scatter:
     report.plot_recovery_vs_drift(os.path.join(workdir, "recovery_vs_drift.png"), scatter,
