@@ -15,7 +15,7 @@ The default is the shipped SAE (assets/smollm2-135m-instruct-res12-topk), see it
 import ml_collections
 
 DEFAULTS = dict(smoke=False, model="smollm2-135m-instruct", layer=12, site="hook_resid_pre", arch="topk",
-                k=64, d_sae=4608, lr=5e-4, batch=2048, steps=0, tokens=1_000_000, heldout=60_000, seed=0,
+                k=64, d_sae=4608, lr=5e-4, batch=2048, steps=0, tokens=600_000, heldout=60_000, seed=0,
                 epochs=3.0)
 
 

@@ -238,28 +238,37 @@ def list_text_files(paths: str | Sequence[str]) -> list[str]:
   return files
 
 
+def _pack(lines: Iterable[str], max_chars: int) -> Iterator[str]:
+  """Blank-line separated paragraphs of ``lines`` packed into documents of up to ``max_chars``."""
+  buf, n, para = [], 0, []
+  for line in lines:
+    if line.strip():
+      para.append(line.rstrip("\n"))
+      continue
+    if para:
+      p = "\n".join(para)
+      para = []
+      if n and n + len(p) > max_chars:
+        yield "\n\n".join(buf)
+        buf, n = [], 0
+      buf.append(p)
+      n += len(p) + 2
+  if para:  # the last paragraph joins the last document
+    buf.append("\n".join(para))
+  if buf:
+    yield "\n\n".join(buf)
+
+
 def iter_documents(files: Iterable[str], max_chars: int = 4000) -> Iterator[str]:
   """Streams documents: blank-line separated paragraphs of each file, packed up to ``max_chars``."""
   for f in files:
-    buf, n = [], 0
     with open(f, encoding="utf-8", errors="replace") as fh:
-      para: list[str] = []
-      for line in fh:
-        if line.strip():
-          para.append(line.rstrip("\n"))
-          continue
-        if para:
-          p = "\n".join(para)
-          para = []
-          if n and n + len(p) > max_chars:
-            yield "\n\n".join(buf)
-            buf, n = [], 0
-          buf.append(p)
-          n += len(p) + 2
-      if para:
-        buf.append("\n".join(para))
-    if buf:
-      yield "\n\n".join(buf)
+      yield from _pack(fh, max_chars)
+
+
+def iter_documents_from_text(text: str, max_chars: int = 4000) -> Iterator[str]:
+  """The documents ``iter_documents`` makes of a file with this content."""
+  yield from _pack(text.splitlines(), max_chars)
 
 
 def is_heldout(doc: str, heldout_frac: float) -> bool:

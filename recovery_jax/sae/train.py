@@ -288,6 +288,13 @@ def batch_indices(n_rows: int, batch_size: int, step: int, seed: int) -> np.ndar
   return np.sort(perm[i * batch_size:(i + 1) * batch_size])
 
 
+@functools.lru_cache(maxsize=8)
+def _optimizer_and_step(tc: TrainConfig):
+  """One optimizer and compiled step per TrainConfig (a resumed call in the same process reuses it)."""
+  optimizer = make_optimizer(tc)
+  return optimizer, make_train_step(tc, optimizer)
+
+
 # --- loop with orbax -------------------------------------------------------------------------------
 
 
@@ -322,7 +329,7 @@ def train(tc: TrainConfig, store: np.ndarray, *, seed: int = 0, ckpt_dir: str | 
   Returns the final state and the logged metrics (one dict per ``log_every`` steps).
   """
   import orbax.checkpoint as ocp
-  optimizer = make_optimizer(tc)
+  optimizer, step_fn = _optimizer_and_step(tc)
   key = jax.random.PRNGKey(seed)
   sample = np.asarray(store[batch_indices(len(store), min(tc.batch_size, len(store)), 0, seed + 1)], np.float32)
   state = init_state(key, tc, sample, optimizer)
@@ -330,7 +337,6 @@ def train(tc: TrainConfig, store: np.ndarray, *, seed: int = 0, ckpt_dir: str | 
   if ckpt_dir:
     state = restore_or_init(ckpt_dir, state)
     mngr = _manager(ckpt_dir)
-  step_fn = make_train_step(tc, optimizer)
   start = int(state.step)
   end = tc.total_steps if stop_after is None else min(tc.total_steps, start + stop_after)
   history: list[dict] = []
