@@ -128,8 +128,16 @@ def generate(
 
   positions = transformer.default_positions(attention_mask, b, t)
   cache = transformer.init_cache(cfg, b, t + max_new_tokens, dtype=cache_dtype)
+  # logits of the last prompt position only ([B, 1, V], not [B, T, V]: Gemma's vocabulary is 262k),
+  # unless an edit acts on the final norm's output, which needs the forward's own unembedding
+  full_logits = "ln_final.hook_normalized" in edits
   out = transformer.forward(params, cfg, tokens, attention_mask=attention_mask, positions=positions,
-                            cache=cache, edits=edits)
+                            cache=cache, edits=edits, compute_logits=full_logits)
+  if full_logits:
+    last_logits = out.logits[:, -1:]
+  else:
+    last = transformer._norm(cfg, params["ln_final"], out.resid[:, -1:])  # pylint: disable=protected-access
+    last_logits = transformer.unembed(params, cfg, last)
   next_pos = positions[:, -1] + 1  # [B] position of the first generated token
 
   def emit(i, logits, done, out_tokens, lengths):
@@ -141,7 +149,7 @@ def generate(
     return tok, done, out_tokens, lengths
 
   out_tokens = jnp.full((b, max_new_tokens), pad, jnp.int32)
-  tok, done, out_tokens, lengths = emit(0, out.logits, jnp.zeros((b,), bool), out_tokens,
+  tok, done, out_tokens, lengths = emit(0, last_logits, jnp.zeros((b,), bool), out_tokens,
                                         jnp.zeros((b,), jnp.int32))
 
   def cond(state):
