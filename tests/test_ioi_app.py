@@ -102,7 +102,7 @@ def test_killed_sweep_resumes_to_identical_results(tmp_path, cache_dir):
     (["--config.model=/nonexistent/model.gguf"], "model"),
     (["--config.sae=/nonexistent/sae"], "sae"),
     (["--config.recovery.modes=('sideways',)"], "recovery.modes"),
-    (["--config.sweep.clamp_value=(5.0,)", "--config.clamp.mode=multiply"], "no valid flips"),
+    (["--config.sweep.clamp_value=(1.0,)", "--config.clamp.mode=multiply"], "no valid flips"),
 ])
 def test_bad_config_values_end_with_a_clear_message(tmp_path, flags, message, cache_dir):
   proc = _app(tmp_path / "bad", "configs/ioi.py:tiny", *flags, check=False, cache=cache_dir)

@@ -145,6 +145,14 @@ def run(config, workdir: str) -> dict[str, Any]:
   ranking = np.asarray(features.top_positive(attr, k_max))
   _log(f"feature attribution: {int((np.asarray(attr) > 0).sum())} positive features; top {len(ranking)} kept")
 
+  clamp_spec = intervene.ClampSpec(site=config.site, sae_cfg=scfg, mode=config.clamp.mode,
+                                   positive_only=config.clamp.positive_only)
+  n_valid = _preflight(params, mcfg, sae, clamp_spec, ranking, k_max, tokens, mask, objective, base_ld, config)
+  if not any(n_valid.values()):
+    raise errors.UserError("no valid flips: the clamp does not suppress IOI (base > 0 and defended <= 0) on any "
+                           f"prompt for any (n_features, clamp_value) of the grid {sorted(n_valid)}; try more "
+                           "features, another clamp value or another site")
+
   mesh = sweep.make_mesh(config.mesh.data, config.mesh.model)
   points = []
   for p in sweep.expand_grid(dict(config.sweep)):
@@ -157,8 +165,6 @@ def run(config, workdir: str) -> dict[str, Any]:
   unit_size = config.unit_size or len(points)
   units = sweep.make_units(points, STATIC_KEYS, unit_size)
   store = sweep.UnitStore(os.path.join(workdir, "units"))
-  clamp_spec = intervene.ClampSpec(site=config.site, sae_cfg=scfg, mode=config.clamp.mode,
-                                   positive_only=config.clamp.positive_only)
 
   def compute(u: sweep.WorkUnit):
     mode, variant = u.group
@@ -203,10 +209,25 @@ def run(config, workdir: str) -> dict[str, Any]:
   if config.plots:
     _plots(workdir, units, results, summary)
   print(text, flush=True)
-  if all(s["n_valid"] == 0 for s in summary):
-    raise errors.UserError("no valid flips: the clamp did not suppress IOI on any prompt for any grid point "
-                           "(try more features, another clamp value or site); results were written to " + workdir)
   return {"summary": summary, "rows": rows}
+
+
+def _preflight(params, mcfg, sae, clamp_spec, ranking, k_max, tokens, mask, objective, base_ld, config):
+  """Defended logit differences per (n_features, clamp_value): the valid-flip counts, before recovery."""
+  @jax.jit
+  def defended_ld(cp):
+    edits = intervene.clamp_edits((clamp_spec,), (sae,), (cp,))
+    return objective(transformer.forward(params, mcfg, tokens, attention_mask=mask, edits=edits).logits[:, -1])
+
+  counts = {}
+  for k in sorted({int(k) for k in config.sweep.n_features}):
+    for v in sorted({float(v) for v in config.sweep.clamp_value}):
+      cp = intervene.make_clamp_params(ranking[:k], v, k_max=k_max)
+      ld = np.asarray(defended_ld(cp))
+      counts[(k, v)] = int(((base_ld > 0) & (ld <= 0)).sum())
+      _log(f"preflight K={k} clamp={v}: defended logit diff mean {ld.mean():.3f}; valid flips "
+           f"{counts[(k, v)]}/{len(ld)}")
+  return counts
 
 
 def _collect(config, units, results, batch, base_ld, sae):
