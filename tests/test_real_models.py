@@ -67,3 +67,15 @@ def test_logits_match_transformers(real):
     ours = np.asarray(transformer.forward(params, cfg, jnp.asarray([ids])).logits[0])
     np.testing.assert_allclose(ours, ref, atol=1e-3, rtol=1e-3)
     assert (ours.argmax(-1) == ref.argmax(-1)).all()
+
+
+def test_greedy_generation_matches_transformers(real):
+  from recovery_jax.models import generate as gen_lib
+  name, params, cfg, tok, _, hf_model = real
+  ids = _ids(name, cfg, tok, SENTENCES[0])
+  n_new = 12
+  with torch.no_grad():
+    ref = hf_model.generate(torch.tensor([ids]), max_new_tokens=n_new, do_sample=False, min_new_tokens=n_new,
+                            pad_token_id=cfg.pad_token_id)[0, len(ids):].numpy()
+  ours = gen_lib.generate(params, cfg, jnp.asarray([ids]), max_new_tokens=n_new)
+  assert np.asarray(ours.tokens[0]).tolist() == ref.tolist()
