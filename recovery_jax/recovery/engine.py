@@ -425,6 +425,10 @@ def monitor_of(spec: RecoverySpec, saes, cps, prep: Prepared) -> Monitor:
   return Monitor(prep.refs, prep.masks, dec)
 
 
+def _delta_shape(spec: RecoverySpec, pb: Problem) -> tuple[int, int, int]:
+  return (len(spec.delta_sites), pb.delta_cols.shape[1], spec.model_cfg.d_model)
+
+
 def recover(spec: RecoverySpec, params, saes, cps, pb: Problem, hp: HParams, key: Array,
             delta0: Array | None = None) -> RecoveryOutput:
   """Optimises the delta of one problem (pure; jit with ``spec`` static, vmap over problems,
@@ -438,16 +442,19 @@ def recover(spec: RecoverySpec, params, saes, cps, pb: Problem, hp: HParams, key
   if cfg.projection in ("encoder", "encoder_exact"):
     enc = encoder_projector(spec.model_cfg.d_model, spec.delta_sites, spec.clamps, saes, cps, hp.ridge,
                             cfg.projection == "encoder_exact", cfg.exact_rtol)
-  shape = (len(spec.delta_sites), pb.delta_cols.shape[1], spec.model_cfg.d_model)
+  # Without an initial or fixed delta the first step's features *are* the references; taking them
+  # from that step makes c - r exactly 0 where delta has no effect (as in the reference, whose refs
+  # and steps run the same kernels) instead of float noise that Adam would turn into O(lr) moves.
+  refs_from_start = delta0 is None and pb.fixed_delta is None
   if delta0 is None:
-    delta0 = jnp.zeros(shape, jnp.float32)
-  res = opt_lib.optimize(f, delta0.astype(jnp.float32), mon, cfg, hp, key, enc)
+    delta0 = jnp.zeros(_delta_shape(spec, pb), jnp.float32)
+  res = opt_lib.optimize(f, delta0.astype(jnp.float32), mon, cfg, hp, key, enc, refs_from_start=refs_from_start)
   w = pb.row_weight
   return RecoveryOutput(
       delta=res.delta, delta_last=res.delta_last, history=res.history,
       objective_base=obj_lib.weighted_mean(prep.rows_base, w), rows_base=prep.rows_base,
       objective_defended=obj_lib.weighted_mean(prep.rows_defended, w), rows_defended=prep.rows_defended,
-      objective=res.objective, rows=res.rows, feats=res.feats, refs=prep.refs, masks=prep.masks,
+      objective=res.objective, rows=res.rows, feats=res.feats, refs=res.refs, masks=prep.masks,
       drift_rel=res.drift_rel, best_step=res.best_step, h_def=prep.h_def)
 
 
@@ -551,7 +558,7 @@ def recover_probe(spec: ProbeSpec, sae, cp: ClampParams, pb: ProbeProblem, hp: H
     enc = encoder_projector(pb.h.shape[-1], (c.site,), (c,), (sae,), (cp,), hp.ridge,
                             spec.config.projection == "encoder_exact", spec.config.exact_rtol)
   delta0 = jnp.zeros((1, pb.delta_cols.shape[1], pb.h.shape[-1]), jnp.float32)
-  res = opt_lib.optimize(f, delta0, mon, spec.config, hp, key, enc)
+  res = opt_lib.optimize(f, delta0, mon, spec.config, hp, key, enc, refs_from_start=True)
   rows_base = probe_logit(pb.h, pb.pool_mask, pb.probe_w, pb.probe_b)
   rows_def = probe_logit(h_def, pb.pool_mask, pb.probe_w, pb.probe_b)
   w = pb.row_weight
@@ -560,7 +567,7 @@ def recover_probe(spec: ProbeSpec, sae, cp: ClampParams, pb: ProbeProblem, hp: H
       delta=res.delta, delta_last=res.delta_last, history=res.history,
       objective_base=obj_lib.weighted_mean(rows_base, w), rows_base=rows_base,
       objective_defended=obj_lib.weighted_mean(rows_def, w), rows_defended=rows_def,
-      objective=res.objective, rows=res.rows, feats=res.feats, refs=refs, masks=masks,
+      objective=res.objective, rows=res.rows, feats=res.feats, refs=res.refs, masks=masks,
       drift_rel=res.drift_rel, best_step=res.best_step, h_def=h_def_rows)
 
 

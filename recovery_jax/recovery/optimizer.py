@@ -52,6 +52,8 @@ class RecoveryConfig:
   checkpoint: final | drift_constrained | penalty_score (v4 best-checkpoint selection).
   semantics: frozen (defended residual at the delta sites computed once; no re-clamp there) | live.
   shared_delta: one delta for every row of a problem (IOI) instead of one per example.
+  record_delta: keep every iterate in ``history["delta"]`` ([steps, n_sites, P, d], the delta
+    after each step) for trajectory analysis.
   """
 
   steps: int = 100
@@ -82,6 +84,7 @@ class RecoveryConfig:
   b1: float = 0.9
   b2: float = 0.999
   eps: float = 1e-8
+  record_delta: bool = False
 
   def __post_init__(self):
     if self.projection not in proj_lib.PROJECTIONS:
@@ -163,6 +166,7 @@ class OptResult(NamedTuple):
   drift_rel: Array  # relative_l2 drift at the selected delta
   best_step: Array  # step of the selected snapshot (steps - 1 for final)
   history: dict  # per-step arrays [steps, ...]
+  refs: tuple  # the references the drift terms used
 
 
 # ----------------------------------------------------------------------------------------------
@@ -283,34 +287,42 @@ def _is_snapshot(cfg: RecoveryConfig, step):
 
 
 def optimize(f: Callable[[Array], Eval], delta0: Array, mon: Monitor, cfg: RecoveryConfig, hp: HParams,
-             key: Array, enc_proj: proj_lib.EncoderProjector | None = None) -> OptResult:
+             key: Array, enc_proj: proj_lib.EncoderProjector | None = None, refs_from_start: bool = False) -> OptResult:
   """Maximises ``f(delta).objective`` from ``delta0`` [n_sites, P, d] (see the module docstring).
 
   f: delta -> Eval (pure; traced once per linearisation). mon: defended references for drift.
   enc_proj: per-site row projector for the encoder modes.
+  refs_from_start: take the drift references from the first step's own features (valid when
+  ``f(delta0)`` is the defended state, i.e. delta0 = 0 and no fixed delta): c - r is then exactly 0
+  wherever delta has no effect, with no float noise between two compiled paths.
   """
   mode = cfg.projection
   if mode in ("encoder", "encoder_exact") and enc_proj is None:
     raise ValueError(f"projection {mode!r} needs an encoder projector")
   enc = (lambda g: proj_lib.apply_encoder(enc_proj, g)) if enc_proj is not None else (lambda g: g)
   masks_flat = _flat(tuple(m.astype(jnp.float32) for m in mon.masks)) > 0
-  refs_flat = _flat(mon.refs)
   shape = delta0.shape
 
-  def loss_parts(delta):
+  def refs_for(feats, refs, first):
+    if not refs_from_start:
+      return refs
+    return jax.tree.map(lambda c, r: jnp.where(first, jax.lax.stop_gradient(c), r), feats, refs)
+
+  def loss_parts(delta, refs, first):
     ev = f(delta)
-    pen, act = penalties(cfg, hp, ev.feats, mon)
+    m = mon._replace(refs=refs_for(ev.feats, refs, first))
+    pen, act = penalties(cfg, hp, ev.feats, m)
     loss = -ev.objective + pen
     if cfg.lambda_delta != 0:
       loss += hp.lambda_delta * obj_lib.safe_norm(delta)
-    return loss, (ev, act)
+    return loss, (ev, act, m.refs)
 
-  def grad_step(delta, key):
-    """Returns (eval, act, loss, g, grad_proj, update_proj, rank)."""
+  def grad_step(delta, key, refs, first):
+    """Returns (eval, act, loss, g, grad_proj, update_proj, rank, refs)."""
     if not cfg.is_jacobian:
-      (loss, (ev, act)), g = jax.value_and_grad(loss_parts, has_aux=True)(delta)
+      (loss, (ev, act, refs)), g = jax.value_and_grad(loss_parts, has_aux=True)(delta, refs, first)
       gp = enc if mode in ("encoder", "encoder_exact") else None
-      return ev, act, loss, g, gp, None, jnp.zeros((), jnp.int32)
+      return ev, act, loss, g, gp, None, jnp.zeros((), jnp.int32), refs
 
     def fc(d):
       ev = f(d)
@@ -318,9 +330,12 @@ def optimize(f: Callable[[Array], Eval], delta0: Array, mon: Monitor, cfg: Recov
 
     (objective, c_flat), vjp, ev = jax.vjp(fc, delta, has_aux=True)
     feats_like = ev.feats
+    refs = refs_for(ev.feats, refs, first)
+    m = mon._replace(refs=refs)
+    refs_flat = _flat(refs)
 
     def pen_of_flat(cf):
-      return penalties(cfg, hp, _unflat(cf, feats_like), mon)
+      return penalties(cfg, hp, _unflat(cf, feats_like), m)
 
     (pen, act), pen_ct = jax.value_and_grad(pen_of_flat, has_aux=True)(c_flat)
     loss = -objective + pen
@@ -346,12 +361,12 @@ def optimize(f: Callable[[Array], Eval], delta0: Array, mon: Monitor, cfg: Recov
       loss += hp.lambda_delta * obj_lib.safe_norm(delta)
     gp = lambda g: proj(g) + g_pen  # the objective gradient is projected, the drift gradient not
     up = proj if mode == "jacobian_exact" and cfg.projects_params else None
-    return ev, act, loss, g_obj, gp, up, rank
+    return ev, act, loss, g_obj, gp, up, rank, refs
 
-  def correction(delta):
+  def correction(delta, refs):
     def act_loss(d):
       ev = f(d)
-      return obj_lib.drift_penalty(cfg.drift_penalty, ev.feats, mon.refs, mon.masks, cfg.act_loss_eps)
+      return obj_lib.drift_penalty(cfg.drift_penalty, ev.feats, refs, mon.masks, cfg.act_loss_eps)
 
     def body(_, d):
       return clip(d - hp.correction_lr * jax.grad(act_loss)(d), hp.budget)
@@ -369,9 +384,10 @@ def optimize(f: Callable[[Array], Eval], delta0: Array, mon: Monitor, cfg: Recov
                 jax.tree.map(zeros, ev0.feats), jnp.zeros((), jnp.float32))
 
   def step_fn(carry, step):
-    delta, opt_state, best = carry
-    ev, act, loss, g, gp, up, rank = grad_step(delta, jax.random.fold_in(key, step))
-    rel = obj_lib.relative_l2(ev.feats, mon.refs, mon.masks)
+    delta, opt_state, best, refs = carry
+    ev, act, loss, g, gp, up, rank, refs = grad_step(delta, jax.random.fold_in(key, step), refs, step == 0)
+    mon_t = mon._replace(refs=refs)
+    rel = obj_lib.relative_l2(ev.feats, refs, mon.masks)
     if cfg.checkpoint != "final":
       prev = step - 1
       best = _update_best(cfg, hp, best, (step >= 1) & _is_snapshot(cfg, prev), prev, delta, ev, rel)
@@ -382,20 +398,22 @@ def optimize(f: Callable[[Array], Eval], delta0: Array, mon: Monitor, cfg: Recov
     if cfg.is_jacobian and cfg.correction_steps > 0:
       every = max(int(cfg.correction_every), 1)
       if every == 1:
-        new = correction(new)
+        new = correction(new, refs)
       else:
-        new = jax.lax.cond((step + 1) % every == 0, correction, lambda d: d, new)
-    hist = dict(objective=ev.objective, loss=loss, act_penalty=act, drift_l2=drift_l2(ev.feats, mon),
+        new = jax.lax.cond((step + 1) % every == 0, correction, lambda d, r: d, new, refs)
+    hist = dict(objective=ev.objective, loss=loss, act_penalty=act, drift_l2=drift_l2(ev.feats, mon_t),
                 drift_rel=rel, delta_norm=jnp.sqrt(jnp.sum(jnp.square(new))), proj_cos=_cos(g, g_applied),
                 basis_rank=rank, rows=ev.rows)
-    return (new, opt_state, best), hist
+    if cfg.record_delta:
+      hist["delta"] = new
+    return (new, opt_state, best, refs), hist
 
-  (delta_n, _, best), history = jax.lax.scan(
-      step_fn, (delta0, tx0.init(delta0), best0), jnp.arange(cfg.steps, dtype=jnp.int32))
+  (delta_n, _, best, refs), history = jax.lax.scan(
+      step_fn, (delta0, tx0.init(delta0), best0, mon.refs), jnp.arange(cfg.steps, dtype=jnp.int32))
   ev_n = f(delta_n)
-  rel_n = obj_lib.relative_l2(ev_n.feats, mon.refs, mon.masks)
+  rel_n = obj_lib.relative_l2(ev_n.feats, refs, mon.masks)
   if cfg.checkpoint == "final":
     return OptResult(delta_n, delta_n, ev_n.objective, ev_n.rows, ev_n.feats, rel_n,
-                     jnp.asarray(cfg.steps - 1, jnp.int32), history)
+                     jnp.asarray(cfg.steps - 1, jnp.int32), history, refs)
   best = _update_best(cfg, hp, best, jnp.asarray(True), cfg.steps - 1, delta_n, ev_n, rel_n)
-  return OptResult(best.delta, delta_n, best.objective, best.rows, best.feats, best.rel, best.step, history)
+  return OptResult(best.delta, delta_n, best.objective, best.rows, best.feats, best.rel, best.step, history, refs)
