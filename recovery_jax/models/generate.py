@@ -136,8 +136,7 @@ def generate(
   if full_logits:
     last_logits = out.logits[:, -1:]
   else:
-    last = transformer._norm(cfg, params["ln_final"], out.resid[:, -1:])  # pylint: disable=protected-access
-    last_logits = transformer.unembed(params, cfg, last)
+    last_logits = transformer.final_logits(params, cfg, out.resid[:, -1:])
   next_pos = positions[:, -1] + 1  # [B] position of the first generated token
 
   def emit(i, logits, done, out_tokens, lengths):

@@ -32,7 +32,7 @@ def tokenizer_from_gguf(path: str, meta: dict[str, Any]):
     return bpe_tokenizer_from_gguf_metadata(meta)
   if kind == "llama":
     from recovery_jax.models import sp_tokenizer  # pylint: disable=import-outside-toplevel
-    return sp_tokenizer.gemma_tokenizer_from_gguf(path)
+    return sp_tokenizer.gemma_tokenizer_from_gguf(path, meta=meta)
   raise ValueError(f"{path}: tokenizer.ggml.model={kind!r} is not supported (gpt2 or llama)")
 
 

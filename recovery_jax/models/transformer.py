@@ -232,6 +232,11 @@ def unembed(params, cfg: ModelConfig, x: Array) -> Array:
   return logits
 
 
+def final_logits(params, cfg: ModelConfig, resid: Array) -> Array:
+  """Logits from the residual after the last layer (ln_final + unembed): [..., d_model] -> [..., vocab]."""
+  return unembed(params, cfg, _norm(cfg, params["ln_final"], resid))
+
+
 def forward(
     params,
     cfg: ModelConfig,
