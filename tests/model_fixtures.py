@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -25,8 +24,8 @@ def tiny_model(family: str = "llama", *, n_layers: int = 3, d_model: int = 32, n
     cfg = ModelConfig(family="llama", vocab_size=vocab, d_model=d_model, n_layers=n_layers, n_heads=n_heads,
                       n_kv_heads=n_kv_heads, d_head=d_head, d_mlp=d_mlp, norm_eps=1e-5, act="silu",
                       tie_embeddings=False, name="tiny-llama")
-  keys = iter(jax.random.split(jax.random.PRNGKey(seed), 32))
-  nrm = lambda shape, s: s * jax.random.normal(next(keys), shape, jnp.float32)
+  rng = np.random.default_rng(seed)  # NumPy: no per-shape compilation
+  nrm = lambda shape, s: jnp.asarray(s * rng.standard_normal(shape), jnp.float32)
   L, D, H, K, E, F = n_layers, d_model, n_heads, n_kv_heads, d_head, d_mlp
   blocks = {
       "ln1": {"w": 1.0 + nrm((L, D), 0.1)},
@@ -52,11 +51,12 @@ def tiny_model(family: str = "llama", *, n_layers: int = 3, d_model: int = 32, n
 
 def tiny_sae(d_in: int, d_sae: int = 48, *, architecture: str = "standard", seed: int = 1, site: str = ""):
   """(params, cfg) of a random SAE whose features fire on roughly half the tokens."""
-  k1, k2, k3 = jax.random.split(jax.random.PRNGKey(seed), 3)
-  w_dec = jax.random.normal(k1, (d_sae, d_in), jnp.float32)
-  w_dec = w_dec / jnp.linalg.norm(w_dec, axis=-1, keepdims=True)
-  w_enc = w_dec.T + 0.3 * jax.random.normal(k2, (d_in, d_sae), jnp.float32) / np.sqrt(d_in)
-  params = {"W_enc": w_enc, "b_enc": -0.1 * jnp.abs(jax.random.normal(k3, (d_sae,))), "W_dec": w_dec,
+  rng = np.random.default_rng(seed)
+  w_dec = rng.standard_normal((d_sae, d_in))
+  w_dec = w_dec / np.linalg.norm(w_dec, axis=-1, keepdims=True)
+  w_enc = w_dec.T + 0.3 * rng.standard_normal((d_in, d_sae)) / np.sqrt(d_in)
+  f32 = lambda a: jnp.asarray(a, jnp.float32)
+  params = {"W_enc": f32(w_enc), "b_enc": f32(-0.1 * np.abs(rng.standard_normal(d_sae))), "W_dec": f32(w_dec),
             "b_dec": jnp.zeros((d_in,), jnp.float32)}
   if architecture == "jumprelu":
     params["threshold"] = jnp.full((d_sae,), 0.2, jnp.float32)

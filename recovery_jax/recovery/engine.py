@@ -174,6 +174,8 @@ class RecoveryOutput(NamedTuple):
   drift_rel: Array
   best_step: Array
   h_def: Array  # [n_sites, B, P, d]
+  objective_last: Array  # at the final iterate (differs from ``objective`` with checkpoint selection)
+  drift_rel_last: Array
 
 
 # ----------------------------------------------------------------------------------------------
@@ -455,7 +457,8 @@ def recover(spec: RecoverySpec, params, saes, cps, pb: Problem, hp: HParams, key
       objective_base=obj_lib.weighted_mean(prep.rows_base, w), rows_base=prep.rows_base,
       objective_defended=obj_lib.weighted_mean(prep.rows_defended, w), rows_defended=prep.rows_defended,
       objective=res.objective, rows=res.rows, feats=res.feats, refs=res.refs, masks=prep.masks,
-      drift_rel=res.drift_rel, best_step=res.best_step, h_def=prep.h_def)
+      drift_rel=res.drift_rel, best_step=res.best_step, h_def=prep.h_def, objective_last=res.objective_last,
+      drift_rel_last=res.drift_rel_last)
 
 
 def evaluate(spec: RecoverySpec, params, saes, cps, pb: Problem, deltas: Array) -> Eval:
@@ -568,7 +571,8 @@ def recover_probe(spec: ProbeSpec, sae, cp: ClampParams, pb: ProbeProblem, hp: H
       objective_base=obj_lib.weighted_mean(rows_base, w), rows_base=rows_base,
       objective_defended=obj_lib.weighted_mean(rows_def, w), rows_defended=rows_def,
       objective=res.objective, rows=res.rows, feats=res.feats, refs=res.refs, masks=masks,
-      drift_rel=res.drift_rel, best_step=res.best_step, h_def=h_def_rows)
+      drift_rel=res.drift_rel, best_step=res.best_step, h_def=h_def_rows, objective_last=res.objective_last,
+      drift_rel_last=res.drift_rel_last)
 
 
 @functools.partial(jax.jit, static_argnames=("spec",))

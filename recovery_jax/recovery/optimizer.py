@@ -167,6 +167,8 @@ class OptResult(NamedTuple):
   best_step: Array  # step of the selected snapshot (steps - 1 for final)
   history: dict  # per-step arrays [steps, ...]
   refs: tuple  # the references the drift terms used
+  objective_last: Array  # at the final iterate
+  drift_rel_last: Array
 
 
 # ----------------------------------------------------------------------------------------------
@@ -414,6 +416,7 @@ def optimize(f: Callable[[Array], Eval], delta0: Array, mon: Monitor, cfg: Recov
   rel_n = obj_lib.relative_l2(ev_n.feats, refs, mon.masks)
   if cfg.checkpoint == "final":
     return OptResult(delta_n, delta_n, ev_n.objective, ev_n.rows, ev_n.feats, rel_n,
-                     jnp.asarray(cfg.steps - 1, jnp.int32), history, refs)
+                     jnp.asarray(cfg.steps - 1, jnp.int32), history, refs, ev_n.objective, rel_n)
   best = _update_best(cfg, hp, best, jnp.asarray(True), cfg.steps - 1, delta_n, ev_n, rel_n)
-  return OptResult(best.delta, delta_n, best.objective, best.rows, best.feats, best.rel, best.step, history, refs)
+  return OptResult(best.delta, delta_n, best.objective, best.rows, best.feats, best.rel, best.step, history, refs,
+                   ev_n.objective, rel_n)
