@@ -1,0 +1,118 @@
+"""Analytic FLOP counts of the recovery variants (dense matmuls and attention; 2 FLOPs per MAC).
+
+XLA's ``cost_analysis`` counts a ``lax.scan``/``while`` body once, not once per trip, so it
+undercounts the layer scans and the step scan by large factors; these counts are what the programs
+execute densely instead.
+
+Backward passes differentiate with respect to the delta only (parameters are constants): each dense
+projection costs its forward FLOPs once more (dx = dy W^T, no dW), attention twice (dq and dk, dP
+and dv). Elementwise work, norms and softmax are not counted; the SAE subset encodes/decodes of the
+K_max selected features are (2 d K per token for each of encode, decode and the monitored encode).
+"""
+
+from __future__ import annotations
+
+from bench.problems import Workload
+from recovery_jax.models.config import ModelConfig
+
+
+def dense_per_token_layer(cfg: ModelConfig) -> int:
+  """Forward FLOPs of one layer's projections for one token."""
+  d, h, k, e, f = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.d_head, cfg.d_mlp
+  qkv = 2 * d * (h * e + 2 * k * e)
+  out = 2 * h * e * d
+  n_mlp = 2 if cfg.family == "gpt2" else 3  # gated MLPs: gate, up, down
+  return qkv + out + 2 * d * f * n_mlp
+
+
+def attention(cfg: ModelConfig, n_q: int, n_k: int) -> int:
+  """Scores and probability-weighted values for n_q queries over n_k key slots (dense, all heads)."""
+  return 4 * cfg.n_heads * cfg.d_head * n_q * n_k
+
+
+def unembed(cfg: ModelConfig, n: int) -> int:
+  return 2 * cfg.d_model * cfg.vocab_size * n
+
+
+def forward(cfg: ModelConfig, n_q: int, n_k: int, n_layers: int, n_unembed: int) -> int:
+  return n_layers * (n_q * dense_per_token_layer(cfg) + attention(cfg, n_q, n_k)) + unembed(cfg, n_unembed)
+
+
+def backward(cfg: ModelConfig, n_q: int, n_k: int, n_layers: int, n_unembed: int) -> int:
+  return n_layers * (n_q * dense_per_token_layer(cfg) + 2 * attention(cfg, n_q, n_k)) + unembed(cfg, n_unembed)
+
+
+def clamp(wl: Workload, cfg: ModelConfig, n_tok: int) -> int:
+  """Subset encode + decode of every clamp and the monitored encode over n_tok tokens."""
+  return wl.n_sites * n_tok * 2 * cfg.d_model * wl.k_max * 3
+
+
+def n_backward(wl: Workload) -> int:
+  """Backward passes per step: 1 (gradient), or the stacked VJPs of the Jacobian sketch
+  (objective, drift penalty, drift probe, Gaussian probes)."""
+  r = wl.rcfg
+  if r.is_jacobian:
+    return 2 + int(r.jacobian_drift_probe) + r.jacobian_probes
+  return 1
+
+
+def _step(wl: Workload, cfg: ModelConfig, n_q: int, n_k: int, first: int, n_unembed: int,
+          dense_vjps: bool = True) -> int:
+  """One step: forward of layers [first, L) over n_q columns, the backward(s), the corrections
+  (forward + backward of the layers up to the last site; nothing after it is live).
+
+  dense_vjps: the Jacobian sketch's stacked VJPs (``vmap`` of one VJP over [objective, penalty,
+  probes] cotangents) each run the whole backward, although only the objective row reaches the
+  layers after the last site and the unembedding (JAX). Without it (PyTorch ``autograd.grad`` per
+  cotangent) only the objective gradient runs the whole backward; the others stop at the sites."""
+  layers = cfg.n_layers - first
+  upto = wl.last_site_layer + 1 - first
+  fwd = forward(cfg, n_q, n_k, layers, n_unembed) + clamp(wl, cfg, n_q)
+  bwd = backward(cfg, n_q, n_k, layers, n_unembed) + clamp(wl, cfg, n_q)
+  n_b = n_backward(wl)
+  if dense_vjps or n_b == 1:
+    bwds = n_b * bwd
+  else:
+    bwds = bwd + (n_b - 1) * (backward(cfg, n_q, n_k, upto, 0) + clamp(wl, cfg, n_q))
+  corr = wl.rcfg.correction_steps * (forward(cfg, n_q, n_k, upto, 0) + backward(cfg, n_q, n_k, upto, 0))
+  return fwd + bwds + corr
+
+
+def reference_step(wl: Workload, cfg: ModelConfig, dense_vjps: bool = True) -> int:
+  """Variant (a) (and (c) with ``dense_vjps=False``), one example: full forward (all layers and T
+  columns, full logits at every column); backward(s) through the layers from the first site over
+  all columns."""
+  t, first = wl.seq_len, wl.first_delta_layer
+  below = forward(cfg, t, t, first, 0)  # the layers under the first delta layer: forward only
+  return _step(wl, cfg, t, t, first, t, dense_vjps) + (1 + wl.rcfg.correction_steps) * below
+
+
+def engine_step(wl: Workload, cfg: ModelConfig) -> int:
+  """Variant (b), one example: the suffix columns from the first delta site over the cached prefix
+  (T + suffix key slots: the engine pads the sequence by the suffix length), readout logits only."""
+  s = wl.suffix_len
+  return _step(wl, cfg, s, wl.seq_len + s, wl.first_delta_layer, wl.n_readout)
+
+
+def engine_prepare(wl: Workload, cfg: ModelConfig) -> int:
+  """Variant (b), one example: the base and the defended forwards over T + suffix columns."""
+  tp = wl.seq_len + wl.suffix_len
+  return 2 * forward(cfg, tp, tp, cfg.n_layers, wl.n_readout) + clamp(wl, cfg, tp)
+
+
+def reference_recovery(wl: Workload, cfg: ModelConfig, steps: int, dense_vjps: bool = True) -> int:
+  """Variant (a) / (c), one example: the drift-reference forward, the steps, the final forward."""
+  t = wl.seq_len
+  full = forward(cfg, t, t, cfg.n_layers, t)
+  return 2 * full + steps * reference_step(wl, cfg, dense_vjps)
+
+
+def engine_recovery(wl: Workload, cfg: ModelConfig, steps: int) -> int:
+  """Variant (b), one example: prepare, the steps, the final suffix forward."""
+  s = wl.suffix_len
+  fin = forward(cfg, s, wl.seq_len + s, cfg.n_layers - wl.first_delta_layer, wl.n_readout)
+  return engine_prepare(wl, cfg) + steps * engine_step(wl, cfg) + fin
+
+
+def matmul(n: int) -> int:
+  return 2 * n ** 3

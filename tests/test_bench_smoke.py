@@ -1,0 +1,41 @@
+"""Smoke run of the throughput benchmark harness on a tiny random model (no timing assertions)."""
+
+import math
+
+import numpy as np
+import pytest
+
+from bench import recovery_throughput as rt
+
+ARGS = ["--models=tiny-llama", "--workloads=ioi,refusal", "--ioi_batches=3", "--refusal_batches=2", "--k_max=8",
+        "--ioi_steps=4", "--refusal_steps=2", "--ref_examples=2", "--refusal_ref_examples=1", "--torch_examples=0",
+        "--d_sae=128", "--peak_sizes=128", "--no_torch"]
+
+
+@pytest.fixture(scope="module")
+def result():
+  return rt.run(rt.parse_args(ARGS), log=lambda *a: None)
+
+
+def test_rows_and_figures_are_finite(result):
+  rows = result["rows"]
+  assert {(r["workload"], r["variant"]) for r in rows} == {
+      ("ioi", "reference"), ("ioi", "engine"), ("refusal", "reference"), ("refusal", "engine")}
+  for r in rows:
+    for k in ("examples_per_s", "example_steps_per_s", "step_ms", "step_flops_per_s", "step_peak_fraction",
+              "recovery_flops_per_s", "compile_s"):
+      assert math.isfinite(r[k]) and r[k] > 0, (r["variant"], r["workload"], k, r[k])
+    assert all(math.isfinite(o) for o in r["objectives"])
+  assert result["peak_flops_per_s"] > 0
+  engines = [r for r in rows if r["variant"] == "engine"]
+  assert all(math.isfinite(r["speedup_vs_reference"]) for r in engines)
+  md = rt.markdown(result)
+  assert md.count("| tiny-llama |") == len(rows)
+
+
+def test_reference_and_engine_recover_the_same_objectives(result):
+  rows = {(r["workload"], r["variant"]): r for r in result["rows"]}
+  for kind, rtol in (("ioi", 1e-4), ("refusal", 1e-2)):
+    ref, eng = rows[(kind, "reference")], rows[(kind, "engine")]
+    n = len(ref["objectives"])
+    np.testing.assert_allclose(eng["objectives"][:n], ref["objectives"], rtol=rtol, atol=1e-4)
