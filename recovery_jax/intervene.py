@@ -245,3 +245,16 @@ def add_rows(x: Array, place: Array, rows: Array) -> Array:
 def add_edit(place: Array, rows: Array) -> EditFn:
   """Edit adding ``rows`` at the columns of ``place`` (ignores absolute positions)."""
   return lambda x, positions: add_rows(x, place, rows)
+
+
+def add_at_positions_edit(rows: Array, at: Array, valid: Array | None = None) -> EditFn:
+  """Edit adding ``rows`` [P, d] (or [batch, P, d]) where the *absolute* position equals ``at``
+  [batch, P]: the same edit works for a full forward, a prefill and one-token KV-cached decoding
+  (e.g. a recovered delta applied during generation)."""
+  valid = jnp.ones(at.shape, bool) if valid is None else valid
+
+  def fn(x, positions):
+    place = ((positions[:, :, None] == at[:, None, :]) & valid[:, None, :]).astype(jnp.float32)
+    return add_rows(x, place, rows)
+
+  return fn

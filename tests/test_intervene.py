@@ -121,7 +121,8 @@ def test_position_mask_and_kv_cached_decoding(model, sae):
   changed = np.asarray(jnp.abs(out - x).max(-1)[0] > 0)
   assert set(np.nonzero(changed)[0]) <= {2, 5, 7} and changed[[2, 5]].any()
   # the same mask means the same thing in a full forward and in prefill + one-token decoding
-  defended = jax.jit(intervene.clamp(transformer.forward, spec, sp, cp), static_argnums=1)
+  defended_fn = intervene.clamp(transformer.forward, spec, sp, cp)
+  defended = jax.jit(defended_fn, static_argnums=1)
   toks = jnp.asarray(random_tokens(5, 1, 9))
   full = defended(params, cfg, toks).logits
   cache = transformer.init_cache(cfg, 1, 12)
@@ -133,6 +134,16 @@ def test_position_mask_and_kv_cached_decoding(model, sae):
     cache = step.cache
   np.testing.assert_allclose(np.asarray(jnp.concatenate(logits, 1)), np.asarray(full), atol=2e-5)
   assert float(jnp.abs(full - transformer.forward(params, cfg, toks).logits).max()) > 1e-4
+  # a delta placed by absolute position lands on the same token in a full pass and while decoding
+  rows = jnp.ones((1, cfg.d_model))
+  edit = {SITE: intervene.add_at_positions_edit(rows, jnp.array([[6]]))}
+  run = jax.jit(lambda t, c: defended_fn(params, cfg, t, cache=c, edits=edit))
+  full_d = jax.jit(lambda t: defended_fn(params, cfg, t, edits=edit).logits)(toks)
+  out = run(toks[:, :6], transformer.init_cache(cfg, 1, 12))
+  step = run(toks[:, 6:7], out.cache)
+  np.testing.assert_allclose(np.asarray(out.logits), np.asarray(full[:, :6]), atol=2e-5)
+  np.testing.assert_allclose(np.asarray(step.logits[:, 0]), np.asarray(full_d[:, 6]), atol=2e-5)
+  assert float(jnp.abs(full_d[:, 6] - full[:, 6]).max()) > 1e-3
 
 
 def test_transform_order_and_multiple_clamps(model, sae):
