@@ -6,7 +6,7 @@ import jax.numpy as jnp
 
 from tests.model_fixtures import tiny_model, tiny_sae, random_tokens
 from recovery_jax import intervene
-from recovery_jax.recovery import api, attribution, engine
+from recovery_jax.recovery import api, attribution
 from recovery_jax.recovery.objectives import Objective
 from recovery_jax.recovery.optimizer import RecoveryConfig
 from recovery_jax.sae import core as sae_core

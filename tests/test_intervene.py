@@ -7,7 +7,7 @@ import jax.numpy as jnp
 
 from tests.model_fixtures import tiny_model, tiny_sae, random_tokens
 from recovery_jax import intervene
-from recovery_jax.intervene import ClampSpec, ClampParams
+from recovery_jax.intervene import ClampSpec
 from recovery_jax.models import transformer
 from recovery_jax.sae import core as sae_core
 

@@ -280,7 +280,6 @@ def prepare(spec: RecoverySpec, params, saes, cps, pb: Problem) -> Prepared:
   delta-free defended run with its KV cache (clamps + fixed delta)."""
   cfg = spec.model_cfg
   b, t = pb.tokens.shape
-  p_rows = pb.delta_cols.shape[1]
   mon = spec.monitored
   s_len = spec.suffix_len
   tokens, mask, positions = pb.tokens, pb.attention_mask.astype(bool), pb.positions.astype(jnp.int32)
