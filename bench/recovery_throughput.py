@@ -57,6 +57,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   ap.add_argument("--k_max", help="comma list of K_max (features per clamp)")
   ap.add_argument("--ioi_steps", type=int)
   ap.add_argument("--refusal_steps", type=int)
+  ap.add_argument("--project_steps_ioi", type=int, default=100, help="steps of the paper's IOI runs")
+  ap.add_argument("--project_steps_refusal", type=int, default=120, help="steps of v4strong's stage 2")
   ap.add_argument("--refusal_corrections", type=int, default=0, help="Jacobian correction steps per step (v4: 5)")
   ap.add_argument("--ref_examples", type=int, help="IOI examples recovered by the per-example loops (a), (c)")
   ap.add_argument("--refusal_ref_examples", type=int, help="refusal examples recovered by (a), (c)")
@@ -166,46 +168,56 @@ def maxrss_mb() -> float:
 # one (model, workload, K_max) cell
 
 
-def _row(variant, model, kind, batch, k_max, steps, wall, n_examples, step_s, step_flops, rec_flops, peak,
-         compile_s=None, memory=None, objectives=None, **extra) -> dict:
-  """One table row. step_flops / rec_flops: per example."""
+def _row(variant, model, kind, batch, k_max, steps, res: dict, n_examples, fixed_s, step_s, step_flops, rec_flops,
+         peak, project_steps, compile_s=None, memory=None, **extra) -> dict:
+  """One table row.
+
+  res: the run's wall/cpu seconds and objectives. fixed_s: seconds of the step-independent work per
+  call (per example for the loops (a)/(c); per batch for the engine: prepare). step_s: seconds of
+  one step (one example's step for (a)/(c); the whole batch's step for the engine). step_flops /
+  rec_flops: FLOPs per example. project_steps: the step count of the paper's runs, used for the
+  projected examples/s (fixed + project_steps x step).
+  """
+  wall, objectives = res["wall_s"], res["objectives"]
+  per_call = batch if variant == "engine" else 1
   row = {"variant": variant, "model": model, "workload": kind, "batch": batch, "k_max": k_max, "steps": steps,
-         "examples": n_examples, "wall_s": wall, "examples_per_s": n_examples / wall,
-         "example_steps_per_s": n_examples * steps / wall, "step_ms": 1e3 * step_s,
-         "step_gflop": batch * step_flops / 1e9 if variant == "engine" else step_flops / 1e9,
-         "recovery_gflop_per_example": rec_flops / 1e9, "compile_s": compile_s, "memory": memory or {},
+         "examples": n_examples, "wall_s": wall, "cpu_s": res.get("cpu_s"), "fixed_s": fixed_s,
+         "examples_per_s": n_examples / wall, "example_steps_per_s": per_call / step_s, "step_ms": 1e3 * step_s,
+         "step_gflop": per_call * step_flops / 1e9, "recovery_gflop_per_example": rec_flops / 1e9,
+         "compile_s": compile_s, "memory": memory or {}, "project_steps": project_steps,
+         "projected_examples_per_s": per_call / (fixed_s + project_steps * step_s),
          "objective_mean": float(np.mean(objectives)) if objectives else None,
          "objectives": [float(o) for o in objectives] if objectives else []}
-  row["step_flops_per_s"] = row["step_gflop"] * 1e9 / step_s
+  row["step_flops_per_s"] = per_call * step_flops / step_s
   row["step_peak_fraction"] = row["step_flops_per_s"] / peak
   row["recovery_flops_per_s"] = rec_flops * n_examples / wall
   row.update(extra)
   return row
 
 
-def run_reference(params, cfg, wl, data, model, n, peak) -> dict:
+def _project_steps(args, kind: str) -> int:
+  return args.project_steps_ioi if kind == "ioi" else args.project_steps_refusal
+
+
+def run_reference(params, cfg, wl, data, model, n, peak, args) -> dict:
   loop = reference_loop.ReferenceLoop(params, cfg, wl, data)
   info = loop.compile()
   res = loop.run(n)
   steps = wl.rcfg.steps
-  per_ex = res["wall_s"] / n
-  return _row("reference", model, wl.kind, 1, wl.k_max, steps, res["wall_s"], n, per_ex / steps,
-              flops.reference_step(wl, cfg), flops.reference_recovery(wl, cfg, steps), peak,
-              compile_s=info["compile_s"], memory=info["step_memory"], objectives=res["objectives"],
-              cpu_s=res["cpu_s"])
+  return _row("reference", model, wl.kind, 1, wl.k_max, steps, res, n, res["fixed_s"] / n,
+              res["steps_s"] / (n * steps), flops.reference_step(wl, cfg), flops.reference_recovery(wl, cfg, steps),
+              peak, _project_steps(args, wl.kind), compile_s=info["compile_s"], memory=info["step_memory"])
 
 
-def run_engine(params, cfg, wl, data, model, peak) -> tuple[dict, list[float]]:
+def run_engine(params, cfg, wl, data, model, peak, args) -> dict:
   eng = engine_batched.EngineBatched(params, cfg, wl, data)
   info = eng.compile()
   res = eng.run()
   steps, b = wl.rcfg.steps, data.n
   step_s = max(res["wall_s"] - res["prepare_s"], 1e-9) / steps
-  row = _row("engine", model, wl.kind, b, wl.k_max, steps, res["wall_s"], b, step_s,
-             flops.engine_step(wl, cfg), flops.engine_recovery(wl, cfg, steps), peak,
-             compile_s=info["compile_s"], memory=info["memory"], objectives=res["objectives"],
-             cpu_s=res["cpu_s"], prepare_s=res["prepare_s"], suffix_len=wl.suffix_len)
-  return row, res["objectives"]
+  return _row("engine", model, wl.kind, b, wl.k_max, steps, res, b, res["prepare_s"], step_s,
+              flops.engine_step(wl, cfg), flops.engine_recovery(wl, cfg, steps), peak, _project_steps(args, wl.kind),
+              compile_s=info["compile_s"], memory=info["memory"], suffix_len=wl.suffix_len)
 
 
 def run_torch(params, cfg, wl, data, model, n, peak, args) -> dict | None:
@@ -218,11 +230,10 @@ def run_torch(params, cfg, wl, data, model, n, peak, args) -> dict | None:
   parity = loop.logits_parity(np.asarray(transformer.forward(params, cfg, data.tokens[:1]).logits[0]))
   res = loop.run(n)
   steps = wl.rcfg.steps
-  per_ex = res["wall_s"] / n
-  return _row("torch", model, wl.kind, 1, wl.k_max, steps, res["wall_s"], n, per_ex / steps,
+  return _row("torch", model, wl.kind, 1, wl.k_max, steps, res, n, res["fixed_s"] / n, res["steps_s"] / (n * steps),
               flops.reference_step(wl, cfg, dense_vjps=False),
-              flops.reference_recovery(wl, cfg, steps, dense_vjps=False), peak,
-              objectives=res["objectives"], cpu_s=res["cpu_s"], logits_parity=parity, torch_threads=threads)
+              flops.reference_recovery(wl, cfg, steps, dense_vjps=False), peak, _project_steps(args, wl.kind),
+              logits_parity=parity, torch_threads=threads)
 
 
 def run_cell(params, cfg, tok, model: str, kind: str, k_max: int, batches: list[int], args, peak: float,
@@ -236,7 +247,7 @@ def run_cell(params, cfg, tok, model: str, kind: str, k_max: int, batches: list[
   n_max = max(max(batches), n_ref)
   wl, data = problems.make_workload(kind, params, cfg, tok, n=n_max, **kw)
   rows = []
-  ref = run_reference(params, cfg, wl, data, model, n_ref, peak)
+  ref = run_reference(params, cfg, wl, data, model, n_ref, peak, args)
   rows.append(ref)
   log(_fmt(ref))
   tor = None
@@ -246,13 +257,15 @@ def run_cell(params, cfg, tok, model: str, kind: str, k_max: int, batches: list[
       rows.append(tor)
       log(_fmt(tor))
   for b in batches:
-    row, objs = run_engine(params, cfg, wl, data.head(b), model, peak)
+    row = run_engine(params, cfg, wl, data.head(b), model, peak, args)
     n_cmp = min(b, n_ref)
-    row["speedup_vs_reference"] = row["examples_per_s"] / ref["examples_per_s"]
     row["objective_max_abs_diff_vs_reference"] = float(np.max(np.abs(
-        np.asarray(objs[:n_cmp]) - np.asarray(ref["objectives"][:n_cmp]))))
-    if tor is not None:
-      row["speedup_vs_torch"] = row["examples_per_s"] / tor["examples_per_s"]
+        np.asarray(row["objectives"][:n_cmp]) - np.asarray(ref["objectives"][:n_cmp]))))
+    for name, other in (("reference", ref), ("torch", tor)):
+      if other is not None:
+        row[f"speedup_vs_{name}"] = row["examples_per_s"] / other["examples_per_s"]
+        row[f"step_speedup_vs_{name}"] = row["example_steps_per_s"] / other["example_steps_per_s"]
+        row[f"projected_speedup_vs_{name}"] = row["projected_examples_per_s"] / other["projected_examples_per_s"]
     rows.append(row)
     log(_fmt(row))
   return rows
@@ -260,44 +273,67 @@ def run_cell(params, cfg, tok, model: str, kind: str, k_max: int, batches: list[
 
 def _fmt(r: dict) -> str:
   s = (f"  {r['variant']:9s} {r['model']:18s} {r['workload']:7s} B={r['batch']:<4d} K={r['k_max']:<4d} "
-       f"{r['examples_per_s']:9.3f} ex/s  {r['example_steps_per_s']:9.1f} ex-steps/s  "
-       f"step {r['step_ms']:9.1f} ms  {r['step_flops_per_s'] / 1e9:6.1f} GFLOP/s ({100 * r['step_peak_fraction']:4.1f}%)")
+       f"{r['examples_per_s']:8.3f} ex/s ({r['projected_examples_per_s']:8.3f} @{r['project_steps']})  "
+       f"{r['example_steps_per_s']:8.1f} ex-steps/s  step {r['step_ms']:8.1f} ms  "
+       f"{r['step_flops_per_s'] / 1e9:6.1f} GFLOP/s ({100 * r['step_peak_fraction']:4.1f}%)")
   if r.get("compile_s") is not None:
     s += f"  compile {r['compile_s']:.1f}s"
-  if "speedup_vs_reference" in r:
-    s += f"  x{r['speedup_vs_reference']:.1f} vs (a)"
-  if "speedup_vs_torch" in r:
-    s += f"  x{r['speedup_vs_torch']:.1f} vs (c)"
+  for name, tag in (("reference", "a"), ("torch", "c")):
+    if f"speedup_vs_{name}" in r:
+      run_x, proj_x = r["speedup_vs_" + name], r["projected_speedup_vs_" + name]
+      s += f"  x{run_x:.1f} (x{proj_x:.1f} @{r['project_steps']}) vs ({tag})"
   return s
 
 
-# ----------------------------------------------------------------------------------------------
-# report
+def _cell(r: dict, key: str, fmt: str) -> str:
+  v = r.get(key)
+  return "" if v is None else fmt.format(v)
 
 
 def markdown(result: dict) -> str:
   m, pk = result["machine"], result["peak"]
+  sizes = "/".join(str(n) for n in pk["start"]["per_size"])
   lines = [
       f"Machine: {m.get('lscpu_Model_name', '?')}, {m.get('cpu_count')} CPUs; jax {m['jax']} ({m['backend']})"
-      + (f", torch {m['torch']} ({m.get('torch_threads')} threads)" if "torch" in m else ""),
-      f"Measured peak (best jitted f32 n^3 matmul, n in {'/'.join(str(n) for n in pk['start']['per_size'])}): start {pk['start']['flops_per_s'] / 1e9:.1f}, "
-      f"end {pk['end']['flops_per_s'] / 1e9:.1f} GFLOP/s; % peak below uses {result['peak_flops_per_s'] / 1e9:.1f}"
+      + (f", torch {m['torch']}" if "torch" in m else ""),
+      f"Measured peak (best jitted f32 n^3 matmul, n in {sizes}): start {pk['start']['flops_per_s'] / 1e9:.1f}, "
+      f"end {pk['end']['flops_per_s'] / 1e9:.1f} GFLOP/s; % peak uses {result['peak_flops_per_s'] / 1e9:.1f}"
       + (f" (torch.mm best: {pk['torch']['flops_per_s'] / 1e9:.1f})" if pk.get("torch") else "") + ".",
       f"Command: `{result['command']}` ({result['total_s']:.0f} s wall, peak RSS {result['maxrss_mb']:.0f} MB)",
       "",
-      "| model | workload | variant | B | K_max | steps | examples/s | example-steps/s | step ms | "
-      "GFLOP/step | step GFLOP/s | % peak | compile s | XLA temp MB | (b)/(a) | (b)/(c) | max abs obj diff vs (a) |",
-      "|" + "---|" * 17,
+      "Throughput. `ex/s` = examples recovered per second in this run (all steps + fixed work); `@N` = projected "
+      "to the paper's N steps from the measured fixed and per-step times; `ex-steps/s` = example-steps per second "
+      "of the steps alone. (b)/(a), (b)/(c): ratios of the engine row to the per-example loops of the same cell.",
+      "",
+      "| model | workload | variant | B | K_max | steps | ex/s | ex/s @N | ex-steps/s | fixed s | (b)/(a) | "
+      "(b)/(a) @N | (b)/(a) steps | (b)/(c) | (b)/(c) @N | max abs obj diff vs (a) |",
+      "|" + "---|" * 16,
+  ]
+  for r in result["rows"]:
+    lines.append(
+        f"| {r['model']} | {r['workload']} | {r['variant']} | {r['batch']} | {r['k_max']} | {r['steps']} | "
+        f"{r['examples_per_s']:.3g} | {r['projected_examples_per_s']:.3g} @{r['project_steps']} | "
+        f"{r['example_steps_per_s']:.3g} | {r['fixed_s']:.2f} | {_cell(r, 'speedup_vs_reference', '{:.1f}x')} | "
+        f"{_cell(r, 'projected_speedup_vs_reference', '{:.1f}x')} | {_cell(r, 'step_speedup_vs_reference', '{:.1f}x')} | "
+        f"{_cell(r, 'speedup_vs_torch', '{:.1f}x')} | {_cell(r, 'projected_speedup_vs_torch', '{:.1f}x')} | "
+        f"{_cell(r, 'objective_max_abs_diff_vs_reference', '{:.1e}')} |")
+  lines += [
+      "",
+      "Utilisation of one step (model FLOPs counted analytically, bench/flops.py; (b): the whole batch's step). "
+      "Memory: XLA's compiled-program temporaries ((a): one step; (b): the whole recovery).",
+      "",
+      "| model | workload | variant | B | step ms | GFLOP/step | step GFLOP/s | % peak | compile s | XLA temp MB | "
+      "CPU s / wall s |",
+      "|" + "---|" * 11,
   ]
   for r in result["rows"]:
     temp = r["memory"].get("temp_bytes")
-    f = lambda k, fmt: (fmt.format(r[k]) if r.get(k) is not None else "")
+    temp = "" if temp is None else f"{temp / 2**20:.0f}"
+    cpu = "" if r.get("cpu_s") is None else f"{r['cpu_s'] / r['wall_s']:.2f}"
     lines.append(
-        f"| {r['model']} | {r['workload']} | {r['variant']} | {r['batch']} | {r['k_max']} | {r['steps']} | "
-        f"{r['examples_per_s']:.3g} | {r['example_steps_per_s']:.3g} | {r['step_ms']:.1f} | {r['step_gflop']:.2f} | "
-        f"{r['step_flops_per_s'] / 1e9:.1f} | {100 * r['step_peak_fraction']:.1f} | {f('compile_s', '{:.1f}')} | "
-        f"{'' if temp is None else f'{temp / 2**20:.0f}'} | {f('speedup_vs_reference', '{:.1f}x')} | "
-        f"{f('speedup_vs_torch', '{:.1f}x')} | {f('objective_max_abs_diff_vs_reference', '{:.1e}')} |")
+        f"| {r['model']} | {r['workload']} | {r['variant']} | {r['batch']} | {r['step_ms']:.1f} | "
+        f"{r['step_gflop']:.2f} | {r['step_flops_per_s'] / 1e9:.1f} | {100 * r['step_peak_fraction']:.1f} | "
+        f"{_cell(r, 'compile_s', '{:.1f}')} | {temp} | {cpu} |")
   return "\n".join(lines) + "\n"
 
 

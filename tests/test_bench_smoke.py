@@ -22,15 +22,17 @@ def test_rows_and_figures_are_finite(result):
   assert {(r["workload"], r["variant"]) for r in rows} == {
       ("ioi", "reference"), ("ioi", "engine"), ("refusal", "reference"), ("refusal", "engine")}
   for r in rows:
-    for k in ("examples_per_s", "example_steps_per_s", "step_ms", "step_flops_per_s", "step_peak_fraction",
-              "recovery_flops_per_s", "compile_s"):
+    for k in ("examples_per_s", "projected_examples_per_s", "example_steps_per_s", "step_ms", "step_flops_per_s",
+              "step_peak_fraction", "recovery_flops_per_s", "compile_s"):
       assert math.isfinite(r[k]) and r[k] > 0, (r["variant"], r["workload"], k, r[k])
     assert all(math.isfinite(o) for o in r["objectives"])
   assert result["peak_flops_per_s"] > 0
   engines = [r for r in rows if r["variant"] == "engine"]
-  assert all(math.isfinite(r["speedup_vs_reference"]) for r in engines)
+  for r in engines:
+    for k in ("speedup_vs_reference", "projected_speedup_vs_reference", "step_speedup_vs_reference"):
+      assert math.isfinite(r[k]) and r[k] > 0
   md = rt.markdown(result)
-  assert md.count("| tiny-llama |") == len(rows)
+  assert md.count("| tiny-llama |") == 2 * len(rows)  # throughput and utilisation tables
 
 
 def test_reference_and_engine_recover_the_same_objectives(result):
