@@ -102,7 +102,7 @@ def test_vmap_over_feature_sets_equals_separate_runs(setting):
   for g in range(2):
     one = api.recover_site(*args, **kw, feature_idx=FEATS[g], feature_mask=MASKS[g], clamp_value=[-1.0, -2.0][g],
                            config=cfg.replace(budget=[2.0, 0.5][g]), key=jax.random.fold_in(jax.random.PRNGKey(0), g))
-    np.testing.assert_allclose(np.asarray(grid.delta[g]), np.asarray(one.delta), atol=1e-6)
+    np.testing.assert_allclose(np.asarray(grid.delta[g]), np.asarray(one.delta), atol=5e-6)  # f32 reassociation
     np.testing.assert_allclose(np.asarray(grid.history["loss"][g]), np.asarray(one.history["loss"]), atol=1e-5)
     np.testing.assert_allclose(np.asarray(grid.rows[g]), np.asarray(one.rows), atol=1e-5)
     assert float(np.max(grid.history["delta_norm"][g])) <= [2.0, 0.5][g] * (1 + 1e-6)

@@ -121,3 +121,25 @@ def test_drift_penalties():
   # the l2 penalty has a zero (not NaN) gradient at zero drift, like torch's norm
   g = jax.grad(lambda x: O.drift_penalty("l2", (x,), (x,), (jnp.ones_like(x, bool),)))(c[0])
   assert np.all(np.isfinite(np.asarray(g))) and float(jnp.abs(g).max()) == 0.0
+
+
+def test_readout_subset_equals_full_vocabulary_scores():
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from recovery_jax.models import random_init, transformer
+  from recovery_jax.recovery import objectives as O
+  for family in ("llama", "gemma2", "gpt2"):
+    cfg = random_init.tiny_config(family, vocab_size=64)
+    if family == "llama":
+      cfg = cfg.replace(tie_embeddings=False)
+    params = random_init.init_params(cfg, jax.random.key(1))
+    h = jax.random.normal(jax.random.key(2), (3, 2, cfg.d_model))
+    full = transformer.final_logits(params, cfg, h)
+    targets = {"pos": jnp.array([1, 5, 9]), "neg": jnp.array([2, 0, 63]),
+               "choices": jnp.array([[3, 4, 5, 6], [7, 8, 9, 10], [0, 1, 2, 60]]), "gold": jnp.array([0, 3, 2])}
+    for kind in ("logit_diff", "choice_margin", "choice_ce"):
+      obj = O.Objective(kind)
+      sub = transformer.final_logits_at(params, cfg, h, O.readout_ids(obj, targets))
+      np.testing.assert_allclose(np.asarray(O.row_scores_at(obj, sub, targets)),
+                                 np.asarray(O.row_scores(obj, full, targets)), rtol=1e-5, atol=1e-5)

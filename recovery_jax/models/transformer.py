@@ -237,6 +237,26 @@ def final_logits(params, cfg: ModelConfig, resid: Array) -> Array:
   return unembed(params, cfg, _norm(cfg, params["ln_final"], resid))
 
 
+def final_logits_at(params, cfg: ModelConfig, resid: Array, ids: Array) -> Array:
+  """Logits of a few vocabulary entries only: resid [B, R, d_model], ids [B, n] -> [B, R, n].
+
+  Equal to ``final_logits(...)[..., ids]`` (softcapping is elementwise) at a fraction of the cost
+  when an objective reads only a few logits (logit difference, choice margins).
+  """
+  x = _norm(cfg, params["ln_final"], resid)
+  ids = ids.astype(jnp.int32)
+  if "unembed" in params:
+    w = jnp.moveaxis(params["unembed"]["W_U"][:, ids], 0, -1)  # [B, n, D]
+  else:
+    w = params["embed"]["W_E"][ids]  # [B, n, D]
+  logits = jnp.einsum("brd,bnd->brn", x, w.astype(x.dtype))
+  if "unembed" in params and "b_U" in params["unembed"]:
+    logits = logits + params["unembed"]["b_U"][ids][:, None, :]
+  if cfg.final_softcap is not None:
+    logits = jnp.tanh(logits / cfg.final_softcap) * cfg.final_softcap
+  return logits
+
+
 def forward(
     params,
     cfg: ModelConfig,

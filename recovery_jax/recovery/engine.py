@@ -182,9 +182,7 @@ class RecoveryOutput(NamedTuple):
 # helpers
 
 
-def final_logits(params, cfg: ModelConfig, h: Array) -> Array:
-  """Logits from the residual after the last layer: ln_final + unembed. [B, R, d] -> [B, R, V]."""
-  return transformer.unembed(params, cfg, transformer._norm(cfg, params["ln_final"], h))
+final_logits = transformer.final_logits
 
 
 def gather_cols(x: Array, cols: Array) -> Array:
@@ -205,8 +203,13 @@ def _slice_cols(x: Array, start: Array, length: int) -> Array:
 
 
 def _readout(spec: RecoverySpec, params, pb: Problem, resid: Array, cols: Array):
-  logits = final_logits(params, spec.model_cfg, gather_cols(resid, cols))
-  rows = obj_lib.row_scores(spec.objective, logits, pb.targets)
+  h = gather_cols(resid, cols)
+  ids = obj_lib.readout_ids(spec.objective, pb.targets)
+  if ids is not None:  # only a few logits are read: unembed just those
+    sub = transformer.final_logits_at(params, spec.model_cfg, h, ids)
+    rows = obj_lib.row_scores_at(spec.objective, sub, pb.targets)
+  else:
+    rows = obj_lib.row_scores(spec.objective, final_logits(params, spec.model_cfg, h), pb.targets)
   return obj_lib.weighted_mean(rows, pb.row_weight), rows
 
 

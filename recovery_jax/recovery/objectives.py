@@ -188,6 +188,28 @@ def row_scores(obj: Objective, logits: Array, targets) -> Array:
   raise ValueError(f"row_scores: objective {obj.kind!r} does not read logits")
 
 
+def readout_ids(obj: Objective, targets) -> Array | None:
+  """Vocabulary ids [B, n] that ``obj`` reads, when it reads only a few (else None): the engine then
+  unembeds just those columns instead of the whole vocabulary."""
+  if obj.kind == "logit_diff":
+    return jnp.stack([targets["pos"], targets["neg"]], axis=-1)
+  if obj.kind in ("choice_margin", "choice_ce"):
+    return targets["choices"]
+  return None
+
+
+def row_scores_at(obj: Objective, sub_logits: Array, targets) -> Array:
+  """Per-row objective values [B] from the logits of ``readout_ids`` only: [B, R, n]."""
+  local = jnp.broadcast_to(jnp.arange(sub_logits.shape[-1]), sub_logits.shape[:1] + sub_logits.shape[-1:])
+  if obj.kind == "logit_diff":
+    return logit_diff(sub_logits, local[:, 0], local[:, 1])
+  if obj.kind == "choice_margin":
+    return choice_margin(sub_logits, local, targets["gold"])
+  if obj.kind == "choice_ce":
+    return choice_ce(sub_logits, local, targets["gold"])
+  raise ValueError(f"row_scores_at: objective {obj.kind!r} reads the whole vocabulary")
+
+
 def weighted_mean(scores: Array, weights: Array | None) -> Array:
   if weights is None:
     return scores.mean()
