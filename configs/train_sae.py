@@ -51,6 +51,9 @@ def get_config(arg=None):
   c.build_corpus = True
   c.stdlib_max_files = 0  # 0 = all
   c.heldout_frac = 0.02  # documents held out (by content hash) for evaluation
+  # positions dropped: BOS/EOS/pad ids, BOS and the first text position of each window, and rows
+  # whose norm exceeds outlier_factor x the forward batch's median (massive, sink-like activations)
+  c.outlier_factor = 10.0
   c.seq_len = 128
   c.forward_batch = 32
   c.train_tokens = a.tokens

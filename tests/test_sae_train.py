@@ -63,6 +63,19 @@ def test_token_windows_bos_separators_and_kept_positions(tiny):
   assert ws2[0][0] == tok.encode("a").ids[0]
   assert not harvest.keep_mask(np.stack(ws2), ())[:, 0].any()
   assert harvest.wants_bos(cfg) and not harvest.wants_bos(cfg.replace(bos_token_id=None))
+  # with BOS, the first text position is dropped as well (massive activations there in SmolLM2)
+  assert harvest.n_skip_for(True) == 2 and harvest.n_skip_for(False) == 1
+  keep2 = harvest.keep_mask(np.stack(ws), harvest.excluded_ids(cfg), n_skip=2)
+  assert not keep2[:, :2].any() and keep2.sum() == keep.sum() - keep[:, 1].sum()
+
+
+def test_drop_outliers():
+  r = np.random.default_rng(0)
+  acts = r.normal(size=(50, 8)).astype(np.float32)
+  acts[7] *= 1000  # an attention-sink-like row
+  kept = harvest.drop_outliers(acts, 10.0)
+  assert len(kept) == 49 and np.abs(kept).max() < 100
+  assert len(harvest.drop_outliers(acts, 0.0)) == 50
 
 
 def test_shuffle_buffer_emits_every_row_once():
@@ -77,30 +90,30 @@ def test_shuffle_buffer_emits_every_row_once():
 
 def test_stream_activations_matches_store_rows(tiny, docs):
   params, cfg, tok = tiny
-  mk = lambda: harvest.token_windows(corpus_lib.iter_documents(corpus_lib.list_text_files(str(docs))), tok, 32,
+  mk = lambda: harvest.token_windows(corpus_lib.iter_documents(corpus_lib.list_text_files(str(docs))), tok, 64,
                                      bos_id=cfg.bos_token_id, sep_id=None)
-  batches = harvest.stream_activations(params, cfg, "blocks.0.hook_resid_post", (w for i, w in enumerate(mk()) if i < 24),
-                                       out_batch=100, forward_batch=8, buffer_tokens=256, exclude=harvest.excluded_ids(cfg))
+  batches = harvest.stream_activations(params, cfg, "blocks.1.hook_resid_pre", (w for i, w in enumerate(mk()) if i < 24),
+                                       out_batch=100, forward_batch=16, buffer_tokens=256, exclude=harvest.excluded_ids(cfg))
   got = np.concatenate(list(batches))
-  assert got.shape[1] == cfg.d_model and len(got) == (24 * 31) // 100 * 100
+  assert got.shape[1] == cfg.d_model and len(got) == (24 * 63) // 100 * 100
 
 
 def test_store_is_resumable_and_shrinkable(tiny, docs, tmp_path):
   params, cfg, tok = tiny
-  mk = lambda: harvest.token_windows(corpus_lib.iter_documents(corpus_lib.list_text_files(str(docs))), tok, 32,
+  mk = lambda: harvest.token_windows(corpus_lib.iter_documents(corpus_lib.list_text_files(str(docs))), tok, 64,
                                      bos_id=cfg.bos_token_id, sep_id=cfg.eos_token_ids[0], pad_id=cfg.pad_token_id)
-  kw = dict(forward_batch=4, exclude=harvest.excluded_ids(cfg), progress=False, flush_every=1)
-  full = np.asarray(harvest.harvest_to_store(params, cfg, "blocks.0.hook_resid_post", mk(), str(tmp_path / "a"), 1000, **kw))
+  kw = dict(forward_batch=16, exclude=harvest.excluded_ids(cfg), progress=False, flush_every=1)
+  full = np.asarray(harvest.harvest_to_store(params, cfg, "blocks.1.hook_resid_pre", mk(), str(tmp_path / "a"), 1000, **kw))
   # a run that stops early (here: its window stream ends) resumes where it stopped
   part = tmp_path / "b"
   windows = list(mk())
   with pytest.raises(ValueError, match="ran out"):
-    harvest.harvest_to_store(params, cfg, "blocks.0.hook_resid_post", iter(windows[:12]), str(part), 1000, **kw)
+    harvest.harvest_to_store(params, cfg, "blocks.1.hook_resid_pre", iter(windows[:12]), str(part), 1000, **kw)
   state = json.loads((part / "state.json").read_text())
   assert 0 < state["rows"] < 1000 and state["windows"] == 12
-  resumed = np.asarray(harvest.harvest_to_store(params, cfg, "blocks.0.hook_resid_post", iter(windows), str(part), 1000, **kw))
+  resumed = np.asarray(harvest.harvest_to_store(params, cfg, "blocks.1.hook_resid_pre", iter(windows), str(part), 1000, **kw))
   np.testing.assert_array_equal(resumed, full)
-  assert harvest.harvest_to_store(params, cfg, "blocks.0.hook_resid_post", iter(()), str(part), 500, **kw).shape[0] == 500
+  assert harvest.harvest_to_store(params, cfg, "blocks.1.hook_resid_pre", iter(()), str(part), 500, **kw).shape[0] == 500
 
 
 @pytest.mark.parametrize("arch,steps", [("topk", 50), ("standard", 50), ("jumprelu", 50)])

@@ -3,7 +3,8 @@
 Pipeline: documents (``recovery_jax.data.corpus``) -> token windows [seq_len] (documents packed and
 separated by EOS; BOS prepended to every window when the model wants it) -> jit-compiled truncated
 forward (``stop_layer = L+1``) on [batch, seq_len] -> activations of the kept positions (not BOS,
-EOS or pad tokens, never the first position of a window) -> optional shuffle buffer.
+EOS or pad tokens, not the first text position of a window) -> rows with a massive norm (above
+``outlier_factor`` x the batch median: attention-sink-like tokens) dropped -> optional shuffle buffer.
 
 ``harvest_to_store`` writes a fixed number of tokens into a float16 ``.npy`` memmap [N, d_in] and is
 resumable (``state.json`` records the windows consumed); ``stream_activations`` yields shuffled
@@ -12,6 +13,7 @@ batches without a store.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
@@ -98,16 +100,32 @@ def token_windows(docs: Iterable[str], tokenizer, seq_len: int, *, bos_id: int |
     yield emit(buf)
 
 
-def keep_mask(tokens: np.ndarray, exclude: Sequence[int]) -> np.ndarray:
-  """[batch, seq] bool: positions whose activations are kept (not the first, not excluded ids)."""
+def keep_mask(tokens: np.ndarray, exclude: Sequence[int], n_skip: int = 1) -> np.ndarray:
+  """[batch, seq] bool: positions whose activations are kept: not the first ``n_skip`` positions
+  of a window, not the ``exclude`` ids (BOS, EOS, pad)."""
   keep = ~np.isin(tokens, np.asarray(exclude, np.int32)) if len(exclude) else np.ones(tokens.shape, bool)
-  keep[:, 0] = False
+  keep[:, :n_skip] = False
   return keep
 
 
+def n_skip_for(bos: bool) -> int:
+  """Leading positions dropped: BOS (when prepended) and the first text position, which in SmolLM2
+  often carries a massive, attention-sink-like activation (norm ~1e4 vs ~1.4e2)."""
+  return 2 if bos else 1
+
+
+def drop_outliers(acts: np.ndarray, factor: float) -> np.ndarray:
+  """Rows whose norm exceeds ``factor`` x the median row norm of this batch are dropped (0: keep all)."""
+  if not factor or not len(acts):
+    return acts
+  n = np.linalg.norm(acts.astype(np.float32), axis=-1)
+  return acts[n <= factor * np.median(n)]
+
+
+@functools.lru_cache(maxsize=16)
 def make_site_fn(model_cfg, hook_name: str) -> Callable:
   """jit-compiled ``fn(params, tokens [B, T]) -> activations [B, T, d]`` running only the layers up
-  to the site (``stop_layer = L+1``)."""
+  to the site (``stop_layer = L+1``); one per (config, site), shared by callers."""
   site = sites_lib.parse_site(hook_name, model_cfg.n_layers)
   stop = (site.layer + 1) if site.layer is not None else 1
 
@@ -121,8 +139,10 @@ def make_site_fn(model_cfg, hook_name: str) -> Callable:
 
 def iter_activation_batches(model_params, model_cfg, hook_name: str, windows: Iterable[np.ndarray], *,
                             batch_size: int = 32, exclude: Sequence[int] = (), site_fn: Callable | None = None,
-                            dtype=np.float32) -> Iterator[tuple[np.ndarray, int]]:
-  """Yields (kept activations [n, d] of one forward batch, windows consumed so far)."""
+                            dtype=np.float32, n_skip: int = 1, outlier_factor: float = 0.0
+                            ) -> Iterator[tuple[np.ndarray, int]]:
+  """Yields (kept activations [n, d] of one forward batch, windows consumed so far); positions by
+  ``keep_mask(.., exclude, n_skip)``, then rows above ``outlier_factor`` x median norm dropped."""
   fn = site_fn or make_site_fn(model_cfg, hook_name)
   batch: list[np.ndarray] = []
   consumed = 0
@@ -133,7 +153,7 @@ def iter_activation_batches(model_params, model_cfg, hook_name: str, windows: It
     if n < batch_size:  # pad to a fixed shape: one compiled program
       toks = np.concatenate([toks, np.zeros((batch_size - n, toks.shape[1]), np.int32)])
     acts = np.asarray(fn(model_params, jnp.asarray(toks)))[:n]
-    return acts[keep_mask(toks[:n], exclude)].astype(dtype)
+    return drop_outliers(acts[keep_mask(toks[:n], exclude, n_skip)], outlier_factor).astype(dtype)
 
   for w in windows:
     batch.append(w)
@@ -176,12 +196,13 @@ class ShuffleBuffer:
 
 def stream_activations(model_params, model_cfg, hook_name: str, windows: Iterable[np.ndarray], *,
                        out_batch: int, forward_batch: int = 32, buffer_tokens: int = 65536, seed: int = 0,
-                       exclude: Sequence[int] = ()) -> Iterator[np.ndarray]:
+                       exclude: Sequence[int] = (), n_skip: int = 1, outlier_factor: float = 0.0
+                       ) -> Iterator[np.ndarray]:
   """Shuffled activation batches [out_batch, d] straight from the model (no store)."""
   sb = ShuffleBuffer(buffer_tokens, seed)
   pending = np.zeros((0, model_cfg.d_model), np.float32)
-  for acts, _ in iter_activation_batches(model_params, model_cfg, hook_name, windows,
-                                         batch_size=forward_batch, exclude=exclude):
+  for acts, _ in iter_activation_batches(model_params, model_cfg, hook_name, windows, batch_size=forward_batch,
+                                         exclude=exclude, n_skip=n_skip, outlier_factor=outlier_factor):
     out = sb.add(acts)
     if out is None:
       continue
@@ -199,7 +220,8 @@ def stream_activations(model_params, model_cfg, hook_name: str, windows: Iterabl
 
 def harvest_to_store(model_params, model_cfg, hook_name: str, windows: Iterable[np.ndarray], out_dir: str,
                      n_tokens: int, *, forward_batch: int = 32, exclude: Sequence[int] = (),
-                     progress: bool = True, flush_every: int = 16) -> np.ndarray:
+                     n_skip: int = 1, outlier_factor: float = 0.0, progress: bool = True,
+                     flush_every: int = 16) -> np.ndarray:
   """Writes ``n_tokens`` activations to ``out_dir/acts.npy`` (float16 memmap [n_tokens, d]).
 
   Resumable: ``out_dir/state.json`` holds rows written and windows consumed; a restarted call skips
@@ -234,7 +256,8 @@ def harvest_to_store(model_params, model_cfg, hook_name: str, windows: Iterable[
   t0, r0 = time.time(), rows
   nb = 0
   for acts, consumed in iter_activation_batches(model_params, model_cfg, hook_name, remaining(),
-                                                batch_size=forward_batch, exclude=exclude):
+                                                batch_size=forward_batch, exclude=exclude, n_skip=n_skip,
+                                                outlier_factor=outlier_factor):
     take = min(len(acts), n_tokens - rows)
     store[rows:rows + take] = acts[:take].astype(np.float16)
     rows += take

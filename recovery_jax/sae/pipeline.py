@@ -84,12 +84,14 @@ def run(cfg, workdir: str, *, stop_after: int | None = None) -> dict[str, Any]:
   exclude = harvest.excluded_ids(model_cfg)
   site_fn = harvest.make_site_fn(model_cfg, cfg.hook_name)
 
+  n_skip = harvest.n_skip_for(harvest.wants_bos(model_cfg, cfg.prepend_bos))
   stores = {}
   for split, n in (("heldout", cfg.heldout_tokens), ("train", cfg.train_tokens)):
     t0 = time.time()
     stores[split] = harvest.harvest_to_store(
         model_params, model_cfg, cfg.hook_name, _windows(cfg, model_cfg, tokenizer, paths, split),
-        str(wd / "acts" / split), n, forward_batch=cfg.forward_batch, exclude=exclude, progress=cfg.progress)
+        str(wd / "acts" / split), n, forward_batch=cfg.forward_batch, exclude=exclude, n_skip=n_skip,
+        outlier_factor=cfg.outlier_factor, progress=cfg.progress)
     logging.info("%s store ready: %d tokens (%.0fs)", split, n, time.time() - t0)
   del model_params
 

@@ -40,14 +40,18 @@ class SAEFitWarning(UserWarning):
 
 
 def activations_for_texts(model_params, model_cfg, tokenizer, hook_name: str, texts: Sequence[str], *,
-                          seq_len: int = 64, prepend_bos: bool | str = "auto", batch_size: int = 8) -> np.ndarray:
-  """Activations [n, d] at ``hook_name`` of the kept positions (no BOS/EOS/pad, no first position)."""
-  bos = model_cfg.bos_token_id if harvest.wants_bos(model_cfg, prepend_bos) else None
+                          seq_len: int = 64, prepend_bos: bool | str = "auto", batch_size: int = 8,
+                          outlier_factor: float = 10.0) -> np.ndarray:
+  """Activations [n, d] at ``hook_name`` of the kept positions, selected as the trainer does (no
+  BOS/EOS/pad, no first text position, no massive-norm outliers)."""
+  use_bos = harvest.wants_bos(model_cfg, prepend_bos)
+  bos = model_cfg.bos_token_id if use_bos else None
   sep = model_cfg.eos_token_ids[0] if model_cfg.eos_token_ids else None
   pad = model_cfg.pad_token_id if model_cfg.pad_token_id is not None else (sep or 0)
   windows = harvest.token_windows(list(texts), tokenizer, seq_len, bos_id=bos, sep_id=sep, pad_id=pad)
   parts = [a for a, _ in harvest.iter_activation_batches(model_params, model_cfg, hook_name, windows,
-                                                         batch_size=batch_size, exclude=harvest.excluded_ids(model_cfg))]
+                                                         batch_size=batch_size, exclude=harvest.excluded_ids(model_cfg),
+                                                         n_skip=harvest.n_skip_for(use_bos), outlier_factor=outlier_factor)]
   return np.concatenate(parts)
 
 
