@@ -37,13 +37,13 @@ import numpy as np
 
 from bench import engine_batched, flops, problems, reference_loop
 
+# --quick: the documented CPU run (BENCHMARKS.md). Without --quick: the larger grid (GPU hosts).
 QUICK = dict(models="smollm2-135m,gpt2-small-random", workloads="ioi,refusal", refusal_models="gpt2-small-random",
-             ioi_batches="1,64", refusal_batches="2", k_max="64", ioi_steps=10, refusal_steps=2, ref_examples=2, refusal_ref_examples=1,
-             torch_examples=2)
+             ioi_batches="1,64", refusal_batches="2", k_max="64", ioi_steps=10, refusal_steps=2,
+             ref_examples=2, refusal_ref_examples=1, torch_examples=2)
 FULL = dict(models="smollm2-135m,gpt2-small-random", workloads="ioi,refusal", refusal_models=None,
-            ioi_batches="1,8,64,256",
-            refusal_batches="1,8,64", k_max="16,64,256", ioi_steps=100, refusal_steps=20, ref_examples=4,
-            refusal_ref_examples=2, torch_examples=4)
+            ioi_batches="1,8,64,256", refusal_batches="1,8,64", k_max="16,64,256", ioi_steps=100,
+            refusal_steps=20, ref_examples=4, refusal_ref_examples=2, torch_examples=4)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -63,6 +63,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   ap.add_argument("--ref_examples", type=int, help="IOI examples recovered by the per-example loops (a), (c)")
   ap.add_argument("--refusal_ref_examples", type=int, help="refusal examples recovered by (a), (c)")
   ap.add_argument("--torch_examples", type=int)
+  ap.add_argument("--repeats", type=int, default=2, help="engine runs per row (the fastest is reported)")
   ap.add_argument("--no_torch", action="store_true", help="skip variant (c)")
   ap.add_argument("--torch_threads", default="", help="torch thread counts to calibrate over (default: 1 and all)")
   ap.add_argument("--d_sae", type=int, default=None, help="SAE width (default 16 x d_model)")
@@ -205,14 +206,15 @@ def run_reference(params, cfg, wl, data, model, n, peak, args) -> dict:
   res = loop.run(n)
   steps = wl.rcfg.steps
   return _row("reference", model, wl.kind, 1, wl.k_max, steps, res, n, res["fixed_s"] / n,
-              res["steps_s"] / (n * steps), flops.reference_step(wl, cfg), flops.reference_recovery(wl, cfg, steps),
-              peak, _project_steps(args, wl.kind), compile_s=info["compile_s"], memory=info["step_memory"])
+              float(np.median(res["step_times"])), flops.reference_step(wl, cfg),
+              flops.reference_recovery(wl, cfg, steps), peak, _project_steps(args, wl.kind),
+              compile_s=info["compile_s"], memory=info["step_memory"])
 
 
 def run_engine(params, cfg, wl, data, model, peak, args) -> dict:
   eng = engine_batched.EngineBatched(params, cfg, wl, data)
   info = eng.compile()
-  res = eng.run()
+  res = eng.run(args.repeats)
   steps, b = wl.rcfg.steps, data.n
   step_s = max(res["wall_s"] - res["prepare_s"], 1e-9) / steps
   return _row("engine", model, wl.kind, b, wl.k_max, steps, res, b, res["prepare_s"], step_s,
@@ -230,7 +232,8 @@ def run_torch(params, cfg, wl, data, model, n, peak, args) -> dict | None:
   parity = loop.logits_parity(np.asarray(transformer.forward(params, cfg, data.tokens[:1]).logits[0]))
   res = loop.run(n)
   steps = wl.rcfg.steps
-  return _row("torch", model, wl.kind, 1, wl.k_max, steps, res, n, res["fixed_s"] / n, res["steps_s"] / (n * steps),
+  return _row("torch", model, wl.kind, 1, wl.k_max, steps, res, n, res["fixed_s"] / n,
+              float(np.median(res["step_times"])),
               flops.reference_step(wl, cfg, dense_vjps=False),
               flops.reference_recovery(wl, cfg, steps, dense_vjps=False), peak, _project_steps(args, wl.kind),
               logits_parity=parity, torch_threads=threads)
@@ -299,11 +302,14 @@ def markdown(result: dict) -> str:
       f"Measured peak (best jitted f32 n^3 matmul, n in {sizes}): start {pk['start']['flops_per_s'] / 1e9:.1f}, "
       f"end {pk['end']['flops_per_s'] / 1e9:.1f} GFLOP/s; % peak uses {result['peak_flops_per_s'] / 1e9:.1f}"
       + (f" (torch.mm best: {pk['torch']['flops_per_s'] / 1e9:.1f})" if pk.get("torch") else "") + ".",
-      f"Command: `{result['command']}` ({result['total_s']:.0f} s wall, peak RSS {result['maxrss_mb']:.0f} MB)",
+      f"Command: `{result['command']}` ({result['total_s']:.0f} s wall, peak RSS {result['maxrss_mb']:.0f} MB; "
+      f"1-min load average {result['loadavg_start'][0]:.1f} at start, {result['loadavg_end'][0]:.1f} at end)",
       "",
-      "Throughput. `ex/s` = examples recovered per second in this run (all steps + fixed work); `@N` = projected "
-      "to the paper's N steps from the measured fixed and per-step times; `ex-steps/s` = example-steps per second "
-      "of the steps alone. (b)/(a), (b)/(c): ratios of the engine row to the per-example loops of the same cell.",
+      "Throughput. `ex/s` = examples recovered per second in this run (steps + fixed work; (b): the fastest of "
+      "`--repeats` runs); `@N` = projected to the paper's N steps as fixed + N x step time; `ex-steps/s` = "
+      "example-steps per second of the steps alone ((a), (c): median step; (b): (run - prepare) / steps); "
+      "`fixed s` = step-independent seconds per example ((a), (c)) or per batch ((b): prepare). (b)/(a), (b)/(c): "
+      "ratios of the engine row to the per-example loops of the same cell.",
       "",
       "| model | workload | variant | B | K_max | steps | ex/s | ex/s @N | ex-steps/s | fixed s | (b)/(a) | "
       "(b)/(a) @N | (b)/(a) steps | (b)/(c) | (b)/(c) @N | max abs obj diff vs (a) |",
@@ -314,7 +320,8 @@ def markdown(result: dict) -> str:
         f"| {r['model']} | {r['workload']} | {r['variant']} | {r['batch']} | {r['k_max']} | {r['steps']} | "
         f"{r['examples_per_s']:.3g} | {r['projected_examples_per_s']:.3g} @{r['project_steps']} | "
         f"{r['example_steps_per_s']:.3g} | {r['fixed_s']:.2f} | {_cell(r, 'speedup_vs_reference', '{:.1f}x')} | "
-        f"{_cell(r, 'projected_speedup_vs_reference', '{:.1f}x')} | {_cell(r, 'step_speedup_vs_reference', '{:.1f}x')} | "
+        f"{_cell(r, 'projected_speedup_vs_reference', '{:.1f}x')} | "
+        f"{_cell(r, 'step_speedup_vs_reference', '{:.1f}x')} | "
         f"{_cell(r, 'speedup_vs_torch', '{:.1f}x')} | {_cell(r, 'projected_speedup_vs_torch', '{:.1f}x')} | "
         f"{_cell(r, 'objective_max_abs_diff_vs_reference', '{:.1e}')} |")
   lines += [
@@ -342,7 +349,8 @@ def run(args, log=print) -> dict:
   result = {"machine": machine_info(), "args": vars(args),
             "command": "python -m bench.recovery_throughput " + " ".join(sys.argv[1:]) if __name__ == "__main__"
             else "bench.recovery_throughput.run", "rows": []}
-  log(f"machine: {result['machine']}")
+  result["loadavg_start"] = os.getloadavg()
+  log(f"machine: {result['machine']}, load average {result['loadavg_start']}")
   sizes = _ints(args.peak_sizes)
   result["peak"] = {"start": measure_peak(sizes),
                     "torch": None if args.no_torch else measure_torch_peak(sizes)}
@@ -365,6 +373,7 @@ def run(args, log=print) -> dict:
   for r in result["rows"]:  # fractions of the best peak seen in this run
     r["step_peak_fraction"] = r["step_flops_per_s"] / result["peak_flops_per_s"]
   result["total_s"] = time.perf_counter() - t0
+  result["loadavg_end"] = os.getloadavg()
   result["maxrss_mb"] = maxrss_mb()
   return result
 

@@ -125,8 +125,9 @@ class ReferenceLoop:
 
   def recover(self, i: int, steps: int | None = None, timing: dict | None = None) -> tuple[Array, Array]:
     """Whole recovery of example i: (final objective, final delta). ``timing`` accumulates the
-    seconds of the per-example fixed work ("fixed": defended reference, drift refs, final eval)
-    and of the steps ("steps")."""
+    seconds of the per-example fixed work ("fixed": defended reference, drift refs, final eval),
+    of the steps ("steps"), and each step's seconds ("step_times"; every step blocks, as the
+    reference's synchronous PyTorch steps do)."""
     if self.compiled is None:
       self.compile()
     prep_c, step_c, final_c = self.compiled
@@ -138,10 +139,13 @@ class ReferenceLoop:
     t1 = time.perf_counter()
     delta = jnp.zeros_like(self.delta0)
     opt_state = stepper.init_state(delta, self.wl.rcfg, self.hp)
+    step_times = timing.setdefault("step_times", [])
     for t in range(steps):
+      ts = time.perf_counter()
       delta, opt_state, _ = step_c(self.params, data=ex, prep=prep, delta=delta, opt_state=opt_state,
                                    t=jnp.int32(t), hp=self.hp)
-    delta = jax.block_until_ready(delta)
+      delta = jax.block_until_ready(delta)
+      step_times.append(time.perf_counter() - ts)
     t2 = time.perf_counter()
     ev = final_c(self.params, data=ex, prep=prep, delta=delta)
     obj = float(ev.objective)  # blocks, as the reference's .item() calls do
@@ -156,7 +160,7 @@ class ReferenceLoop:
     timing = {}
     objs = [self.recover(i, steps, timing)[0] for i in range(n)]
     return {"objectives": objs, "wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0,
-            "fixed_s": timing["fixed"], "steps_s": timing["steps"]}
+            "fixed_s": timing["fixed"], "steps_s": timing["steps"], "step_times": timing["step_times"]}
 
 
 def memory_stats(compiled) -> dict:

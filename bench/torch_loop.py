@@ -221,7 +221,9 @@ class TorchLoop:
     enc = [self.saes[j]["W_enc"][:, self.idx[j]] * self.fmask[j].float()[None] for j in range(wl.n_sites)]
     gen = torch.Generator().manual_seed(int(r.seed))
     t1 = time.perf_counter()
+    step_times = timing.setdefault("step_times", [])
     for _ in range(steps):
+      ts = time.perf_counter()
       caps = {}
       logits = self._forward(ids, delta, x_def, caps)
       obj = self._objective(logits, i)
@@ -241,6 +243,7 @@ class TorchLoop:
         nrm = delta.norm()
         if nrm > r.budget:
           delta.mul_(r.budget / (nrm + 1e-8))
+      step_times.append(time.perf_counter() - ts)
     t2 = time.perf_counter()
     with torch.no_grad():
       obj = float(self._objective(self._forward(ids, delta, x_def, {}), i))
@@ -325,7 +328,7 @@ class TorchLoop:
     timing = {}
     objs = [self.recover(i, steps, timing) for i in range(n)]
     return {"objectives": objs, "wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0,
-            "fixed_s": timing["fixed"], "steps_s": timing["steps"]}
+            "fixed_s": timing["fixed"], "steps_s": timing["steps"], "step_times": timing["step_times"]}
 
 
 class _Stop(Exception):

@@ -9,7 +9,7 @@ from bench import recovery_throughput as rt
 
 ARGS = ["--models=tiny-llama", "--workloads=ioi,refusal", "--ioi_batches=3", "--refusal_batches=2", "--k_max=8",
         "--ioi_steps=4", "--refusal_steps=2", "--ref_examples=2", "--refusal_ref_examples=1", "--torch_examples=0",
-        "--d_sae=128", "--peak_sizes=128", "--no_torch"]
+        "--d_sae=128", "--peak_sizes=128", "--repeats=1", "--no_torch"]
 
 
 @pytest.fixture(scope="module")
