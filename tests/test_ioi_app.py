@@ -109,3 +109,14 @@ def test_bad_config_values_end_with_a_clear_message(tmp_path, flags, message, ca
   assert proc.returncode == 2, proc.stderr[-2000:]
   assert "error:" in proc.stderr and message in proc.stderr, proc.stderr[-2000:]
   assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_default_config_on_real_smollm2_with_shipped_sae(tmp_path, cache_dir):
+  """The README's main job, shortened: real SmolLM2-135M-Instruct + the shipped SAE."""
+  wd = tmp_path / "default"
+  _app(wd, "configs/ioi.py:n_prompts=32,steps=10", "--config.recovery.variants=('shared', 'per_prompt')",
+       "--config.recovery.modes=('none', 'encoder')", "--config.plots=False", cache=cache_dir)
+  summary = [json.loads(l) for l in open(wd / "summary.jsonl")]
+  assert {s["mode"] for s in summary} == {"none", "encoder"}
+  assert all(s["n_valid"] >= 5 for s in summary), summary
