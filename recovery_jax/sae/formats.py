@@ -203,6 +203,8 @@ def load_saelens(path: str | os.PathLike, *, dtype: str | None = "float32",
     raise SAEFileError(f"{cfg_path}: field 'reshape_activations' = {flat['reshape_activations']!r} "
                        "is not supported (only 'none'; hook_z SAEs take [.., n_heads*d_head] inputs)")
   tensors = _read_safetensors(w_path)
+  if "log_threshold" in tensors and "threshold" not in tensors:  # older JumpReLU training checkpoints
+    tensors["threshold"] = np.exp(np.asarray(tensors.pop("log_threshold"), np.float32))
   if "topk_threshold" in tensors and arch == "batchtopk":  # SAELens BatchTopK training checkpoint
     tensors["threshold"] = np.full((flat["d_sae"],), float(np.asarray(tensors.pop("topk_threshold"))), np.float32)
   k = flat.get("k")
