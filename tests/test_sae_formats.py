@@ -235,6 +235,14 @@ def test_gemmascope_lowercase_keys_and_mlp_site(tmp_path):
            threshold=p["threshold"])
   _, cfg = formats.load_sae(folder / "params.npz")
   assert cfg.hook_name == "blocks.3.hook_mlp_out" and cfg.model_name == "gemma-2-9b"
+  # a file whose path does not name its layer takes the site it is attached at
+  plain = tmp_path / "plain"
+  plain.mkdir()
+  np.savez(plain / "params.npz", **p)
+  with pytest.raises(formats.SAEFileError, match="cannot tell the layer"):
+    formats.load_sae(plain)
+  _, cfg2 = formats.load_sae(plain, model_cfg=_model_cfg(), hook_name="blocks.2.hook_resid_post")
+  assert cfg2.hook_name == "blocks.2.hook_resid_post" and not cfg2.apply_b_dec_to_input
 
 
 def _sparsify_reference(p, x, k):

@@ -352,7 +352,7 @@ def load_gemmascope(path: str | os.PathLike, *, hook_name: str | None = None, la
   if tensors["W_enc"].ndim != 2:
     raise SAEFileError(f"{f}: tensor 'W_enc' has shape {tensors['W_enc'].shape}, expected [d_in, d_sae]")
   d_in, d_sae = tensors["W_enc"].shape
-  site_, hook, layer = _gemmascope_hook(str(f), site, layer)
+  hook = hook_name if hook_name is not None else _gemmascope_hook(str(f), site, layer)[1]
   if model_name is None:
     m = re.search(r"gemma-scope-(\d+b(?:-it)?)-(?:pt|it)", str(f).lower())
     model_name = _GEMMA_MODELS[m.group(1)][0] if m and m.group(1) in _GEMMA_MODELS else ""
@@ -364,7 +364,7 @@ def load_gemmascope(path: str | os.PathLike, *, hook_name: str | None = None, la
     tensors["W_enc"] = tensors["W_enc"] / np.sqrt(d_in)
     tensors["W_dec"] = tensors["W_dec"] * np.sqrt(d_in)
   cfg = SAEConfig(architecture="jumprelu", d_in=int(d_in), d_sae=int(d_sae), apply_b_dec_to_input=False,
-                  hook_name=hook_name or hook, model_name=model_name, dtype="float32", prepend_bos=True,
+                  hook_name=hook, model_name=model_name, dtype="float32", prepend_bos=True,
                   context_size=1024, source=str(f))
   return _finalize(tensors, cfg, str(f), dtype)
 
@@ -509,9 +509,12 @@ def load_sae(path: str | os.PathLike, *, format: str = "auto", model_cfg=None, h
   loaders = {"saelens": load_saelens, "gemmascope": load_gemmascope, "sparsify": load_sparsify}
   if fmt not in loaders:
     raise ValueError(f"format={fmt!r}: expected 'auto' or one of {sorted(loaders)}")
-  if fmt in ("gemmascope", "sparsify") and hook_name is not None and "hook_name" not in kw and override:
-    kw["hook_name"] = hook_name
-  params, cfg = loaders[fmt](path, dtype=dtype, **kw)
+  try:
+    params, cfg = loaders[fmt](path, dtype=dtype, **kw)
+  except SAEFileError as e:  # Gemma Scope / sparsify files name their hook only through the path
+    if hook_name is None or "cannot tell" not in str(e) or "hook_name" in kw:
+      raise
+    params, cfg = loaders[fmt](path, dtype=dtype, hook_name=hook_name, **kw)
   logging.info("loaded %s SAE %s: %s d_in=%d d_sae=%d hook=%s model=%s", fmt, cfg.source, cfg.architecture,
                cfg.d_in, cfg.d_sae, cfg.hook_name, cfg.model_name)
   if model_cfg is not None:
