@@ -348,7 +348,6 @@ def forward(
   sliding = jnp.asarray(cfg.sliding_layers, bool)
   blocks = params["blocks"]
   hooked = {s.layer for s in parsed.values() if s.layer is not None}
-  new_k, new_v = ([], []) if cache is not None else (None, None)
 
   def run_block(p, h, flag, kv, hook):
     fn = lambda p, h, flag, kv: _block(cfg, p, h, ctx, flag, kv, hook)
@@ -356,31 +355,29 @@ def forward(
       fn = jax.checkpoint(fn)
     return fn(p, h, flag, kv)
 
+  # Layers are indexed in place (dynamic_index_in_dim) rather than sliced per segment, so XLA does
+  # not copy the stacked weights or the KV cache on every call.
+  take = lambda a, i: jax.lax.dynamic_index_in_dim(a, i, keepdims=False)
+
+  def layer_step(i, h, kv_all, hook):
+    kv = None if kv_all is None else (take(kv_all[0], i), take(kv_all[1], i))
+    h, nkv = run_block(jax.tree.map(lambda a: take(a, i), blocks), h, sliding[i], kv, hook)
+    if kv_all is not None:
+      kv_all = tuple(jax.lax.dynamic_update_index_in_dim(c, n.astype(c.dtype), i, 0) for c, n in zip(kv_all, nkv))
+    return h, kv_all
+
+  kv_all = (cache.k, cache.v) if cache is not None else None
   for lo, hi, is_hooked in _segments(start_layer, stop_layer, hooked):
-    seg_p = jax.tree.map(lambda a: a[lo:hi], blocks)
-    seg_kv = (cache.k[lo:hi], cache.v[lo:hi]) if cache is not None else None
     if is_hooked:
-      layer_p = jax.tree.map(lambda a: a[0], seg_p)
       hook = lambda n, x, lo=lo: apply(sites_lib.site_name(lo, n), x)
-      kv = (seg_kv[0][0], seg_kv[1][0]) if seg_kv is not None else None
-      h, nkv = run_block(layer_p, h, sliding[lo], kv, hook)
-      if cache is not None:
-        new_k.append(nkv[0][None])
-        new_v.append(nkv[1][None])
+      h, kv_all = layer_step(lo, h, kv_all, hook)
     else:
-      def body(h, xs):
-        p, flag, kv = xs
-        h, nkv = run_block(p, h, flag, kv, lambda n, x: x)
-        return h, nkv
-      h, nkv = jax.lax.scan(body, h, (seg_p, sliding[lo:hi], seg_kv))
-      if cache is not None:
-        new_k.append(nkv[0])
-        new_v.append(nkv[1])
+      def body(carry, i):
+        return layer_step(i, *carry, lambda n, x: x), None
+      (h, kv_all), _ = jax.lax.scan(body, (h, kv_all), jnp.arange(lo, hi))
 
   if cache is not None:
-    k_all = jnp.concatenate([cache.k[:start_layer], *new_k, cache.k[stop_layer:]], axis=0)
-    v_all = jnp.concatenate([cache.v[:start_layer], *new_v, cache.v[stop_layer:]], axis=0)
-    new_cache = KVCache(k_all, v_all, kpos, kvalid, cache.index + t)
+    new_cache = KVCache(kv_all[0], kv_all[1], kpos, kvalid, cache.index + t)
 
   logits = None
   if stop_layer == cfg.n_layers and compute_logits:
