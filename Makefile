@@ -19,4 +19,4 @@ test: setup-test
 	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 
 bench: setup-test
-	$(PY) -m bench.recovery_throughput
+	$(PY) -m bench.recovery_throughput --quick
