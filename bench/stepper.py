@@ -33,18 +33,6 @@ def init_state(delta0: Array, cfg: opt_lib.RecoveryConfig, hp: opt_lib.HParams):
   return opt_lib.recovery_tx(hp, cfg).init(delta0)
 
 
-def _flat(feats: tuple) -> Array:
-  return jnp.concatenate([f.reshape(-1).astype(jnp.float32) for f in feats])
-
-
-def _unflat(flat: Array, like: tuple) -> tuple:
-  out, o = [], 0
-  for f in like:
-    out.append(flat[o:o + f.size].reshape(f.shape))
-    o += f.size
-  return tuple(out)
-
-
 def step(f: Callable, delta: Array, opt_state, t: Array, key: Array, mon: opt_lib.Monitor,
          cfg: opt_lib.RecoveryConfig, hp: opt_lib.HParams, enc_proj=None):
   """(new delta, new opt state, objective at ``delta``) for step ``t``."""
@@ -60,12 +48,12 @@ def step(f: Callable, delta: Array, opt_state, t: Array, key: Array, mon: opt_li
   else:
     def fc(d):
       ev = f(d)
-      return (ev.objective, _flat(ev.feats)), ev
+      return (ev.objective, opt_lib.flat_features(ev.feats)), ev
     (_, c_flat), vjp, ev = jax.vjp(fc, delta, has_aux=True)
-    masks_flat = _flat(tuple(m.astype(jnp.float32) for m in mon.masks)) > 0
-    pen_of_flat = lambda cf: opt_lib.penalties(cfg, hp, _unflat(cf, ev.feats), mon)
+    masks_flat = opt_lib.flat_features(tuple(m.astype(jnp.float32) for m in mon.masks)) > 0
+    pen_of_flat = lambda cf: opt_lib.penalties(cfg, hp, opt_lib.unflat_features(cf, ev.feats), mon)
     _, pen_ct = jax.value_and_grad(pen_of_flat, has_aux=True)(c_flat)
-    probes = proj_lib.sketch_probes(jax.random.fold_in(key, t), c_flat, _flat(mon.refs), masks_flat,
+    probes = proj_lib.sketch_probes(jax.random.fold_in(key, t), c_flat, opt_lib.flat_features(mon.refs), masks_flat,
                                     cfg.jacobian_probes, cfg.jacobian_drift_probe)
     n_p, n_c = probes.shape[0], c_flat.shape[0]
     cts_obj = jnp.concatenate([jnp.array([-1.0, 0.0], jnp.float32), jnp.zeros((n_p,), jnp.float32)])

@@ -30,6 +30,7 @@ from recovery_jax.models import transformer
 from recovery_jax.recovery import engine, projections
 from recovery_jax.recovery.objectives import Objective
 from recovery_jax.recovery.optimizer import RecoveryConfig
+from recovery_jax.sae import core as sae_core
 from recovery_jax.tasks import ioi as ioi_task
 
 VARIANTS = ("shared", "per_prompt")
@@ -187,16 +188,18 @@ def run(config, workdir: str) -> dict[str, Any]:
     return {"rows_base": out.rows_base, "rows_defended": out.rows_defended, "rows": out.rows,
             "feats": out.feats[0], "refs": out.refs[0], "masks": out.masks[0], "delta": out.delta,
             "history_objective": out.history["objective"], "history_drift": out.history["drift_l2"],
+            "h_def": out.h_def[:, :, 0, :, 0],
             "idx": np.asarray(cps.feature_idx)[:n_real]}
 
   _log(f"{len(points)} grid points in {len(units)} work units on a {dict(mesh.shape)} mesh")
   results = sweep.run_units(units, compute, store, log=_log)
   store.close()
 
-  rows, summary = _collect(config, units, results, batch, base_ld, sae)
+  rows, summary = _collect(config, units, results, batch, base_ld, sae, scfg)
   report.write_jsonl(os.path.join(workdir, "results.jsonl"), rows)
   header = ["K", "clamp", "budget", "seed", "mode", "variant", "valid/N", "recovered", "rate [95% CI]",
-            "mean rec. LD (valid)", "act drift (valid)", "decode drift (valid)", "react. frac (valid)",
+            "mean rec. LD (valid)", "act drift (valid)", "decode drift (valid)", "pre-act drift (valid)",
+            "react. frac (valid)",
             "zero-react (valid)"]
   table = report.format_table(header, [s["table_row"] for s in summary])
   elapsed = time.time() - t_start
@@ -230,7 +233,14 @@ def _preflight(params, mcfg, sae, clamp_spec, ranking, k_max, tokens, mask, obje
   return counts
 
 
-def _collect(config, units, results, batch, base_ld, sae):
+def _pre_drift(sae, scfg, h_def, delta, idx, mask):
+  """||pre_S(h_def + delta) - pre_S(h_def)|| per row: how far the clamped features' pre-activations
+  moved (for TopK/JumpReLU SAEs the activations can stay at 0 while these move). h_def, delta: [B, d]."""
+  pre = lambda x: np.asarray(sae_core.encode_pre_subset(sae, scfg, jnp.asarray(x), jnp.asarray(idx)))
+  return np.linalg.norm(np.where(mask, pre(h_def + delta) - pre(h_def), 0.0), axis=-1)
+
+
+def _collect(config, units, results, batch, base_ld, sae, scfg):
   """Per-example rows and per-point summaries from unit results."""
   rows, summary = [], []
   w_dec = np.asarray(sae["W_dec"])
@@ -248,6 +258,9 @@ def _collect(config, units, results, batch, base_ld, sae):
       valid = (rb > 0) & (rd <= 0)
       recovered = rr > 0
       delta = np.asarray(res["delta"][j])
+      h_def = get(res["h_def"])  # [B, d]
+      d_rows = np.broadcast_to(delta.reshape(-1, delta.shape[-1]), h_def.shape)  # shared: one row for all
+      pre_drift = _pre_drift(sae, scfg, h_def, d_rows, idx, masks)
       for b in range(len(rb)):
         d_b = delta[0] if p["variant"] == "shared" else delta[b]
         rows.append({**{k: p[k] for k in ("point_id", "grid_id", "mode", "variant", "n_features", "clamp_value",
@@ -255,7 +268,7 @@ def _collect(config, units, results, batch, base_ld, sae):
                      "prompt": b, "text": batch.texts[b], "template": batch.templates[b],
                      "base_ld": rb[b], "defended_ld": rd[b], "recovered_ld": rr[b], "valid": valid[b],
                      "recovered": recovered[b], "act_drift_l2": ex["act_drift_l2"][b],
-                     "decode_drift_l2": ex["decode_drift_l2"][b],
+                     "decode_drift_l2": ex["decode_drift_l2"][b], "pre_act_drift_l2": pre_drift[b],
                      "reactivated_fraction_within_eligible": ex["reactivated_fraction_within_eligible"][b],
                      "zero_reactivation": bool(recovered[b] and ex["n_reactivated"][b] == 0),
                      "delta_norm": float(np.linalg.norm(d_b))})
@@ -270,11 +283,13 @@ def _collect(config, units, results, batch, base_ld, sae):
            "mean_recovered_ld_valid": vm(rr), "act_drift_valid": vm(ex["act_drift_l2"]),
            "decode_drift_valid": vm(ex["decode_drift_l2"]),
            "reactivation_valid": vm(ex["reactivated_fraction_within_eligible"]), "zero_react_valid": zr,
+           "pre_act_drift_valid": vm(pre_drift),
            "act_drift_all": float(np.mean(ex["act_drift_l2"]))}
       rate = f"{s['rate']:.2f} [{lo:.2f}, {hi:.2f}]" if nv else "-"
       s["table_row"] = [int(p["n_features"]), float(p["clamp_value"]), float(p["budget"]), int(p["seed"]), p["mode"],
                         p["variant"], f"{nv}/{len(rb)}", f"{k_rec}/{nv}", rate, s["mean_recovered_ld_valid"],
-                        s["act_drift_valid"], s["decode_drift_valid"], s["reactivation_valid"], f"{zr}/{nv}"]
+                        s["act_drift_valid"], s["decode_drift_valid"], s["pre_act_drift_valid"], s["reactivation_valid"],
+                        f"{zr}/{nv}"]
       summary.append(s)
   return rows, summary
 

@@ -217,13 +217,15 @@ def clip(delta: Array, budget: Array) -> Array:
 # ----------------------------------------------------------------------------------------------
 
 
-def _flat(feats: tuple) -> Array:
+def flat_features(feats: tuple) -> Array:
+  """Concatenated, flattened float32 features (tuple over monitored clamps) -> [n]."""
   if not feats:
     return jnp.zeros((0,), jnp.float32)
   return jnp.concatenate([f.reshape(-1).astype(jnp.float32) for f in feats])
 
 
-def _unflat(flat: Array, like: tuple) -> tuple:
+def unflat_features(flat: Array, like: tuple) -> tuple:
+  """Inverse of ``flat_features`` with the shapes of ``like``."""
   out, o = [], 0
   for f in like:
     out.append(flat[o:o + f.size].reshape(f.shape))
@@ -302,7 +304,7 @@ def optimize(f: Callable[[Array], Eval], delta0: Array, mon: Monitor, cfg: Recov
   if mode in ("encoder", "encoder_exact") and enc_proj is None:
     raise ValueError(f"projection {mode!r} needs an encoder projector")
   enc = (lambda g: proj_lib.apply_encoder(enc_proj, g)) if enc_proj is not None else (lambda g: g)
-  masks_flat = _flat(tuple(m.astype(jnp.float32) for m in mon.masks)) > 0
+  masks_flat = flat_features(tuple(m.astype(jnp.float32) for m in mon.masks)) > 0
   shape = delta0.shape
 
   def refs_for(feats, refs, first):
@@ -328,16 +330,16 @@ def optimize(f: Callable[[Array], Eval], delta0: Array, mon: Monitor, cfg: Recov
 
     def fc(d):
       ev = f(d)
-      return (ev.objective, _flat(ev.feats)), ev
+      return (ev.objective, flat_features(ev.feats)), ev
 
     (objective, c_flat), vjp, ev = jax.vjp(fc, delta, has_aux=True)
     feats_like = ev.feats
     refs = refs_for(ev.feats, refs, first)
     m = mon._replace(refs=refs)
-    refs_flat = _flat(refs)
+    refs_flat = flat_features(refs)
 
     def pen_of_flat(cf):
-      return penalties(cfg, hp, _unflat(cf, feats_like), m)
+      return penalties(cfg, hp, unflat_features(cf, feats_like), m)
 
     (pen, act), pen_ct = jax.value_and_grad(pen_of_flat, has_aux=True)(c_flat)
     loss = -objective + pen
