@@ -30,16 +30,23 @@ def attention(cfg: ModelConfig, n_q: int, n_k: int) -> int:
   return 4 * cfg.n_heads * cfg.d_head * n_q * n_k
 
 
-def unembed(cfg: ModelConfig, n: int) -> int:
-  return 2 * cfg.d_model * cfg.vocab_size * n
+def unembed(cfg: ModelConfig, n: int, vocab: int | None = None) -> int:
+  return 2 * cfg.d_model * (cfg.vocab_size if vocab is None else vocab) * n
 
 
-def forward(cfg: ModelConfig, n_q: int, n_k: int, n_layers: int, n_unembed: int) -> int:
-  return n_layers * (n_q * dense_per_token_layer(cfg) + attention(cfg, n_q, n_k)) + unembed(cfg, n_unembed)
+def engine_vocab(wl: Workload, cfg: ModelConfig) -> int:
+  """Vocabulary columns the engine unembeds: only the two logits of a logit difference
+  (``transformer.final_logits_at``), the whole vocabulary otherwise."""
+  return 2 if wl.objective.kind == "logit_diff" else cfg.vocab_size
 
 
-def backward(cfg: ModelConfig, n_q: int, n_k: int, n_layers: int, n_unembed: int) -> int:
-  return n_layers * (n_q * dense_per_token_layer(cfg) + 2 * attention(cfg, n_q, n_k)) + unembed(cfg, n_unembed)
+def forward(cfg: ModelConfig, n_q: int, n_k: int, n_layers: int, n_unembed: int, vocab: int | None = None) -> int:
+  return n_layers * (n_q * dense_per_token_layer(cfg) + attention(cfg, n_q, n_k)) + unembed(cfg, n_unembed, vocab)
+
+
+def backward(cfg: ModelConfig, n_q: int, n_k: int, n_layers: int, n_unembed: int, vocab: int | None = None) -> int:
+  return (n_layers * (n_q * dense_per_token_layer(cfg) + 2 * attention(cfg, n_q, n_k))
+          + unembed(cfg, n_unembed, vocab))
 
 
 def clamp(wl: Workload, cfg: ModelConfig, n_tok: int) -> int:
@@ -57,7 +64,7 @@ def n_backward(wl: Workload) -> int:
 
 
 def _step(wl: Workload, cfg: ModelConfig, n_q: int, n_k: int, first: int, n_unembed: int,
-          dense_vjps: bool = True) -> int:
+          dense_vjps: bool = True, vocab: int | None = None) -> int:
   """One step: forward of layers [first, L) over n_q columns, the backward(s), the corrections
   (forward + backward of the layers up to the last site; nothing after it is live).
 
@@ -67,8 +74,8 @@ def _step(wl: Workload, cfg: ModelConfig, n_q: int, n_k: int, first: int, n_unem
   cotangent) only the objective gradient runs the whole backward; the others stop at the sites."""
   layers = cfg.n_layers - first
   upto = wl.last_site_layer + 1 - first
-  fwd = forward(cfg, n_q, n_k, layers, n_unembed) + clamp(wl, cfg, n_q)
-  bwd = backward(cfg, n_q, n_k, layers, n_unembed) + clamp(wl, cfg, n_q)
+  fwd = forward(cfg, n_q, n_k, layers, n_unembed, vocab) + clamp(wl, cfg, n_q)
+  bwd = backward(cfg, n_q, n_k, layers, n_unembed, vocab) + clamp(wl, cfg, n_q)
   n_b = n_backward(wl)
   if dense_vjps or n_b == 1:
     bwds = n_b * bwd
@@ -91,13 +98,13 @@ def engine_step(wl: Workload, cfg: ModelConfig) -> int:
   """Variant (b), one example: the suffix columns from the first delta site over the cached prefix
   (T + suffix key slots: the engine pads the sequence by the suffix length), readout logits only."""
   s = wl.suffix_len
-  return _step(wl, cfg, s, wl.seq_len + s, wl.first_delta_layer, wl.n_readout)
+  return _step(wl, cfg, s, wl.seq_len + s, wl.first_delta_layer, wl.n_readout, vocab=engine_vocab(wl, cfg))
 
 
 def engine_prepare(wl: Workload, cfg: ModelConfig) -> int:
   """Variant (b), one example: the base and the defended forwards over T + suffix columns."""
   tp = wl.seq_len + wl.suffix_len
-  return 2 * forward(cfg, tp, tp, cfg.n_layers, wl.n_readout) + clamp(wl, cfg, tp)
+  return 2 * forward(cfg, tp, tp, cfg.n_layers, wl.n_readout, engine_vocab(wl, cfg)) + clamp(wl, cfg, tp)
 
 
 def reference_recovery(wl: Workload, cfg: ModelConfig, steps: int, dense_vjps: bool = True) -> int:
@@ -110,7 +117,7 @@ def reference_recovery(wl: Workload, cfg: ModelConfig, steps: int, dense_vjps: b
 def engine_recovery(wl: Workload, cfg: ModelConfig, steps: int) -> int:
   """Variant (b), one example: prepare, the steps, the final suffix forward."""
   s = wl.suffix_len
-  fin = forward(cfg, s, wl.seq_len + s, cfg.n_layers - wl.first_delta_layer, wl.n_readout)
+  fin = forward(cfg, s, wl.seq_len + s, cfg.n_layers - wl.first_delta_layer, wl.n_readout, engine_vocab(wl, cfg))
   return engine_prepare(wl, cfg) + steps * engine_step(wl, cfg) + fin
 
 
