@@ -44,15 +44,22 @@ def cache_dir(tmp_path_factory):
 
 def test_app_runs_and_writes_outputs(tmp_path, cache_dir):
   wd = tmp_path / "run"
-  proc = _app(wd, "configs/ioi.py:tiny", "--config.plots=True", cache=cache_dir)
+  proc = _app(wd, "configs/ioi.py:tiny", "--config.plots=True", "--config.recovery.variants=('shared', 'per_prompt')",
+              cache=cache_dir)
   for name in ("config.json", "results.jsonl", "summary.md", "summary.jsonl", "recovery_vs_drift.png",
                "objective_curves.png"):
     assert (wd / name).exists(), name
   summary = [json.loads(l) for l in open(wd / "summary.jsonl")]
   assert {s["mode"] for s in summary} == {"none", "encoder"}
   assert all(s["n_valid"] > 0 for s in summary)
+  per_prompt = [s for s in summary if s["variant"] == "per_prompt"]
+  assert len(per_prompt) == 2 and all("attribution" in s for s in per_prompt)
+  for s in per_prompt:  # replaying the full delta recovers exactly what the recovery did
+    assert s["attribution"]["full"]["recovered"] == s["n_recovered"]
+    assert abs(s["attribution"]["full"]["energy"] - 1.0) < 1e-5
+  assert "Recovery-path attribution" in (wd / "summary.md").read_text()
   rows = [json.loads(l) for l in open(wd / "results.jsonl")]
-  assert len(rows) == 2 * 16
+  assert len(rows) == 4 * 16
   assert all(r["delta_norm"] <= 20.0 + 1e-3 for r in rows)
   assert "| none" in proc.stdout and "| encoder" in proc.stdout
 
