@@ -23,19 +23,18 @@ def attribution_scores(params, cfg: ModelConfig, sae_params, sae_cfg: SAEConfig,
   """Per-feature attribution [d_sae] of ``objective(logits at readout [batch, vocab]) -> [batch]``
   (its batch mean is differentiated) through the SAE at ``site`` at the readout position."""
 
+  all_features = jnp.arange(sae_cfg.d_sae)
+
   def obj_of_eps(eps):  # eps [batch, d_sae] is a zero perturbation of z at the readout
-    def edit(x, positions):
-      del positions
-      z = sae_core.encode(sae_params, sae_cfg, x[:, readout_pos])
-      dx = sae_core.decode_delta(sae_params, sae_cfg, eps, jnp.arange(sae_cfg.d_sae), x[:, readout_pos])
-      return x.at[:, readout_pos].add(dx), z
     zs = {}
 
-    def edit_capture(x, positions):
-      x2, z = edit(x, positions)
-      zs["z"] = z
-      return x2
-    out = transformer.forward(params, cfg, tokens, attention_mask=attention_mask, edits={site: edit_capture})
+    def edit(x, positions):
+      del positions
+      x_r = x[:, readout_pos]
+      zs["z"] = sae_core.encode(sae_params, sae_cfg, x_r)
+      return x.at[:, readout_pos].add(sae_core.decode_delta(sae_params, sae_cfg, eps, all_features, x_r))
+
+    out = transformer.forward(params, cfg, tokens, attention_mask=attention_mask, edits={site: edit})
     return objective(out.logits[:, readout_pos]).mean(), zs["z"]
 
   eps = jnp.zeros((tokens.shape[0], sae_cfg.d_sae), jnp.float32)

@@ -13,7 +13,6 @@ difference over all of them) and ``per_prompt`` (one delta per prompt, vmapped).
 from __future__ import annotations
 
 import functools
-import json
 import os
 import time
 from typing import Any
@@ -202,11 +201,12 @@ def run(config, workdir: str) -> dict[str, Any]:
                      for p in u.points])
     (cps, hp, keys), n_real = sweep.pad_to_multiple((cps, hp, keys), n_data)
     t0 = time.time()
-    out = _compiled_unit(spec, mesh)(params, sae, cps, hp, keys, _problems(batch, variant))
+    problems = _problems(batch, variant)
+    out = _compiled_unit(spec, mesh)(params, sae, cps, hp, keys, problems)
     extra = {}
     if variant == "per_prompt" and config.recovery.attribution_top_k > 0:
       rows_c, energy_c = _compiled_attribution(spec, mesh, int(config.recovery.attribution_top_k))(
-          params, sae, cps, out.delta, out.h_def, _problems(batch, variant))
+          params, sae, cps, out.delta, out.h_def, problems)
       extra = {"attr_rows": np.asarray(rows_c)[:n_real], "attr_energy": np.asarray(energy_c)[:n_real]}
     out = jax.tree.map(lambda a: np.asarray(a)[:n_real], out)
     _log(f"  unit {u.unit_id}: mode={mode} variant={variant}: {len(u.points)} points in {time.time() - t0:.1f}s")
@@ -236,7 +236,7 @@ def run(config, workdir: str) -> dict[str, Any]:
   report.write_jsonl(os.path.join(workdir, "summary.jsonl"), [{k: v for k, v in s.items() if k != "table_row"}
                                                               for s in summary])
   if config.plots:
-    _plots(workdir, units, results, summary)
+    _plots(workdir, units, results, rows)
   print(text, flush=True)
   return {"summary": summary, "rows": rows}
 
@@ -349,9 +349,8 @@ def _attribution_table(units, results, summary, config) -> str:
           f"{config.recovery.attribution_top_k}):\n\n{report.format_table(header, rows)}\n\n")
 
 
-def _plots(workdir, units, results, summary):
+def _plots(workdir, units, results, rows):
   """Recovered logit difference vs defended-feature drift per mode (paper Figure 4), and curves."""
-  del summary
   scatter, curves = {}, {}
   for u in units:
     res = results[u.unit_id]
@@ -361,18 +360,17 @@ def _plots(workdir, units, results, summary):
       name = f"{p['mode']} ({p['variant']})"
       hist = np.asarray(res["history_objective"][j])  # [N, steps]
       curves[name] = hist.mean(0)
-  rows = [json.loads(l) for l in open(os.path.join(workdir, "results.jsonl"))]
   for r in rows:
     if r["grid_id"] != 0 or not r["valid"]:
       continue
     key = f"{r['mode']} ({r['variant']})"
     x, y = scatter.setdefault(key, ([], []))
-    x.append(r["act_drift_l2"])
+    x.append(r["pre_act_drift_l2"])  # activation drift is 0 for TopK SAEs whose clamped features stay out
     y.append(r["recovered_ld"])
   scatter = {k: (np.asarray(x), np.asarray(y)) for k, (x, y) in scatter.items()}
   if scatter:
     report.plot_recovery_vs_drift(os.path.join(workdir, "recovery_vs_drift.png"), scatter,
-                                  "defended-feature drift ||E_S(h+delta) - E_S(h)||", "recovered logit diff",
+                                  "defended-feature pre-activation drift ||pre_S(h+delta) - pre_S(h)||", "recovered logit diff",
                                   "IOI recovery vs drift (valid prompts)")
   if curves:
     report.plot_curves(os.path.join(workdir, "objective_curves.png"), curves, "objective (mean logit diff)",
