@@ -1,14 +1,17 @@
-"""Harvesting residual activations at a hook site from text, for SAE training and checks.
+"""Harvesting residual activations at one or many hook sites from text, for SAE training and checks.
 
 Pipeline: documents (``recovery_jax.data.corpus``) -> token windows [seq_len] (documents packed and
-separated by EOS; BOS prepended to every window when the model wants it) -> jit-compiled truncated
-forward (``stop_layer = L+1``) on [batch, seq_len] -> activations of the kept positions (not BOS,
-EOS or pad tokens, not the first text position of a window) -> rows with a massive norm (above
-``outlier_factor`` x the batch median: attention-sink-like tokens) dropped -> optional shuffle buffer.
+separated by EOS; BOS prepended to every window when the model wants it) -> one jit-compiled
+truncated forward per batch [batch, seq_len] that captures every requested site and stops after the
+deepest one (``stop_layer = max L + 1``, no unembedding) -> activations of the kept positions (not
+BOS, EOS or pad tokens, not the first text position of a window) -> per site, rows with a massive
+norm (above ``outlier_factor`` x that site's batch median: attention-sink-like tokens) dropped ->
+optional shuffle buffer.
 
-``harvest_to_store`` writes a fixed number of tokens into a float16 ``.npy`` memmap [N, d_in] and is
-resumable (``state.json`` records the windows consumed); ``stream_activations`` yields shuffled
-batches without a store.
+``harvest_to_stores`` writes a fixed number of tokens per site into ``<site>.npy`` memmaps
+[N, d_in] (float16 or bfloat16) and is resumable (``state.json`` records the windows consumed, rows
+per site and each site's exclusion rule); ``harvest_to_store`` is its one-site case;
+``stream_activations`` yields shuffled batches without a store.
 """
 
 from __future__ import annotations
@@ -122,28 +125,54 @@ def drop_outliers(acts: np.ndarray, factor: float) -> np.ndarray:
   return acts[n <= factor * np.median(n)]
 
 
+def stop_layer_for(model_cfg, hook_names: Sequence[str]) -> int:
+  """Layers to run so that every site in ``hook_names`` is computed: deepest layer + 1 (0 when all
+  sites precede the first block, e.g. ``hook_embed``)."""
+  stop = 0
+  for name in hook_names:
+    site = sites_lib.parse_site(name, model_cfg.n_layers)
+    if site.layer is not None:
+      stop = max(stop, site.layer + 1)
+  return stop
+
+
 @functools.lru_cache(maxsize=16)
-def make_site_fn(model_cfg, hook_name: str) -> Callable:
-  """jit-compiled ``fn(params, tokens [B, T]) -> activations [B, T, d]`` running only the layers up
-  to the site (``stop_layer = L+1``); one per (config, site), shared by callers."""
-  site = sites_lib.parse_site(hook_name, model_cfg.n_layers)
-  stop = (site.layer + 1) if site.layer is not None else 1
+def make_sites_fn(model_cfg, hook_names: tuple[str, ...]) -> Callable:
+  """jit-compiled ``fn(params, tokens [B, T]) -> {site: activations [B, T, d]}`` capturing every site
+  in one forward that stops after the deepest one (``stop_layer``; no unembedding). One per
+  (config, sites), shared by callers."""
+  if not hook_names or len(set(hook_names)) != len(hook_names):
+    raise ValueError(f"make_sites_fn: need distinct site names, got {hook_names!r}")
+  stop = stop_layer_for(model_cfg, hook_names)
 
   @jax.jit
   def fn(params, tokens):
-    out = transformer.forward(params, model_cfg, tokens, capture=(hook_name,), stop_layer=stop,
+    out = transformer.forward(params, model_cfg, tokens, capture=hook_names, stop_layer=stop,
                               compute_logits=False)
-    return out.captures[hook_name]
+    return {n: out.captures[n] for n in hook_names}
   return fn
 
 
-def iter_activation_batches(model_params, model_cfg, hook_name: str, windows: Iterable[np.ndarray], *,
-                            batch_size: int = 32, exclude: Sequence[int] = (), site_fn: Callable | None = None,
-                            dtype=np.float32, n_skip: int = 1, outlier_factor: float = 0.0
-                            ) -> Iterator[tuple[np.ndarray, int]]:
-  """Yields (kept activations [n, d] of one forward batch, windows consumed so far); positions by
-  ``keep_mask(.., exclude, n_skip)``, then rows above ``outlier_factor`` x median norm dropped."""
-  fn = site_fn or make_site_fn(model_cfg, hook_name)
+def make_site_fn(model_cfg, hook_name: str) -> Callable:
+  """``fn(params, tokens [B, T]) -> activations [B, T, d]`` at one site (the one-site case of
+  ``make_sites_fn``: only the layers up to the site run)."""
+  fn = make_sites_fn(model_cfg, (hook_name,))
+  return lambda params, tokens: fn(params, tokens)[hook_name]
+
+
+def iter_site_batches(model_params, model_cfg, hook_names: Sequence[str], windows: Iterable[np.ndarray], *,
+                      batch_size: int = 32, exclude: Sequence[int] = (), dtype=np.float32, n_skip: int = 1,
+                      outlier_factor: float = 0.0, dropped: dict[str, int] | None = None
+                      ) -> Iterator[tuple[dict[str, np.ndarray], int]]:
+  """Yields ({site: kept activations [n_site, d]} of one forward batch, windows consumed so far).
+
+  Positions are kept by ``keep_mask(.., exclude, n_skip)`` (the same for every site); then, per
+  site, rows above ``outlier_factor`` x that site's median norm in this batch are dropped, so
+  ``n_site`` may differ between sites. ``dropped`` (optional) accumulates the outlier rows dropped
+  per site.
+  """
+  hook_names = tuple(hook_names)
+  fn = make_sites_fn(model_cfg, hook_names)
   batch: list[np.ndarray] = []
   consumed = 0
 
@@ -152,8 +181,15 @@ def iter_activation_batches(model_params, model_cfg, hook_name: str, windows: It
     n = len(batch)
     if n < batch_size:  # pad to a fixed shape: one compiled program
       toks = np.concatenate([toks, np.zeros((batch_size - n, toks.shape[1]), np.int32)])
-    acts = np.asarray(fn(model_params, jnp.asarray(toks)))[:n]
-    return drop_outliers(acts[keep_mask(toks[:n], exclude, n_skip)], outlier_factor).astype(dtype)
+    out = jax.device_get(fn(model_params, jnp.asarray(toks)))
+    keep = keep_mask(toks[:n], exclude, n_skip)
+    res = {}
+    for name in hook_names:
+      kept = np.asarray(out[name])[:n][keep]
+      res[name] = drop_outliers(kept, outlier_factor).astype(dtype)
+      if dropped is not None:
+        dropped[name] = dropped.get(name, 0) + len(kept) - len(res[name])
+    return res
 
   for w in windows:
     batch.append(w)
@@ -163,6 +199,18 @@ def iter_activation_batches(model_params, model_cfg, hook_name: str, windows: It
       batch = []
   if batch:
     yield run(batch), consumed
+
+
+def iter_activation_batches(model_params, model_cfg, hook_name: str, windows: Iterable[np.ndarray], *,
+                            batch_size: int = 32, exclude: Sequence[int] = (), site_fn: Callable | None = None,
+                            dtype=np.float32, n_skip: int = 1, outlier_factor: float = 0.0
+                            ) -> Iterator[tuple[np.ndarray, int]]:
+  """One site of ``iter_site_batches``: yields (kept activations [n, d], windows consumed so far).
+  ``site_fn`` is accepted for compatibility and unused (the compiled function is cached per site)."""
+  del site_fn
+  for acts, consumed in iter_site_batches(model_params, model_cfg, (hook_name,), windows, batch_size=batch_size,
+                                          exclude=exclude, dtype=dtype, n_skip=n_skip, outlier_factor=outlier_factor):
+    yield acts[hook_name], consumed
 
 
 class ShuffleBuffer:
@@ -218,67 +266,151 @@ def stream_activations(model_params, model_cfg, hook_name: str, windows: Iterabl
     pending = pending[out_batch:]
 
 
-def harvest_to_store(model_params, model_cfg, hook_name: str, windows: Iterable[np.ndarray], out_dir: str,
-                     n_tokens: int, *, forward_batch: int = 32, exclude: Sequence[int] = (),
-                     n_skip: int = 1, outlier_factor: float = 0.0, progress: bool = True,
-                     flush_every: int = 16) -> np.ndarray:
-  """Writes ``n_tokens`` activations to ``out_dir/acts.npy`` (float16 memmap [n_tokens, d]).
+STORE_DTYPES = ("float16", "bfloat16")
 
-  Resumable: ``out_dir/state.json`` holds rows written and windows consumed; a restarted call skips
-  the windows already used (the window stream must be deterministic) and may ask for fewer tokens
-  than the store was started with (not more). Returns the memmap (read mode) [n_tokens, d].
+
+def _site_file(hook_name: str) -> str:
+  return f"{hook_name}.npy"
+
+
+def _exclusion_rule(exclude: Sequence[int], n_skip: int, outlier_factor: float) -> dict:
+  return {"exclude_ids": [int(i) for i in exclude], "n_skip": int(n_skip), "outlier_factor": float(outlier_factor),
+          "outlier_rule": "rows whose norm exceeds outlier_factor x the median row norm of their forward batch "
+                          "at this site are dropped (0: none)"}
+
+
+def _as_stored(acts: np.ndarray, dtype: str) -> np.ndarray:
+  if dtype == "bfloat16":
+    import ml_dtypes
+    return acts.astype(ml_dtypes.bfloat16).view(np.uint16)
+  return acts.astype(np.float16)
+
+
+def _from_stored(arr: np.ndarray, dtype: str) -> np.ndarray:
+  if dtype == "bfloat16":
+    import ml_dtypes
+    return arr.view(ml_dtypes.bfloat16)
+  return arr
+
+
+def open_store(out_dir: str | os.PathLike, n_tokens: int | None = None) -> dict[str, np.ndarray]:
+  """{site: read-only memmap [rows, d]} of a store written by ``harvest_to_stores`` (float16, or
+  bfloat16 through ``ml_dtypes``), the first ``n_tokens`` rows when given."""
+  out = Path(out_dir)
+  state_path = out / "state.json"
+  if not state_path.exists():
+    raise FileNotFoundError(f"{state_path}: no activation store here")
+  state = json.loads(state_path.read_text())
+  dtype = state.get("dtype", "float16")
+  res = {}
+  for name, info in state["sites"].items():
+    arr = _from_stored(np.load(out / info["file"], mmap_mode="r"), dtype)
+    res[name] = arr[:n_tokens if n_tokens is not None else info["rows"]]
+  return res
+
+
+def harvest_to_stores(model_params, model_cfg, hook_names: Sequence[str], windows: Iterable[np.ndarray],
+                      out_dir: str | os.PathLike, n_tokens: int, *, forward_batch: int = 32,
+                      exclude: Sequence[int] = (), n_skip: int = 1, outlier_factor: float = 0.0,
+                      dtype: str = "float16", progress: bool = True, flush_every: int = 16) -> dict[str, np.ndarray]:
+  """Writes ``n_tokens`` activations of every site, from one truncated forward per batch, to
+  ``out_dir/<site>.npy`` (``dtype`` memmaps [n_tokens, d]; bfloat16 is stored as its uint16 bits).
+
+  ``out_dir/state.json`` records the windows consumed, the rows written per site and the exclusion
+  rule per site (ids, leading positions, outlier factor). A restarted call skips the windows already
+  used (the window stream must be deterministic), continues every site where it stopped, and may ask
+  for fewer tokens than the store was started with (not more, nor other sites or rules).
+  Returns {site: read-only array [n_tokens, d]}.
   """
+  hook_names = tuple(hook_names)
+  if dtype not in STORE_DTYPES:
+    raise ValueError(f"harvest_to_stores: dtype={dtype!r}, expected one of {STORE_DTYPES}")
   out = Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
-  state_path, acts_path = out / "state.json", out / "acts.npy"
-  state = json.loads(state_path.read_text()) if state_path.exists() else {"rows": 0, "windows": 0, "done": False}
-  capacity = state.get("n_tokens", n_tokens)
-  if n_tokens > capacity and state["rows"] > 0:
-    raise ValueError(f"{state_path}: store was started for n_tokens={capacity}, cannot grow to {n_tokens}")
-  if state["rows"] >= n_tokens:  # done, or asked for fewer tokens than already written
-    return np.load(acts_path, mmap_mode="r")[:n_tokens]
+  state_path = out / "state.json"
+  rule = _exclusion_rule(exclude, n_skip, outlier_factor)
+  fresh = {"windows": 0, "rows": 0, "n_tokens": n_tokens, "dtype": dtype, "done": False,
+           "sites": {h: {"rows": 0, "dropped_outliers": 0, "file": _site_file(h), "exclusion": rule} for h in hook_names}}
+  state = json.loads(state_path.read_text()) if state_path.exists() else fresh
+  if "sites" not in state:
+    raise ValueError(f"{state_path}: not a multi-site store state (field 'sites' missing); use a new out_dir")
+  started = any(s["rows"] > 0 for s in state["sites"].values())
+  if not started:
+    state = fresh
+  else:
+    if sorted(state["sites"]) != sorted(hook_names):
+      raise ValueError(f"{state_path}: field 'sites' = {sorted(state['sites'])} but this call asks for {sorted(hook_names)}")
+    for h in hook_names:
+      if state["sites"][h]["exclusion"] != rule:
+        raise ValueError(f"{state_path}: field 'sites.{h}.exclusion' = {state['sites'][h]['exclusion']} differs from "
+                         f"this call's {rule}")
+    if state["dtype"] != dtype:
+      raise ValueError(f"{state_path}: field 'dtype' = {state['dtype']!r} but this call asks for {dtype!r}")
+    if n_tokens > state["n_tokens"]:
+      raise ValueError(f"{state_path}: store was started for n_tokens={state['n_tokens']}, cannot grow to {n_tokens}")
+  if min(s["rows"] for s in state["sites"].values()) >= n_tokens:  # done, or fewer tokens than written
+    return open_store(out, n_tokens)
+  capacity = state["n_tokens"]
   d = model_cfg.d_model
-  mode = "r+" if acts_path.exists() and state["rows"] > 0 else "w+"
-  if mode == "w+":
-    capacity = n_tokens
-  store = np.lib.format.open_memmap(acts_path, mode=mode, dtype=np.float16, shape=(capacity, d))
-  rows, skip = state["rows"], state["windows"]
+  disk_dtype = np.uint16 if dtype == "bfloat16" else np.float16
+  stores = {h: np.lib.format.open_memmap(out / _site_file(h), mode="r+" if started else "w+", dtype=disk_dtype,
+                                         shape=(capacity, d)) for h in hook_names}
+  rows = {h: state["sites"][h]["rows"] for h in hook_names}
+  dropped = {h: state["sites"][h]["dropped_outliers"] for h in hook_names}
+  skip = state["windows"]
 
   def remaining():
     for i, w in enumerate(windows):
       if i >= skip:
         yield w
 
+  def save(consumed):
+    for st in stores.values():
+      st.flush()
+    state.update(windows=skip + consumed, rows=min(rows.values()), done=min(rows.values()) >= capacity)
+    for h in hook_names:
+      state["sites"][h].update(rows=rows[h], dropped_outliers=dropped[h])
+    state_path.write_text(json.dumps(state, indent=1))
+
   bar = None
   if progress:
     from tqdm.auto import tqdm
-    bar = tqdm(total=n_tokens, initial=rows, unit="tok", desc=f"harvest {hook_name}", mininterval=5)
-  t0, r0 = time.time(), rows
-  nb = 0
-  for acts, consumed in iter_activation_batches(model_params, model_cfg, hook_name, remaining(),
-                                                batch_size=forward_batch, exclude=exclude, n_skip=n_skip,
-                                                outlier_factor=outlier_factor):
-    take = min(len(acts), n_tokens - rows)
-    store[rows:rows + take] = acts[:take].astype(np.float16)
-    rows += take
+    bar = tqdm(total=n_tokens, initial=min(rows.values()), unit="tok", desc=f"harvest {len(hook_names)} site(s)",
+               mininterval=5)
+  t0, r0 = time.time(), min(rows.values())
+  consumed, nb = 0, 0
+  for acts, consumed in iter_site_batches(model_params, model_cfg, hook_names, remaining(), batch_size=forward_batch,
+                                          exclude=exclude, n_skip=n_skip, outlier_factor=outlier_factor, dtype=np.float32,
+                                          dropped=dropped):
+    before = min(rows.values())
+    for h in hook_names:
+      a = acts[h]
+      take = min(len(a), n_tokens - rows[h])
+      if take > 0:
+        stores[h][rows[h]:rows[h] + take] = _as_stored(a[:take], dtype)
+        rows[h] += take
     nb += 1
     if bar is not None:
-      bar.update(take)
-    if rows >= n_tokens or nb % flush_every == 0:
-      store.flush()
-      state = {"rows": rows, "windows": skip + consumed, "done": rows >= n_tokens, "n_tokens": capacity,
-               "hook_name": hook_name}
-      state_path.write_text(json.dumps(state))
-    if rows >= n_tokens:
+      bar.update(min(rows.values()) - before)
+    full = min(rows.values()) >= n_tokens
+    if full or nb % flush_every == 0:
+      save(consumed)
+    if full:
       break
   if bar is not None:
     bar.close()
-  store.flush()
-  if rows < n_tokens:
-    raise ValueError(f"harvest_to_store: the corpus ran out after {rows} of {n_tokens} tokens")
-  state_path.write_text(json.dumps({"rows": rows, "windows": state["windows"], "done": rows >= capacity,
-                                    "n_tokens": capacity, "hook_name": hook_name}))
+  save(consumed)
+  if min(rows.values()) < n_tokens:
+    short = {h: r for h, r in rows.items() if r < n_tokens}
+    raise ValueError(f"harvest_to_stores: the corpus ran out before {n_tokens} tokens at {short}")
   dt = time.time() - t0
-  logging.info("harvested %d tokens at %s in %.0fs (%.0f tok/s)", rows - r0, hook_name, dt, (rows - r0) / max(dt, 1e-9))
-  del store
-  return np.load(acts_path, mmap_mode="r")[:n_tokens]
+  logging.info("harvested %d tokens at %d site(s) in %.0fs (%.0f tok/s)", min(rows.values()) - r0, len(hook_names), dt,
+               (min(rows.values()) - r0) / max(dt, 1e-9))
+  del stores
+  return open_store(out, n_tokens)
+
+
+def harvest_to_store(model_params, model_cfg, hook_name: str, windows: Iterable[np.ndarray], out_dir: str,
+                     n_tokens: int, **kw) -> np.ndarray:
+  """One site of ``harvest_to_stores``: returns the read-only array [n_tokens, d]."""
+  return harvest_to_stores(model_params, model_cfg, (hook_name,), windows, out_dir, n_tokens, **kw)[hook_name]

@@ -2,11 +2,12 @@
 
 Workdir layout:
   config.json                 the config snapshot
-  acts/train, acts/heldout    activation stores (float16 memmaps + state.json; resumable)
+  acts/train, acts/heldout    activation stores, one <site>.npy per site (float16/bf16 memmaps +
+                              state.json; resumable)
   ckpt/                       orbax checkpoints of the TrainState
   metrics.jsonl               training metrics every ``log_every`` steps
-  export/<name>/              the SAE in SAELens format (cfg.json + sae_weights.safetensors)
-  eval.json                   held-out explained variance, MSE, L0, dead fraction of the export
+  export/<name>/              each SAE in SAELens format (cfg.json + sae_weights.safetensors)
+  eval.json                   held-out explained variance, MSE, L0, dead fraction of each export
 """
 
 from __future__ import annotations
@@ -68,71 +69,107 @@ def train_config(cfg, d_in: int, total_steps: int) -> train_lib.TrainConfig:
   return train_lib.TrainConfig(d_in=d_in, total_steps=total_steps, **s)
 
 
+def hook_names(cfg) -> tuple[str, ...]:
+  """The sites of a run: ``cfg.hook_names`` (several SAEs, one pass) or ``(cfg.hook_name,)``."""
+  names = tuple(cfg.get("hook_names") or ()) or (cfg.hook_name,)
+  if len(set(names)) != len(names):
+    raise ValueError(f"config field 'hook_names' repeats a site: {names}")
+  return names
+
+
+def export_name(cfg, hook: str) -> str:
+  """Folder name of the SAE at ``hook``: ``cfg.export.names[hook]`` when given, else ``cfg.export.name``
+  (one site only)."""
+  names = dict(cfg.export.get("names") or {})
+  if hook in names:
+    return names[hook]
+  if len(hook_names(cfg)) == 1:
+    return cfg.export.name
+  raise ValueError(f"config field 'export.names' has no entry for site {hook!r} (sites: {hook_names(cfg)})")
+
+
 def run(cfg, workdir: str, *, stop_after: int | None = None) -> dict[str, Any]:
   """Harvest -> train -> export -> evaluate; every stage resumes from what the workdir holds.
 
-  ``stop_after`` ends training after that many steps of this call (no export): for resume tests.
-  Returns the held-out evaluation of the exported SAE (or the training history when stopped early).
+  All sites (``hook_names``) are harvested in one truncated forward per batch and their SAEs
+  trained in one vmapped program. ``stop_after`` ends training after that many steps of this call
+  (no export): for resume tests. Returns the held-out evaluation (one site: ``heldout``, ``export``,
+  ...; several: the same per site under ``sites``), or the training history when stopped early.
   """
   wd = Path(workdir)
   wd.mkdir(parents=True, exist_ok=True)
   (wd / "config.json").write_text(json.dumps(_to_dict(cfg), indent=1, sort_keys=True, default=str))
   t_start = time.time()
+  sites = hook_names(cfg)
   model_params, model_cfg, tokenizer = load_model_for(cfg.model, cfg.seed)
   d_in = model_cfg.d_model
   paths = corpus_paths(cfg, str(wd))
   exclude = harvest.excluded_ids(model_cfg)
-  site_fn = harvest.make_site_fn(model_cfg, cfg.hook_name)
-
-  n_skip = harvest.n_skip_for(harvest.wants_bos(model_cfg, cfg.prepend_bos))
-  stores = {}
+  bos = harvest.wants_bos(model_cfg, cfg.prepend_bos)
+  n_skip = harvest.n_skip_for(bos)
+  stores, harvest_s = {}, {}
   for split, n in (("heldout", cfg.heldout_tokens), ("train", cfg.train_tokens)):
     t0 = time.time()
-    stores[split] = harvest.harvest_to_store(
-        model_params, model_cfg, cfg.hook_name, _windows(cfg, model_cfg, tokenizer, paths, split),
-        str(wd / "acts" / split), n, forward_batch=cfg.forward_batch, exclude=exclude, n_skip=n_skip,
-        outlier_factor=cfg.outlier_factor, progress=cfg.progress)
-    logging.info("%s store ready: %d tokens (%.0fs)", split, n, time.time() - t0)
+    stores[split] = harvest.harvest_to_stores(
+        model_params, model_cfg, sites, _windows(cfg, model_cfg, tokenizer, paths, split), str(wd / "acts" / split), n,
+        forward_batch=cfg.forward_batch, exclude=exclude, n_skip=n_skip, outlier_factor=cfg.outlier_factor,
+        dtype=cfg.get("store_dtype", "float16"), progress=cfg.progress)
+    harvest_s[split] = time.time() - t0
+    logging.info("%s stores ready: %d tokens x %d sites (%.0fs)", split, n, len(sites), harvest_s[split])
   del model_params
 
-  train_store = np.asarray(stores["train"])  # into memory: random batches
-  total = cfg.total_steps or int(cfg.epochs * len(train_store) // cfg.sae.batch_size)
+  train_stores = [np.asarray(stores["train"][h]) for h in sites]  # into memory: random batches
+  total = cfg.total_steps or int(cfg.epochs * len(train_stores[0]) // cfg.sae.batch_size)
   tc = train_config(cfg, d_in, total)
+  coeffs = tuple(cfg.get("site_sparsity_coeffs") or ()) or None
+  if coeffs is not None and len(coeffs) != len(sites):
+    raise ValueError(f"config field 'site_sparsity_coeffs' has {len(coeffs)} entries for {len(sites)} sites")
 
   def log_fn(step, m):
     with open(wd / "metrics.jsonl", "a") as f:
       f.write(json.dumps(m) + "\n")
 
   t0 = time.time()
-  state, history = train_lib.train(tc, train_store, seed=cfg.seed, ckpt_dir=str((wd / "ckpt").absolute()),
+  state, history = train_lib.train(tc, train_stores, seed=cfg.seed, seeds=[cfg.seed] * len(sites),
+                                   sparsity_coeffs=coeffs, ckpt_dir=str((wd / "ckpt").absolute()),
                                    ckpt_every=cfg.ckpt_every, log_every=cfg.log_every, stop_after=stop_after,
                                    progress=cfg.progress, log_fn=log_fn)
   train_s = time.time() - t0
-  if int(state.step) < tc.total_steps:
-    return {"stopped_at": int(state.step), "history": history}
+  if int(state.step[0]) < tc.total_steps:
+    return {"stopped_at": int(state.step[0]), "history": history}
 
-  params = train_lib.export_params(state, tc)
-  sae_cfg = tc.sae_config(hook_name=cfg.hook_name, model_name=model_cfg.name, prepend_bos=harvest.wants_bos(
-      model_cfg, cfg.prepend_bos), context_size=cfg.seq_len)
-  export_dir = wd / "export" / cfg.export.name
-  heldout = np.asarray(stores["heldout"])
-  train_eval = metrics.evaluate(params, sae_cfg, metrics.batched(train_store[:len(heldout)]))
-  meta = {"training": {"tokens_seen": int(tc.total_steps * tc.batch_size), "train_store_tokens": int(len(train_store)),
-                       "steps": tc.total_steps, "seed": cfg.seed, "input_scale_folded": float(state.input_scale)}}
-  formats.save_saelens(params, sae_cfg, export_dir, dtype=cfg.export.dtype, metadata=meta)
-  # evaluate what was written (dtype round trip included)
-  loaded, loaded_cfg = formats.load_sae(export_dir)
-  ev = metrics.evaluate(loaded, loaded_cfg, metrics.batched(heldout))
-  result = {"heldout": ev, "train_subset": train_eval, "export": str(export_dir), "train_seconds": train_s,
-            "total_seconds": time.time() - t_start, "total_steps": tc.total_steps,
-            "batch_size": tc.batch_size, "hook_name": cfg.hook_name, "model": cfg.model}
+  per_site = {}
+  for i, hook in enumerate(sites):
+    st = train_lib.site_state(state, i)
+    params = train_lib.export_params(st, tc)
+    sae_cfg = tc.sae_config(hook_name=hook, model_name=model_cfg.name, prepend_bos=bos, context_size=cfg.seq_len)
+    export_dir = wd / "export" / export_name(cfg, hook)
+    heldout = np.asarray(stores["heldout"][hook])
+    train_eval = metrics.evaluate(params, sae_cfg, metrics.batched(train_stores[i][:len(heldout)]))
+    meta = {"training": {"tokens_seen": int(tc.total_steps * tc.batch_size), "train_store_tokens": int(len(train_stores[i])),
+                         "steps": tc.total_steps, "seed": cfg.seed, "input_scale_folded": float(st.input_scale),
+                         "sparsity_coeff": float(coeffs[i]) if coeffs else tc.sparsity_coeff(),
+                         "sites_trained_together": list(sites)}}
+    formats.save_saelens(params, sae_cfg, export_dir, dtype=cfg.export.dtype, metadata=meta)
+    loaded, loaded_cfg = formats.load_sae(export_dir)  # evaluate what was written (dtype round trip included)
+    ev = metrics.evaluate(loaded, loaded_cfg, metrics.batched(heldout))
+    per_site[hook] = {"heldout": ev, "train_subset": train_eval, "export": str(export_dir)}
+    logging.info("%s held-out: %s", hook, metrics.format_metrics(ev))
+  common = {"train_seconds": train_s, "harvest_seconds": harvest_s, "total_seconds": time.time() - t_start,
+            "total_steps": tc.total_steps, "batch_size": tc.batch_size, "model": cfg.model}
+  if len(sites) == 1:
+    result = {**per_site[sites[0]], **common, "hook_name": sites[0]}
+  else:
+    result = {"sites": per_site, **common, "hook_names": list(sites)}
   (wd / "eval.json").write_text(json.dumps(result, indent=1))
-  logging.info("held-out: %s", metrics.format_metrics(ev))
   return result
 
 
 def evaluate_export(export_dir: str, workdir: str) -> dict[str, float]:
-  """Re-evaluates an exported SAE on the workdir's held-out store."""
+  """Re-evaluates an exported SAE on the workdir's held-out store of its site."""
   params, cfg = formats.load_sae(export_dir)
-  heldout = np.load(Path(workdir) / "acts" / "heldout" / "acts.npy", mmap_mode="r")
-  return metrics.evaluate(params, cfg, metrics.batched(np.asarray(heldout)))
+  heldout = harvest.open_store(Path(workdir) / "acts" / "heldout")
+  if cfg.hook_name not in heldout:
+    raise ValueError(f"{export_dir}: field 'hook_name' = {cfg.hook_name!r} has no held-out store in {workdir} "
+                     f"(sites: {sorted(heldout)})")
+  return metrics.evaluate(params, cfg, metrics.batched(np.asarray(heldout[cfg.hook_name])))

@@ -1,5 +1,10 @@
 """SAE training as pure functions: init, losses per architecture, a jit-compiled optax step, and a
-resumable loop over an activation store (orbax checkpoints).
+resumable loop over activation stores (orbax checkpoints).
+
+N SAEs (one per site) train in one compiled program: the state is a pytree whose leaves carry a
+leading site axis [N, ...] (params, one optax state per SAE, dead-latent counters, input scales),
+and the step is the per-SAE update ``jax.vmap``-ed over that axis, each SAE fed its own site's batch
+[N, B, d_in]. Training one SAE is the N = 1 case (``train(tc, store)`` returns its unstacked state).
 
 Architectures and decoder handling:
 
@@ -7,12 +12,13 @@ Architectures and decoder handling:
   ``aux_k`` pre-activations of dead latents reconstruct the residual error), unit-norm decoder rows:
   the W_dec gradient's component along each row is projected out before the optimiser and the rows
   are renormalised after every step.
-* ``jumprelu``: threshold in float32 trained through a rectangle-kernel straight-through estimator
-  (DeepMind), L0 penalty, unit-norm decoder rows as for topk.
+* ``jumprelu`` (Gemma Scope recipe): threshold in float32 (clipped at 0) trained through a
+  rectangle-kernel straight-through estimator of width ``jumprelu_bandwidth``, L0 penalty whose
+  coefficient warms up linearly over ``sparsity_warmup_steps``, unit-norm decoder rows as for topk.
 * ``standard`` (ReLU): L1 penalty on ``z * ||W_dec row||`` (scale-free; no renormalisation).
 
-Training runs on inputs scaled by a constant ``input_scale`` (sqrt(d_in) / mean ||x||, SAELens'
-``expected_average_only_in``); ``export_params`` folds it into the weights, so the exported SAE
+Training runs on inputs scaled by a constant ``input_scale`` per site (sqrt(d_in) / mean ||x|| of
+that site, SAELens' ``expected_average_only_in``); ``export_params`` folds it into the weights, so the exported SAE
 takes raw activations and has ``normalize_activations='none'``.
 
 Shapes: x [B, d_in]; params use SAELens names (W_enc [d_in, d_sae], W_dec [d_sae, d_in], ...).
@@ -23,7 +29,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from typing import Any, Callable, Iterator, NamedTuple
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -58,6 +64,7 @@ class TrainConfig:
   dead_tokens: int = 1_000_000  # a latent that did not fire for this many tokens is dead
   l1_coeff: float = 5.0  # standard
   l0_coeff: float = 1e-3  # jumprelu
+  sparsity_warmup_steps: int = 0  # the L1 / L0 coefficient rises linearly from 0 over these steps
   jumprelu_bandwidth: float = 0.05
   jumprelu_init_threshold: float = 0.1
   dec_init_norm: float = 0.1  # standard: decoder row norm at init
@@ -77,7 +84,14 @@ class TrainConfig:
                      k=self.k if self.architecture == "topk" else None, apply_b_dec_to_input=True, **kw)
 
 
+  def sparsity_coeff(self) -> float:
+    """The coefficient of the architecture's sparsity term (topk: AuxK; standard: L1; jumprelu: L0)."""
+    return {"topk": self.aux_coeff, "standard": self.l1_coeff, "jumprelu": self.l0_coeff}[self.architecture]
+
+
 class TrainState(NamedTuple):
+  """State of one SAE (shapes below), or of N stacked SAEs (a leading [N] axis on every leaf)."""
+
   params: dict
   opt_state: Any
   step: Array  # [] int32
@@ -186,8 +200,11 @@ step_ste.defvjp(_st_fwd, _st_bwd)
 # --- losses --------------------------------------------------------------------------------------
 
 
-def loss_fn(params: dict, tc: TrainConfig, x: Array, dead: Array) -> tuple[Array, dict]:
-  """Total loss and aux outputs for a batch x [B, d_in] (already scaled); ``dead`` [d_sae] bool."""
+def loss_fn(params: dict, tc: TrainConfig, x: Array, dead: Array, coeff: Array | float | None = None
+            ) -> tuple[Array, dict]:
+  """Total loss and aux outputs for a batch x [B, d_in] (already scaled); ``dead`` [d_sae] bool;
+  ``coeff`` [] the sparsity coefficient (default ``tc.sparsity_coeff()``)."""
+  coeff = tc.sparsity_coeff() if coeff is None else coeff
   xin = x - params["b_dec"]
   pre = xin @ params["W_enc"] + params["b_enc"]
   aux = jnp.zeros((), jnp.float32)
@@ -212,13 +229,13 @@ def loss_fn(params: dict, tc: TrainConfig, x: Array, dead: Array) -> tuple[Array
       return scale * jnp.sum(jnp.square(e_hat - e), -1).mean()
 
     aux = jax.lax.cond(n_dead > 0, aux_loss, lambda *_: jnp.zeros((), jnp.float32), params, pre)
-    sparsity = tc.aux_coeff * aux
+    sparsity = coeff * aux
   elif tc.architecture == "standard":
     z = jax.nn.relu(pre)
     x_hat = z @ params["W_dec"] + params["b_dec"]
     fired = jnp.any(z > 0, 0)
     l0 = jnp.sum(z > 0, -1).mean()
-    sparsity = tc.l1_coeff * jnp.sum(z * jnp.linalg.norm(params["W_dec"], axis=-1), -1).mean()
+    sparsity = coeff * jnp.sum(z * jnp.linalg.norm(params["W_dec"], axis=-1), -1).mean()
   else:  # jumprelu
     th = params["threshold"].astype(jnp.float32)
     z = jumprelu_ste(pre, th, tc.jumprelu_bandwidth)
@@ -226,37 +243,51 @@ def loss_fn(params: dict, tc: TrainConfig, x: Array, dead: Array) -> tuple[Array
     fired = jnp.any(z > 0, 0)
     l0_per = step_ste(pre, th, tc.jumprelu_bandwidth).sum(-1)
     l0 = jax.lax.stop_gradient(l0_per.mean())
-    sparsity = tc.l0_coeff * l0_per.mean()
+    sparsity = coeff * l0_per.mean()
   sq = jnp.sum(jnp.square(x_hat - x), -1)
   mse = sq.mean()
   ev = 1.0 - sq.sum() / jnp.sum(jnp.square(x - x.mean(0)))
   return mse + sparsity, {"mse": mse, "explained_variance": ev, "l0": l0, "aux": aux, "fired": fired}
 
 
-def make_train_step(tc: TrainConfig, optimizer: optax.GradientTransformation) -> Callable:
-  """jit-compiled ``step(state, x [B, d_in] raw activations) -> (state, metrics)``."""
+def site_update(tc: TrainConfig, optimizer: optax.GradientTransformation, state: TrainState, x: Array,
+                coeff: Array) -> tuple[TrainState, dict]:
+  """One optimiser step of one SAE: state (unstacked), x [B, d_in] raw activations, coeff [] sparsity
+  coefficient before warmup. Pure; ``make_train_step`` jits and vmaps it."""
+  x = x.astype(jnp.float32) * state.input_scale
+  dead = state.since_fired >= tc.dead_tokens
+  if tc.sparsity_warmup_steps and tc.architecture != "topk":
+    coeff = coeff * jnp.minimum(1.0, (state.step + 1) / tc.sparsity_warmup_steps)
+  (loss, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, tc, x, dead, coeff)
+  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  if tc.unit_norm_decoder:
+    params = renormalize_decoder(params)
+  if "threshold" in params:
+    params["threshold"] = jnp.maximum(params["threshold"], 0.0)
+  since = jnp.where(out["fired"], 0, jnp.minimum(state.since_fired + x.shape[0], 2 ** 30))
+  metrics = {"loss": loss, "mse": out["mse"], "explained_variance": out["explained_variance"],
+             "l0": out["l0"], "aux": out["aux"], "dead_fraction": dead.mean()}
+  return TrainState(params, opt_state, state.step + 1, since, state.input_scale), metrics
 
-  @functools.partial(jax.jit, donate_argnums=0)
-  def step(state: TrainState, x: Array):
-    x = x.astype(jnp.float32) * state.input_scale
-    dead = state.since_fired >= tc.dead_tokens
-    (loss, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, tc, x, dead)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    if tc.unit_norm_decoder:
-      params = renormalize_decoder(params)
-    if "threshold" in params:
-      params["threshold"] = jnp.maximum(params["threshold"], 0.0)
-    since = jnp.where(out["fired"], 0, jnp.minimum(state.since_fired + x.shape[0], 2 ** 30))
-    metrics = {"loss": loss, "mse": out["mse"], "explained_variance": out["explained_variance"],
-               "l0": out["l0"], "aux": out["aux"], "dead_fraction": dead.mean()}
-    return TrainState(params, opt_state, state.step + 1, since, state.input_scale), metrics
 
-  return step
+def make_train_step(tc: TrainConfig, optimizer: optax.GradientTransformation, n_sites: int = 1) -> Callable:
+  """jit-compiled ``step(state, x [N, B, d_in], coeffs [N]) -> (state, metrics {name: [N]})`` over
+  N stacked SAEs: ``site_update`` vmapped over the site axis (N = 1 calls it on the squeezed state:
+  the same update, and a ``lax.cond`` stays a branch instead of becoming a select under vmap)."""
+  update = functools.partial(site_update, tc, optimizer)
+  if n_sites == 1:
+    def stacked(state, x, coeffs):
+      sq = lambda t: jax.tree.map(lambda a: a[0], t)
+      st, m = update(sq(state), x[0], coeffs[0])
+      return jax.tree.map(lambda a: a[None], (st, m))
+  else:
+    stacked = jax.vmap(update)
+  return jax.jit(stacked, donate_argnums=0)
 
 
 def init_state(key: Array, tc: TrainConfig, sample: np.ndarray, optimizer: optax.GradientTransformation) -> TrainState:
-  """State from a sample of raw activations [n, d_in]: input scale and b_dec (mean) from it."""
+  """State of one SAE from a sample of raw activations [n, d_in]: input scale and b_dec (mean) from it."""
   sample = np.asarray(sample, np.float32)
   scale = float(np.sqrt(tc.d_in) / np.mean(np.linalg.norm(sample, axis=-1)))
   params = init_params(key, tc, b_dec=(sample * scale).mean(0))
@@ -264,13 +295,26 @@ def init_state(key: Array, tc: TrainConfig, sample: np.ndarray, optimizer: optax
                     jnp.zeros((tc.d_sae,), jnp.int32), jnp.asarray(scale, jnp.float32))
 
 
+def stack_states(states: Sequence[TrainState]) -> TrainState:
+  """N single-SAE states -> one state with a leading [N] axis on every leaf."""
+  return jax.tree.map(lambda *a: jnp.stack(a), *states)
+
+
+def site_state(state: TrainState, i: int) -> TrainState:
+  """SAE ``i`` of a stacked state (leaves without the site axis)."""
+  return jax.tree.map(lambda a: a[i], state)
+
+
 def export_params(state_or_params, tc: TrainConfig, input_scale: float | None = None) -> dict:
-  """Params for raw activations (input scale folded in: W_enc*s, W_dec/s, b_dec/s), numpy float32."""
+  """Params for raw activations (input scale folded in: W_enc*s, W_dec/s, b_dec/s), numpy float32.
+  Takes one SAE's state (``site_state`` of a stacked one) or its params and ``input_scale``."""
   if isinstance(state_or_params, TrainState):
     params, s = state_or_params.params, float(state_or_params.input_scale)
   else:
     params, s = state_or_params, float(input_scale)
   p = {k: np.asarray(v, np.float32) for k, v in params.items()}
+  if p["W_enc"].ndim != 2:
+    raise ValueError(f"export_params: W_enc has shape {p['W_enc'].shape}; pass one SAE (site_state(state, i))")
   p["W_enc"], p["W_dec"], p["b_dec"] = p["W_enc"] * s, p["W_dec"] / s, p["b_dec"] / s
   return p
 
@@ -289,10 +333,10 @@ def batch_indices(n_rows: int, batch_size: int, step: int, seed: int) -> np.ndar
 
 
 @functools.lru_cache(maxsize=8)
-def _optimizer_and_step(tc: TrainConfig):
-  """One optimizer and compiled step per TrainConfig (a resumed call in the same process reuses it)."""
+def _optimizer_and_step(tc: TrainConfig, n_sites: int = 1):
+  """One optimizer and compiled step per (TrainConfig, N) (a resumed call in the same process reuses it)."""
   optimizer = make_optimizer(tc)
-  return optimizer, make_train_step(tc, optimizer)
+  return optimizer, make_train_step(tc, optimizer, n_sites)
 
 
 # --- loop with orbax -------------------------------------------------------------------------------
@@ -314,14 +358,22 @@ def restore_or_init(ckpt_dir: str, template: TrainState) -> TrainState:
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
   state = mngr.restore(last, args=ocp.args.StandardRestore(abstract))
   mngr.close()
-  logging.info("resumed from %s step %d", ckpt_dir, int(state.step))
+  logging.info("resumed from %s step %d", ckpt_dir, int(np.max(np.asarray(state.step))))
   return TrainState(*state) if not isinstance(state, TrainState) else state
 
 
-def train(tc: TrainConfig, store: np.ndarray, *, seed: int = 0, ckpt_dir: str | None = None,
-          ckpt_every: int = 200, log_every: int = 50, stop_after: int | None = None, progress: bool = True,
+def train(tc: TrainConfig, stores, *, seed: int = 0, seeds: Sequence[int] | None = None,
+          sparsity_coeffs: Sequence[float] | None = None, ckpt_dir: str | None = None, ckpt_every: int = 200,
+          log_every: int = 50, stop_after: int | None = None, progress: bool = True,
           log_fn: Callable[[int, dict], None] | None = None) -> tuple[TrainState, list[dict]]:
-  """Trains on a store of raw activations [N, d_in] (array or memmap) for ``tc.total_steps``.
+  """Trains N SAEs in one compiled program for ``tc.total_steps``.
+
+  ``stores``: one array of raw activations [rows, d_in] (array or memmap; one SAE, the state and
+  metrics come back without the site axis), or a sequence of N such arrays, one per site (a
+  stacked state and metrics as lists of N floats). SAE i uses ``seeds[i]`` (default ``seed + i``)
+  for its init key and data order, exactly as a one-store call with ``seed=seeds[i]`` does, so N
+  separate runs and one N-site run give the same SAEs. ``sparsity_coeffs`` [N] overrides
+  ``tc.sparsity_coeff()`` per SAE.
 
   With ``ckpt_dir`` the state is checkpointed every ``ckpt_every`` steps (and at the end) and a
   restarted call resumes from the latest checkpoint, reproducing the same data order.
@@ -329,41 +381,60 @@ def train(tc: TrainConfig, store: np.ndarray, *, seed: int = 0, ckpt_dir: str | 
   Returns the final state and the logged metrics (one dict per ``log_every`` steps).
   """
   import orbax.checkpoint as ocp
-  optimizer, step_fn = _optimizer_and_step(tc)
-  key = jax.random.PRNGKey(seed)
-  sample = np.asarray(store[batch_indices(len(store), min(tc.batch_size, len(store)), 0, seed + 1)], np.float32)
-  state = init_state(key, tc, sample, optimizer)
+  single = isinstance(stores, np.ndarray) or hasattr(stores, "shape")
+  stores = [stores] if single else list(stores)
+  n = len(stores)
+  if not n:
+    raise ValueError("train: no stores")
+  seeds = [seed + i for i in range(n)] if seeds is None else [int(x) for x in seeds]
+  coeffs = [tc.sparsity_coeff()] * n if sparsity_coeffs is None else [float(c) for c in sparsity_coeffs]
+  if len(seeds) != n or len(coeffs) != n:
+    raise ValueError(f"train: {n} stores but {len(seeds)} seeds and {len(coeffs)} sparsity_coeffs")
+  for i, st in enumerate(stores):
+    if st.ndim != 2 or st.shape[1] != tc.d_in:
+      raise ValueError(f"train: store {i} has shape {st.shape}, expected [rows, d_in={tc.d_in}]")
+  optimizer, step_fn = _optimizer_and_step(tc, n)
+  states = []
+  for st, sd in zip(stores, seeds):
+    sample = np.asarray(st[batch_indices(len(st), min(tc.batch_size, len(st)), 0, sd + 1)], np.float32)
+    states.append(init_state(jax.random.PRNGKey(sd), tc, sample, optimizer))
+  state = stack_states(states)
   mngr = None
   if ckpt_dir:
     state = restore_or_init(ckpt_dir, state)
     mngr = _manager(ckpt_dir)
-  start = int(state.step)
+  start = int(state.step[0])
   end = tc.total_steps if stop_after is None else min(tc.total_steps, start + stop_after)
+  coeffs_arr = jnp.asarray(coeffs, jnp.float32)
   history: list[dict] = []
   bar = None
   if progress:
     from tqdm.auto import tqdm
-    bar = tqdm(total=tc.total_steps, initial=start, unit="step", desc=f"train {tc.architecture}", mininterval=5)
+    bar = tqdm(total=tc.total_steps, initial=start, unit="step", desc=f"train {n} x {tc.architecture}", mininterval=5)
   t0 = time.time()
   acc: list[dict] = []
   for s in range(start, end):
-    x = np.asarray(store[batch_indices(len(store), tc.batch_size, s, seed)])
-    state, m = step_fn(state, jnp.asarray(x))
+    x = np.stack([np.asarray(st[batch_indices(len(st), tc.batch_size, s, sd)]) for st, sd in zip(stores, seeds)])
+    state, m = step_fn(state, jnp.asarray(x), coeffs_arr)
     acc.append(m)
     if bar is not None:
       bar.update(1)
     done = s + 1
     if done % log_every == 0 or done == end:
-      mm = {k: float(np.mean([float(a[k]) for a in acc])) for k in acc[0]}
+      got = jax.device_get(acc)
+      mm: dict[str, Any] = {k: np.mean([a[k] for a in got], axis=0).astype(float).tolist() for k in got[0]}
+      if single:
+        mm = {k: v[0] for k, v in mm.items()}
       mm["step"] = done
-      mm["tokens_per_s"] = len(acc) * tc.batch_size / max(time.time() - t0, 1e-9)
+      mm["tokens_per_s"] = n * len(acc) * tc.batch_size / max(time.time() - t0, 1e-9)
       history.append(mm)
       acc, t0 = [], time.time()
-      logging.info("step %d: %s", done, ", ".join(f"{k}={v:.4g}" for k, v in mm.items() if k != "step"))
+      logging.info("step %d: %s", done, ", ".join(f"{k}={v}" for k, v in mm.items() if k != "step"))
       if log_fn is not None:
         log_fn(done, mm)
       if bar is not None:
-        bar.set_postfix(ev=f"{mm['explained_variance']:.3f}", l0=f"{mm['l0']:.1f}", dead=f"{mm['dead_fraction']:.3f}")
+        ev, l0, dead = (np.mean(mm[k]) for k in ("explained_variance", "l0", "dead_fraction"))
+        bar.set_postfix(ev=f"{ev:.3f}", l0=f"{l0:.1f}", dead=f"{dead:.3f}")
     if mngr is not None and (done % ckpt_every == 0 or done == end):
       mngr.save(done, args=ocp.args.StandardSave(state))
   if bar is not None:
@@ -371,4 +442,4 @@ def train(tc: TrainConfig, store: np.ndarray, *, seed: int = 0, ckpt_dir: str | 
   if mngr is not None:
     mngr.wait_until_finished()
     mngr.close()
-  return state, history
+  return (site_state(state, 0) if single else state), history
