@@ -78,11 +78,13 @@ def hook_names(cfg) -> tuple[str, ...]:
 
 
 def export_name(cfg, hook: str) -> str:
-  """Folder name of the SAE at ``hook``: ``cfg.export.names[hook]`` when given, else ``cfg.export.name``
-  (one site only)."""
-  names = dict(cfg.export.get("names") or {})
-  if hook in names:
-    return names[hook]
+  """Folder name of the SAE at ``hook``: ``cfg.export.names`` (one per site, in ``hook_names`` order)
+  when given, else ``cfg.export.name`` (one site only)."""
+  names, sites = tuple(cfg.export.get("names") or ()), hook_names(cfg)
+  if names:
+    if len(names) != len(sites):
+      raise ValueError(f"config field 'export.names' has {len(names)} entries for {len(sites)} sites")
+    return names[sites.index(hook)]
   if len(hook_names(cfg)) == 1:
     return cfg.export.name
   raise ValueError(f"config field 'export.names' has no entry for site {hook!r} (sites: {hook_names(cfg)})")

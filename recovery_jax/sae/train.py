@@ -67,6 +67,7 @@ class TrainConfig:
   sparsity_warmup_steps: int = 0  # the L1 / L0 coefficient rises linearly from 0 over these steps
   jumprelu_bandwidth: float = 0.05
   jumprelu_init_threshold: float = 0.1
+  jumprelu_init_l0: float = 0.0  # > 0: one initial threshold for all latents, set so the init sample's mean L0 is this
   dec_init_norm: float = 0.1  # standard: decoder row norm at init
 
   def __post_init__(self):
@@ -291,8 +292,21 @@ def init_state(key: Array, tc: TrainConfig, sample: np.ndarray, optimizer: optax
   sample = np.asarray(sample, np.float32)
   scale = float(np.sqrt(tc.d_in) / np.mean(np.linalg.norm(sample, axis=-1)))
   params = init_params(key, tc, b_dec=(sample * scale).mean(0))
+  if tc.architecture == "jumprelu" and tc.jumprelu_init_l0 > 0:
+    params["threshold"] = jnp.full((tc.d_sae,), initial_threshold(params, sample * scale, tc.jumprelu_init_l0),
+                                   jnp.float32)
   return TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32),
                     jnp.zeros((tc.d_sae,), jnp.int32), jnp.asarray(scale, jnp.float32))
+
+
+def initial_threshold(params: dict, x: np.ndarray, l0: float) -> float:
+  """The threshold at which the initial encoder gives mean L0 = ``l0`` on scaled activations x [n, d_in]
+  (the (n*l0)-th largest positive pre-activation; Language-Model-SAEs initialises JumpReLU this way):
+  starting near the target sparsity spares the threshold a long climb at a small learning rate."""
+  pre = np.maximum((x - np.asarray(params["b_dec"])) @ np.asarray(params["W_enc"]) + np.asarray(params["b_enc"]), 0.0)
+  flat = pre.ravel()
+  r = min(max(int(round(len(x) * l0)), 1), flat.size)
+  return float(np.partition(flat, flat.size - r)[flat.size - r])
 
 
 def stack_states(states: Sequence[TrainState]) -> TrainState:
