@@ -5,8 +5,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
+import jax.numpy as jnp
+
 Family = Literal["llama", "gemma2", "gemma3", "gpt2"]
 FAMILIES = ("llama", "gemma2", "gemma3", "gpt2")
+DTYPES = ("float32", "bfloat16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -15,6 +18,14 @@ class ModelConfig:
 
   Everything here is static (hashable, part of the jit cache key); arrays live in the params pytree.
   ``layer_types`` holds ``"full"`` or ``"sliding"`` per layer.
+
+  ``dtype`` is the compute dtype of activations (the Flax/MaxText ``dtype``, not ``param_dtype``):
+  the residual stream, projections and MLP run in it, with weights cast to it where they are used,
+  so parameters may be stored in any dtype (``load_model(dtype=...)``). Norms, RoPE, attention
+  scores and softmax, and logits are computed in float32 whatever ``dtype`` is. ``"float32"``
+  (default) with bfloat16 parameters is the recommended accelerator setting (paper-method Q26:
+  bf16 weights, f32 residual); ``"bfloat16"`` also halves activation memory and rounds the residual
+  stream to bf16 after every block (and after every edit, as the reference does with delta).
   """
 
   family: Family
@@ -41,6 +52,7 @@ class ModelConfig:
   eos_token_ids: tuple[int, ...] = ()
   pad_token_id: int | None = None
   name: str = ""
+  dtype: str = "float32"  # compute dtype of activations: "float32" or "bfloat16" (see above)
 
   def __post_init__(self):
     if self.family not in FAMILIES:
@@ -52,6 +64,13 @@ class ModelConfig:
     bad = set(self.layer_types) - {"full", "sliding"}
     if bad:
       raise ValueError(f"ModelConfig.layer_types: unknown entries {sorted(bad)}; expected 'full' or 'sliding'")
+    if self.dtype not in DTYPES:
+      raise ValueError(f"ModelConfig.dtype={self.dtype!r}: expected one of {DTYPES}")
+
+  @property
+  def compute_dtype(self):
+    """``dtype`` as a numpy dtype (jnp.float32 / jnp.bfloat16)."""
+    return jnp.dtype(self.dtype)
 
   @property
   def is_gemma(self) -> bool:

@@ -26,6 +26,13 @@ F = d_mlp; optional entries in brackets):
   ln_final/w [D], [ln_final/b];  [unembed/W_U [D, V], unembed/b_U [V]] (absent when tied to W_E)
 
 RMSNorm weights are stored as the effective scale: gemma's (1 + w) is folded in at load time.
+
+Precision: activations run in ``cfg.dtype`` (weights are cast to it where used, so params may be
+stored in any dtype); norms, RoPE, attention scores/softmax and logits are float32; the residual
+and every edit's output are cast back to ``cfg.dtype``. With ``cfg.dtype == "float32"`` every cast
+is a no-op. Tensor parallelism: traced under ``jax.set_mesh(mesh)`` with a ``model`` axis, the
+forward adds sharding constraints on heads, MLP hidden units and logits (``models/sharding.py``);
+without a mesh it is unchanged.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ import jax
 import jax.numpy as jnp
 
 from recovery_jax.models.config import ModelConfig
+from recovery_jax.models import sharding as sharding_lib
 from recovery_jax.models import sites as sites_lib
 
 Array = jax.Array
@@ -85,14 +93,19 @@ def default_positions(attention_mask: Array | None, batch: int, seq: int, offset
 
 
 def _norm(cfg: ModelConfig, p: Mapping[str, Array], x: Array) -> Array:
+  """LayerNorm / RMSNorm over the last axis, computed in float32, returned in x's dtype."""
+  f32 = lambda a: a.astype(jnp.float32)
+  xf = f32(x)
   if cfg.norm == "layernorm":
-    mu = x.mean(-1, keepdims=True)
-    var = jnp.square(x - mu).mean(-1, keepdims=True)
-    y = (x - mu) * jax.lax.rsqrt(var + cfg.norm_eps)
-    y = y * p["w"]
-    return y + p["b"] if "b" in p else y
-  y = x * jax.lax.rsqrt(jnp.square(x).mean(-1, keepdims=True) + cfg.norm_eps)
-  return y * p["w"]  # gemma's (1 + w) is stored as the effective scale
+    mu = xf.mean(-1, keepdims=True)
+    var = jnp.square(xf - mu).mean(-1, keepdims=True)
+    y = (xf - mu) * jax.lax.rsqrt(var + cfg.norm_eps)
+    y = y * f32(p["w"])
+    y = y + f32(p["b"]) if "b" in p else y
+  else:
+    y = xf * jax.lax.rsqrt(jnp.square(xf).mean(-1, keepdims=True) + cfg.norm_eps)
+    y = y * f32(p["w"])  # gemma's (1 + w) is stored as the effective scale
+  return y.astype(x.dtype)
 
 
 def _act(cfg: ModelConfig, x: Array) -> Array:
@@ -112,10 +125,10 @@ def _rope_tables(positions: Array, d_head: int, theta: float, scale: float = 1.0
 
 
 def _apply_rope(x: Array, cos: Array, sin: Array) -> Array:
-  """x: [batch, seq, heads, d_head]."""
+  """x: [batch, seq, heads, d_head]; float32 tables, result in x's dtype."""
   half = x.shape[-1] // 2
   rot = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-  return x * cos[:, :, None, :] + rot * sin[:, :, None, :]
+  return (x * cos[:, :, None, :] + rot * sin[:, :, None, :]).astype(x.dtype)
 
 
 class _Ctx(NamedTuple):
@@ -132,11 +145,13 @@ class _Ctx(NamedTuple):
 def _attention(cfg: ModelConfig, p, x: Array, ctx: _Ctx, is_sliding, kv: tuple[Array, Array] | None):
   """x: [B, T, D] (normed). kv: this layer's cache (k, v) [B, S, Hkv, Dh] or None."""
   b, t, _ = x.shape
-  q = jnp.einsum("btd,dhk->bthk", x, p["W_Q"])
-  k = jnp.einsum("btd,dhk->bthk", x, p["W_K"])
-  v = jnp.einsum("btd,dhk->bthk", x, p["W_V"])
+  dt = x.dtype
+  heads = lambda a: sharding_lib.constrain(a, sharding_lib.HEADS)
+  q = heads(jnp.einsum("btd,dhk->bthk", x, p["W_Q"].astype(dt)))
+  k = jnp.einsum("btd,dhk->bthk", x, p["W_K"].astype(dt))
+  v = jnp.einsum("btd,dhk->bthk", x, p["W_V"].astype(dt))
   if "b_Q" in p:
-    q, k, v = q + p["b_Q"], k + p["b_K"], v + p["b_V"]
+    q, k, v = q + p["b_Q"].astype(dt), k + p["b_K"].astype(dt), v + p["b_V"].astype(dt)
   if "q_norm" in p:
     q = _norm(cfg, p["q_norm"], q)
     k = _norm(cfg, p["k_norm"], k)
@@ -154,31 +169,34 @@ def _attention(cfg: ModelConfig, p, x: Array, ctx: _Ctx, is_sliding, kv: tuple[A
     k, v = ck.astype(q.dtype), cv.astype(q.dtype)
   hkv = cfg.n_kv_heads
   q = q.reshape(b, t, hkv, cfg.n_heads // hkv, cfg.d_head) * cfg.query_scale
-  scores = jnp.einsum("btkgd,bskd->bkgts", q, k)
+  scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
   if cfg.attn_softcap is not None:
     scores = jnp.tanh(scores / cfg.attn_softcap) * cfg.attn_softcap
   allowed = ctx.allowed_full
   if cfg.sliding_window is not None:
     allowed = jnp.where(is_sliding, ctx.allowed_sliding, allowed)
   scores = jnp.where(allowed[:, None, None], scores, _NEG_INF)
-  probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(v.dtype)
-  z = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, cfg.n_heads, cfg.d_head)
-  out = jnp.einsum("bthk,hkd->btd", z, p["W_O"])
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  z = heads(jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, cfg.n_heads, cfg.d_head))
+  out = jnp.einsum("bthk,hkd->btd", z, p["W_O"].astype(dt))
   if "b_O" in p:
-    out = out + p["b_O"]
-  return out, new_kv
+    out = out + p["b_O"].astype(dt)
+  return sharding_lib.constrain(out, sharding_lib.RESID), new_kv
 
 
 def _mlp(cfg: ModelConfig, p, x: Array) -> Array:
-  h = x @ p["W_in"]
+  dt = x.dtype
+  hidden = lambda a: sharding_lib.constrain(a, sharding_lib.HIDDEN)
+  h = hidden(x @ p["W_in"].astype(dt))
   if "b_in" in p:
-    h = h + p["b_in"]
+    h = h + p["b_in"].astype(dt)
   if "W_gate" in p:
-    h = _act(cfg, x @ p["W_gate"]) * h
+    h = _act(cfg, hidden(x @ p["W_gate"].astype(dt))) * h
   else:
     h = _act(cfg, h)
-  out = h @ p["W_out"]
-  return out + p["b_out"] if "b_out" in p else out
+  out = h @ p["W_out"].astype(dt)
+  out = out + p["b_out"].astype(dt) if "b_out" in p else out
+  return sharding_lib.constrain(out, sharding_lib.RESID)
 
 
 def _block(cfg: ModelConfig, p, h: Array, ctx: _Ctx, is_sliding, kv, hook: Callable[[str, Array], Array]):
@@ -212,21 +230,25 @@ def _segments(start: int, stop: int, hooked: set[int]) -> list[tuple[int, int, b
 
 
 def embed(params, cfg: ModelConfig, tokens: Array) -> Array:
-  """Token embedding [batch, seq, d_model] (gemma: scaled by sqrt(d_model)), before hook_embed."""
-  x = params["embed"]["W_E"][tokens].astype(jnp.float32)
+  """Token embedding [batch, seq, d_model] in ``cfg.dtype`` (gemma: scaled by sqrt(d_model), the
+  scale rounded to that dtype as in HF), before hook_embed."""
+  x = params["embed"]["W_E"][tokens].astype(cfg.compute_dtype)
   if cfg.is_gemma:
     x = x * jnp.asarray(cfg.d_model ** 0.5, x.dtype)
-  return x
+  return sharding_lib.constrain(x, sharding_lib.RESID)
 
 
 def unembed(params, cfg: ModelConfig, x: Array) -> Array:
-  """Logits from the normalised final residual: [batch, seq, d_model] -> [batch, seq, vocab]."""
+  """Logits from the normalised final residual: [batch, seq, d_model] -> float32 [batch, seq, vocab]
+  (products in x's dtype, accumulated in float32)."""
+  f32 = jnp.float32
   if "unembed" in params:
-    logits = x @ params["unembed"]["W_U"]
+    logits = jnp.einsum("...d,dv->...v", x, params["unembed"]["W_U"].astype(x.dtype), preferred_element_type=f32)
     if "b_U" in params["unembed"]:
-      logits = logits + params["unembed"]["b_U"]
+      logits = logits + params["unembed"]["b_U"].astype(f32)
   else:
-    logits = x @ params["embed"]["W_E"].T.astype(x.dtype)
+    logits = jnp.einsum("...d,vd->...v", x, params["embed"]["W_E"].astype(x.dtype), preferred_element_type=f32)
+  logits = sharding_lib.constrain(logits, sharding_lib.VOCAB)
   if cfg.final_softcap is not None:
     logits = jnp.tanh(logits / cfg.final_softcap) * cfg.final_softcap
   return logits
@@ -238,7 +260,7 @@ def final_logits(params, cfg: ModelConfig, resid: Array) -> Array:
 
 
 def final_logits_at(params, cfg: ModelConfig, resid: Array, ids: Array) -> Array:
-  """Logits of a few vocabulary entries only: resid [B, R, d_model], ids [B, n] -> [B, R, n].
+  """Logits of a few vocabulary entries only: resid [B, R, d_model], ids [B, n] -> float32 [B, R, n].
 
   Equal to ``final_logits(...)[..., ids]`` (softcapping is elementwise) at a fraction of the cost
   when an objective reads only a few logits (logit difference, choice margins).
@@ -249,9 +271,9 @@ def final_logits_at(params, cfg: ModelConfig, resid: Array, ids: Array) -> Array
     w = jnp.moveaxis(params["unembed"]["W_U"][:, ids], 0, -1)  # [B, n, D]
   else:
     w = params["embed"]["W_E"][ids]  # [B, n, D]
-  logits = jnp.einsum("brd,bnd->brn", x, w.astype(x.dtype))
+  logits = jnp.einsum("brd,bnd->brn", x, w.astype(x.dtype), preferred_element_type=jnp.float32)
   if "unembed" in params and "b_U" in params["unembed"]:
-    logits = logits + params["unembed"]["b_U"][ids][:, None, :]
+    logits = logits + params["unembed"]["b_U"][ids][:, None, :].astype(jnp.float32)
   if cfg.final_softcap is not None:
     logits = jnp.tanh(logits / cfg.final_softcap) * cfg.final_softcap
   return logits
@@ -311,8 +333,8 @@ def forward(
   positions = positions.astype(jnp.int32)
 
   def apply(name: str, x: Array) -> Array:
-    if name in edits:
-      x = edits[name](x, positions)
+    if name in edits:  # an edit may compute in float32 (e.g. add delta); the stream keeps its dtype
+      x = edits[name](x, positions).astype(x.dtype)
     if name in capture:
       captures[name] = x
     return x
@@ -322,7 +344,7 @@ def forward(
     if cfg.family == "gpt2":
       h = h + apply("hook_pos_embed", params["pos_embed"]["W_pos"][positions].astype(h.dtype))
   else:
-    h = resid
+    h = sharding_lib.constrain(resid.astype(cfg.compute_dtype), sharding_lib.RESID)
 
   # masks: keys are this chunk (no cache) or every cache slot after writing this chunk
   chunk_valid = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
