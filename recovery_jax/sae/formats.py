@@ -1,4 +1,5 @@
-"""SAE files: SAELens, Gemma Scope ``params.npz`` and EleutherAI sparsify, read and written.
+"""SAE files: SAELens, Gemma Scope ``params.npz`` and EleutherAI sparsify (read and written), Llama
+Scope and dictionary_learning folders (read).
 
 Every loader returns ``(params, SAEConfig)`` with SAELens names and shapes (``W_enc`` [d_in, d_sae],
 ``W_dec`` [d_sae, d_in], ``b_enc`` [d_sae], ``b_dec`` [d_in], ``threshold`` [d_sae] float32; gated:
@@ -17,6 +18,8 @@ Every loader returns ``(params, SAEConfig)`` with SAELens names and shapes (``W_
   ``encoder.weight`` [d_sae, d_in] -> ``W_enc`` = its transpose; ``W_dec`` is used by its shape
   ([d_sae, d_in] as sparsify writes it today, or the transpose); ReLU-then-top-k == SAELens topk;
   ``layers.N`` -> ``blocks.N.hook_resid_post``; ``x - b_dec`` on input unless ``transcode``.
+* **Llama Scope** (``hyperparams.json`` + ``checkpoints/final.safetensors``): see ``load_llamascope``.
+* **dictionary_learning** (``ae.pt`` + ``config.json``): see ``load_dictionary_learning``.
 
 Errors (``SAEFileError``) name the file and the problem (missing tensor, wrong shape, unknown
 architecture). ``check_compatible`` compares d_in, hook name and model name with the model an SAE is
@@ -476,15 +479,256 @@ def save_sparsify(params: Mapping[str, Any], cfg: SAEConfig, path: str | os.Path
   return folder
 
 
+# --- Llama Scope (OpenMOSS Language-Model-SAEs) --------------------------------------------------
+
+LLAMASCOPE_HPARAMS = "hyperparams.json"
+LLAMASCOPE_WEIGHTS = "checkpoints/final.safetensors"
+
+
+def _field(d: Mapping[str, Any], name: str, src: Path, kind=int):
+  v = d.get(name)
+  if not isinstance(v, kind) or isinstance(v, bool):
+    raise SAEFileError(f"{src}: field {name!r} is missing or not {'an integer' if kind is int else kind}: {v!r}")
+  return v
+
+
+def _llamascope_norm(hp: Mapping[str, Any], t: Mapping[str, np.ndarray], key: str, hook: str, src: Path) -> float:
+  """dataset_average_activation_norm of ``key`` ('in'/'out'): hyperparams (keyed 'in'/'out' or by
+  hook name), else the weights' ``dataset_average_activation_norm.<hook>`` scalar."""
+  d = hp.get("dataset_average_activation_norm") or {}
+  for k in (key, hook):
+    if isinstance(d, Mapping) and k in d:
+      return float(d[k])
+  name = f"dataset_average_activation_norm.{hook}"
+  if name in t:
+    return float(np.asarray(t[name]))
+  raise SAEFileError(f"{src}: field 'dataset_average_activation_norm' has no {key!r} entry (norm_activation is "
+                     f"'dataset-wise'; found {d!r})")
+
+
+def load_llamascope(path: str | os.PathLike, *, hook_name: str | None = None, model_name: str | None = None,
+                    dtype: str | None = "float32") -> tuple[dict, SAEConfig]:
+  """Loads a Llama Scope folder (``hyperparams.json`` + ``checkpoints/final.safetensors``, as written
+  by OpenMOSS Language-Model-SAEs) into an SAE that takes raw activations.
+
+  Their encode: x_n = x * sqrt(d_model) / norm_in (``norm_activation: dataset-wise``; ``token-wise``
+  uses ||x||; ``inference``: 1); optionally x_n - b_D (``apply_decoder_bias_to_pre_encoder``);
+  pre = x_n @ encoder.weight^T + encoder.bias; the activation tests ``pre * ||decoder column||``
+  when ``sparsity_include_decoder_norm`` (default) else ``pre`` (jumprelu: > ``jump_relu_threshold``
+  or exp(``log_jumprelu_threshold``); relu: > 0; topk); features = pre where active; decode
+  (f @ decoder.weight^T + decoder.bias) / (sqrt(d_model) / norm_out). Here: W_enc = encoder.weight^T
+  * s, W_dec = decoder.weight^T / s, b_dec = decoder.bias / s, b_enc as is, jumprelu threshold_i =
+  threshold / ||decoder column i|| (exact); a topk SAE with decoder norms in its sparsity gets unit
+  decoder columns (W_enc*n, b_enc*n, W_dec/n: the same reconstruction, activations times the norms).
+  Transcoders (``hook_point_out`` != ``hook_point_in``) are refused.
+  """
+  p = Path(path)
+  folder = p.parent.parent if p.is_file() else p
+  hp_path, w_path = folder / LLAMASCOPE_HPARAMS, folder / LLAMASCOPE_WEIGHTS
+  hp = _read_json(hp_path)
+  d_in, d_sae = _field(hp, "d_model", hp_path), _field(hp, "d_sae", hp_path)
+  act = str(hp.get("act_fn", "relu")).lower()
+  if act not in ("jumprelu", "relu", "topk"):
+    raise SAEFileError(f"{hp_path}: field 'act_fn' = {act!r} is not supported (jumprelu, relu, topk)")
+  hook_in, hook_out = hp.get("hook_point_in") or hp.get("hook_point"), hp.get("hook_point_out")
+  if hook_out and hook_in and hook_out != hook_in:
+    raise SAEFileError(f"{hp_path}: field 'hook_point_out' = {hook_out!r} differs from 'hook_point_in' = {hook_in!r}: "
+                       "a transcoder, not an SAE of this loader")
+  norm_mode = hp.get("norm_activation", "dataset-wise")
+  if norm_mode not in ("dataset-wise", "token-wise", "inference"):
+    raise SAEFileError(f"{hp_path}: field 'norm_activation' = {norm_mode!r} is not supported "
+                       "(dataset-wise, token-wise, inference)")
+  t = _read_safetensors(w_path)
+  shapes = {"encoder.weight": (d_sae, d_in), "encoder.bias": (d_sae,), "decoder.weight": (d_in, d_sae)}
+  use_dec_bias = bool(hp.get("use_decoder_bias", True))
+  if use_dec_bias:
+    shapes["decoder.bias"] = (d_in,)
+  for name, shape in shapes.items():
+    if name not in t:
+      raise SAEFileError(f"{w_path}: missing tensor {name!r} (found {sorted(t)})")
+    if tuple(t[name].shape) != shape:
+      raise SAEFileError(f"{w_path}: tensor {name!r} has shape {tuple(t[name].shape)}, expected {shape} "
+                         f"(d_sae={d_sae}, d_model={d_in} from {LLAMASCOPE_HPARAMS})")
+  f32 = lambda a: np.asarray(a, np.float32)
+  w_enc, b_enc, w_dec = f32(t["encoder.weight"]).T, f32(t["encoder.bias"]), f32(t["decoder.weight"]).T
+  b_dec = f32(t["decoder.bias"]) if use_dec_bias else np.zeros((d_in,), np.float32)
+  include_norm = bool(hp.get("sparsity_include_decoder_norm", True))
+  dec_norm = np.linalg.norm(w_dec, axis=-1)
+  hook = hook_name or hook_in or ""
+  params = {"W_enc": w_enc, "b_enc": b_enc, "W_dec": w_dec, "b_dec": b_dec}
+  k = None
+  if act == "jumprelu":
+    if "log_jumprelu_threshold" in t:
+      th = np.exp(f32(t["log_jumprelu_threshold"]))
+      if th.shape not in ((), (d_sae,)):
+        raise SAEFileError(f"{w_path}: tensor 'log_jumprelu_threshold' has shape {th.shape}, expected {(d_sae,)}")
+    elif isinstance(hp.get("jump_relu_threshold"), (int, float)):
+      th = np.float32(hp["jump_relu_threshold"])
+    else:
+      raise SAEFileError(f"{hp_path}: field 'jump_relu_threshold' is missing (and {w_path.name} has no "
+                         "'log_jumprelu_threshold')")
+    th = np.broadcast_to(th, (d_sae,)).astype(np.float32)
+    params["threshold"] = th / np.maximum(dec_norm, 1e-12) if include_norm else th
+    arch = "jumprelu"
+  elif act == "topk":  # unit decoder columns (their transform_to_unit_decoder_norm): top-k of pre * norm
+    arch, k = "topk", _field(hp, "top_k", hp_path)
+    if include_norm:
+      n = np.maximum(dec_norm, 1e-12)
+      params.update(W_enc=w_enc * n, b_enc=b_enc * n, W_dec=w_dec / n[:, None])
+  else:
+    arch = "standard"
+  norm = "none"
+  if norm_mode == "dataset-wise":
+    s_in = np.sqrt(d_in) / _llamascope_norm(hp, t, "in", hook_in or hook, hp_path)
+    params = fold_norm_scaling_factor(params, float(s_in))
+  elif norm_mode == "token-wise":
+    norm = "constant_norm_rescale"
+  cfg = SAEConfig(architecture=arch, d_in=d_in, d_sae=d_sae, k=k,
+                  apply_b_dec_to_input=bool(hp.get("apply_decoder_bias_to_pre_encoder", False)) and use_dec_bias,
+                  normalize_activations=norm, hook_name=hook,
+                  model_name=model_name if model_name is not None else str(hp.get("model_name") or ""),
+                  dtype="float32", prepend_bos=True, source=str(folder))
+  return _finalize(params, cfg, str(w_path), dtype)
+
+
+# --- dictionary_learning (saprmarks) -------------------------------------------------------------
+
+DICTLEARN_WEIGHTS = "ae.pt"
+DICTLEARN_CONFIG = "config.json"
+
+
+def _torch_state_dict(path: Path) -> dict[str, np.ndarray]:
+  if not path.exists():
+    raise SAEFileError(f"{path}: file not found")
+  try:
+    import torch
+  except ImportError as e:
+    raise SAEFileError(f"{path}: reading a torch .pt file needs torch (pip install torch)") from e
+  try:
+    sd = torch.load(str(path), map_location="cpu", weights_only=True)
+  except Exception as e:  # noqa: BLE001 - corrupt or not a state dict
+    raise SAEFileError(f"{path}: cannot read the torch state dict ({e})") from e
+  if not isinstance(sd, Mapping):
+    raise SAEFileError(f"{path}: expected a state dict (name -> tensor), found {type(sd).__name__}")
+  return {k: v.detach().float().numpy() if hasattr(v, "detach") else np.asarray(v) for k, v in sd.items()}
+
+
+def _dictlearn_hook(trainer: Mapping[str, Any], src: Path) -> str:
+  layer = trainer.get("layer")
+  if not isinstance(layer, int):
+    raise SAEFileError(f"{src}: field 'trainer.layer' is missing or not an integer ({layer!r}); pass hook_name=")
+  sub = str(trainer.get("submodule_name") or "").lower()
+  if "embed" in sub:
+    return "hook_embed"
+  if "mlp" in sub:
+    return f"blocks.{layer}.hook_mlp_out"
+  if "attn" in sub or "attention" in sub:
+    return f"blocks.{layer}.hook_attn_out"
+  return f"blocks.{layer}.hook_resid_post"
+
+
+DICTLEARN_CLASSES = ("AutoEncoder", "AutoEncoderNew", "GatedAutoEncoder", "JumpReluAutoEncoder", "AutoEncoderTopK",
+                     "BatchTopKSAE", "MatryoshkaBatchTopKSAE")
+
+
+def load_dictionary_learning(path: str | os.PathLike, *, hook_name: str | None = None, model_name: str | None = None,
+                             dtype: str | None = "float32") -> tuple[dict, SAEConfig]:
+  """Loads a dictionary_learning folder (``ae.pt`` state dict + ``config.json`` with a ``trainer``
+  dict naming ``dict_class``, ``activation_dim``, ``dict_size``, ``layer``, ``lm_name``, ``k``).
+
+  ``AutoEncoder`` (relu(encoder(x - bias)); decoder(f) + bias), ``AutoEncoderNew`` (no input bias),
+  ``AutoEncoderTopK`` (per-token top-k after ReLU, ``b_dec`` on input), ``BatchTopKSAE`` /
+  ``MatryoshkaBatchTopKSAE`` (inference: the stored global ``threshold``), ``GatedAutoEncoder`` and
+  ``JumpReluAutoEncoder`` (no b_dec on input) are read exactly, including their convention of
+  reporting features times the decoder norms (folded into the weights: W_enc*n, b_enc*n,
+  threshold*n or r_mag+log n, b_mag*n; W_dec/n). Hook: ``blocks.{layer}.hook_resid_post`` (``mlp`` /
+  ``attn`` in ``submodule_name``: ``hook_mlp_out`` / ``hook_attn_out``).
+  """
+  p = Path(path)
+  folder = p.parent if p.is_file() else p
+  cfg_path, w_path = folder / DICTLEARN_CONFIG, folder / DICTLEARN_WEIGHTS
+  conf = _read_json(cfg_path)
+  trainer = conf.get("trainer")
+  if not isinstance(trainer, Mapping):
+    raise SAEFileError(f"{cfg_path}: field 'trainer' is missing (dictionary_learning configs hold the trainer's dict)")
+  cls = trainer.get("dict_class")
+  if cls not in DICTLEARN_CLASSES:
+    raise SAEFileError(f"{cfg_path}: field 'trainer.dict_class' = {cls!r} is not supported; expected one of "
+                       f"{DICTLEARN_CLASSES}")
+  d_in, d_sae = _field(trainer, "activation_dim", cfg_path), _field(trainer, "dict_size", cfg_path)
+  sd = _torch_state_dict(w_path)
+
+  def get(*names, shape=None):
+    for n in names:
+      if n in sd:
+        a = np.asarray(sd[n], np.float32)
+        if shape is not None and a.shape != shape:
+          raise SAEFileError(f"{w_path}: tensor {n!r} has shape {a.shape}, expected {shape} "
+                             f"(dict_size={d_sae}, activation_dim={d_in}, {cls})")
+        return a
+    raise SAEFileError(f"{w_path}: missing tensor {names[0]!r} for a {cls} (found {sorted(sd)})")
+
+  def linear_or_param(lin, param, out_dim, in_dim):
+    """W [in, out] from nn.Linear ``lin.weight`` [out, in] or a parameter ``param`` [in, out]."""
+    if f"{lin}.weight" in sd:
+      return get(f"{lin}.weight", shape=(out_dim, in_dim)).T
+    return get(param, shape=(in_dim, out_dim))
+
+  k, arch, apply_b_dec, extra = None, "standard", True, {}
+  w_enc = linear_or_param("encoder", "W_enc", d_sae, d_in)
+  w_dec = linear_or_param("decoder", "W_dec", d_in, d_sae)
+  if cls == "AutoEncoder":
+    b_enc, b_dec = get("encoder.bias", shape=(d_sae,)), get("bias", shape=(d_in,))
+  elif cls == "AutoEncoderNew":
+    b_enc, b_dec, apply_b_dec = get("encoder.bias", shape=(d_sae,)), get("decoder.bias", shape=(d_in,)), False
+  elif cls == "GatedAutoEncoder":
+    arch, b_dec, b_enc = "gated", get("decoder_bias", shape=(d_in,)), None
+    n = np.linalg.norm(w_dec, axis=-1)
+    extra = {"b_gate": get("gate_bias", shape=(d_sae,)), "r_mag": get("r_mag", shape=(d_sae,)) + np.log(n),
+             "b_mag": get("mag_bias", shape=(d_sae,)) * n}
+    w_dec = w_dec / n[:, None]
+  elif cls == "JumpReluAutoEncoder":
+    arch, apply_b_dec = "jumprelu", False
+    b_enc, b_dec = get("b_enc", shape=(d_sae,)), get("b_dec", shape=(d_in,))
+    n = np.linalg.norm(w_dec, axis=-1)
+    extra = {"threshold": get("threshold", shape=(d_sae,)) * n}
+    w_enc, b_enc, w_dec = w_enc * n, b_enc * n, w_dec / n[:, None]
+  else:  # AutoEncoderTopK, BatchTopKSAE, MatryoshkaBatchTopKSAE
+    b_enc, b_dec = get("encoder.bias", "b_enc", shape=(d_sae,)), get("b_dec", shape=(d_in,))
+    k_val = sd.get("k", trainer.get("k"))
+    if k_val is None:
+      raise SAEFileError(f"{cfg_path}: field 'trainer.k' is missing (and {w_path.name} has no 'k' buffer)")
+    k = int(np.asarray(k_val))
+    if cls == "AutoEncoderTopK":
+      arch = "topk"
+    else:
+      th = float(np.asarray(get("threshold")).reshape(-1)[0])
+      if th < 0:
+        raise SAEFileError(f"{w_path}: tensor 'threshold' = {th} < 0: the {cls} threshold was never set in training, "
+                           "so its inference encoder is undefined")
+      arch, extra = "batchtopk", {"threshold": np.full((d_sae,), th, np.float32)}
+  params = {"W_enc": w_enc, "W_dec": w_dec, "b_dec": b_dec, **extra}
+  if b_enc is not None:
+    params["b_enc"] = b_enc
+  hook = hook_name if hook_name is not None else _dictlearn_hook(trainer, cfg_path)
+  lm = model_name if model_name is not None else str(trainer.get("lm_name") or "").rsplit("/", 1)[-1]
+  buffer = conf.get("buffer") if isinstance(conf.get("buffer"), Mapping) else {}
+  cfg = SAEConfig(architecture=arch, d_in=d_in, d_sae=d_sae, k=k, apply_b_dec_to_input=apply_b_dec, hook_name=hook,
+                  model_name=lm, dtype="float32", context_size=buffer.get("ctx_len"), source=str(folder))
+  return _finalize(params, cfg, str(w_path), dtype)
+
+
 # --- any format ----------------------------------------------------------------------------------
 
 
 def detect_format(path: str | os.PathLike) -> str:
-  """'saelens', 'gemmascope' or 'sparsify' from the files present."""
+  """'saelens', 'gemmascope', 'sparsify', 'llamascope' or 'dictionary_learning' from the files present."""
   p = Path(path)
   if p.is_file():
     if p.suffix == ".npz":
       return "gemmascope"
+    if p.name == "final.safetensors" and (p.parent.parent / LLAMASCOPE_HPARAMS).exists():
+      return "llamascope"
     p = p.parent
   if (p / GEMMASCOPE_PARAMS).exists():
     return "gemmascope"
@@ -492,10 +736,15 @@ def detect_format(path: str | os.PathLike) -> str:
     return "saelens"
   if (p / SPARSIFY_WEIGHTS).exists():
     return "sparsify"
+  if (p / LLAMASCOPE_HPARAMS).exists():
+    return "llamascope"
+  if (p / DICTLEARN_WEIGHTS).exists():
+    return "dictionary_learning"
   if not p.exists():
     raise SAEFileError(f"{p}: no such file or folder")
-  raise SAEFileError(f"{p}: no SAE file found (expected {SAELENS_WEIGHTS}, {SPARSIFY_WEIGHTS} or "
-                     f"{GEMMASCOPE_PARAMS}; found {sorted(x.name for x in p.iterdir())})")
+  raise SAEFileError(f"{p}: no SAE file found (expected {SAELENS_WEIGHTS}, {SPARSIFY_WEIGHTS}, {GEMMASCOPE_PARAMS}, "
+                     f"{LLAMASCOPE_HPARAMS} + {LLAMASCOPE_WEIGHTS} or {DICTLEARN_WEIGHTS}; "
+                     f"found {sorted(x.name for x in p.iterdir())})")
 
 
 def load_sae(path: str | os.PathLike, *, format: str = "auto", model_cfg=None, hook_name: str | None = None,
@@ -506,7 +755,8 @@ def load_sae(path: str | os.PathLike, *, format: str = "auto", model_cfg=None, h
   turns mismatches into warnings; ``kw`` goes to the format's loader.
   """
   fmt = detect_format(path) if format == "auto" else format
-  loaders = {"saelens": load_saelens, "gemmascope": load_gemmascope, "sparsify": load_sparsify}
+  loaders = {"saelens": load_saelens, "gemmascope": load_gemmascope, "sparsify": load_sparsify,
+             "llamascope": load_llamascope, "dictionary_learning": load_dictionary_learning}
   if fmt not in loaders:
     raise ValueError(f"format={fmt!r}: expected 'auto' or one of {sorted(loaders)}")
   try:
