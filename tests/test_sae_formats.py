@@ -375,3 +375,38 @@ def test_float16_save_keeps_threshold_float32(tmp_path):
   assert t["W_enc"].dtype == np.float16 and t["threshold"].dtype == np.float32
   p16, c16 = formats.load_sae(tmp_path / "b", dtype=None)
   assert p16["W_dec"].dtype == np.float16 and c16.dtype == "float16"
+
+
+# --- named access to shipped SAEs ----------------------------------------------------------------
+
+
+def test_named_access_resolves_shipped_folders(tmp_path, monkeypatch):
+  from recovery_jax.sae import registry
+  x = _x()
+  for layer, arch in ((9, "jumprelu"), (3, "jumprelu"), (12, "standard")):
+    cfg = SAEConfig(arch, D_IN, D_SAE, apply_b_dec_to_input=False, hook_name=f"blocks.{layer}.hook_resid_post",
+                    model_name="tiny-model")
+    r = np.random.default_rng(layer)
+    p = {"W_enc": r.normal(size=(D_IN, D_SAE)).astype(np.float32), "W_dec": r.normal(size=(D_SAE, D_IN)).astype(np.float32),
+         "b_enc": np.zeros(D_SAE, np.float32), "b_dec": np.zeros(D_IN, np.float32), "threshold": np.full(D_SAE, 0.5, np.float32)}
+    formats.save_saelens(p, cfg, tmp_path / f"tiny-model-res{layer}-post-{arch}")
+  (tmp_path / "notes").mkdir()  # not an SAE: ignored
+  monkeypatch.setenv(registry.ASSETS_ENV, str(tmp_path))
+  assert [s.hook_name for s in registry.shipped()] == [f"blocks.{L}.hook_resid_post" for L in (3, 9, 12)]
+  params, cfg = formats.load_sae("tiny-model", site="blocks.9.hook_resid_post", model_cfg=_model_cfg().replace(n_layers=16))
+  assert cfg.source.endswith("tiny-model-res9-post-jumprelu") and cfg.hook_name == "blocks.9.hook_resid_post"
+  ref, _ = formats.load_sae(tmp_path / "tiny-model-res9-post-jumprelu")
+  np.testing.assert_array_equal(params["W_enc"], ref["W_enc"])
+  with pytest.raises(ValueError, match=r"no SAE is shipped for model 'tiny-model' at site 'blocks.4.hook_resid_post'; "
+                     r"shipped sites: blocks.3.hook_resid_post \(jumprelu\), blocks.9.hook_resid_post \(jumprelu\), "
+                     r"blocks.12.hook_resid_post \(standard\)"):
+    formats.load_sae("tiny-model", site="blocks.4.hook_resid_post")
+  with pytest.raises(ValueError, match=r"no SAE is shipped for model 'gpt2'.*shipped models: \['tiny-model'\]"):
+    formats.load_sae("gpt2", site="blocks.4.hook_resid_post")
+
+
+def test_the_repository_assets_are_registered():
+  from recovery_jax.sae import registry
+  got = {(s.model_name, s.hook_name) for s in registry.shipped()}
+  assert ("smollm2-135m-instruct", "blocks.12.hook_resid_pre") in got
+  assert registry.resolve("smollm2-135m-instruct", "blocks.12.hook_resid_pre").name == "smollm2-135m-instruct-res12-topk"

@@ -1,9 +1,11 @@
 """Sparse autoencoders: config, maths, file formats, validation and training.
 
 Modules: ``config`` (SAEConfig), ``core`` (encode/decode/error and the sparse forms of the clamp),
-``formats`` (SAELens / Gemma Scope / sparsify files, ``check_compatible``), ``validate``
+``formats`` (SAELens / Gemma Scope / sparsify / Llama Scope / dictionary_learning files,
+``check_compatible``), ``registry`` (the SAEs shipped in ``assets/`` by model and site), ``validate``
 (load-time fit check), ``metrics``, ``harvest`` (activations from text), ``train`` (optax trainer),
-``pipeline`` (the end-to-end run behind ``recovery_jax.train_sae``), ``testing`` (tiny model).
+``pipeline`` (the end-to-end run behind ``recovery_jax.train_sae``), ``cards`` (feature cards),
+``testing`` (tiny model).
 """
 
 from recovery_jax.sae.config import SAEConfig, ARCHITECTURES
@@ -13,5 +15,5 @@ from recovery_jax.sae.core import (
 )
 from recovery_jax.sae.formats import (
     load_sae, load_saelens, save_saelens, load_gemmascope, save_gemmascope, load_sparsify, save_sparsify,
-    check_compatible, SAEFileError, SAECompatibilityError,
+    load_llamascope, load_dictionary_learning, check_compatible, SAEFileError, SAECompatibilityError,
 )

@@ -748,12 +748,20 @@ def detect_format(path: str | os.PathLike) -> str:
 
 
 def load_sae(path: str | os.PathLike, *, format: str = "auto", model_cfg=None, hook_name: str | None = None,
-             override: bool = False, dtype: str | None = "float32", **kw) -> tuple[dict, SAEConfig]:
+             override: bool = False, dtype: str | None = "float32", site: str | None = None,
+             architecture: str | None = None, **kw) -> tuple[dict, SAEConfig]:
   """Loads an SAE in any supported format; with ``model_cfg`` also ``check_compatible``.
 
-  ``hook_name`` is the site the SAE will be attached to (compared with the file's), ``override``
+  ``path`` is a file or folder, or, with ``site``, a model name whose shipped SAE at that site is
+  loaded (``load_sae("smollm2-135m-instruct", site="blocks.9.hook_resid_post")``, see
+  ``registry``; ``architecture`` picks one when several are shipped there). ``hook_name`` is the
+  site the SAE will be attached to (compared with the file's; defaults to ``site``), ``override``
   turns mismatches into warnings; ``kw`` goes to the format's loader.
   """
+  if site is not None and not Path(path).exists():
+    from recovery_jax.sae import registry
+    path = registry.resolve(str(path), site, architecture=architecture)
+  hook_name = hook_name if hook_name is not None else site
   fmt = detect_format(path) if format == "auto" else format
   loaders = {"saelens": load_saelens, "gemmascope": load_gemmascope, "sparsify": load_sparsify,
              "llamascope": load_llamascope, "dictionary_learning": load_dictionary_learning}
