@@ -4,7 +4,8 @@ import numpy as np
 import jax
 import jax.numpy as jnp
 
-from tests.model_fixtures import tiny_model, tiny_sae, random_tokens
+from recovery_jax.models.random_init import random_model, random_tokens
+from recovery_jax.sae.testing import random_sae
 from recovery_jax import intervene
 from recovery_jax.recovery import api, attribution
 from recovery_jax.recovery.objectives import Objective
@@ -15,7 +16,7 @@ SITE = "blocks.1.hook_resid_pre"
 
 
 def test_components_sum_back_to_delta():
-  sae, scfg = tiny_sae(32, 40, seed=4)
+  sae, scfg = random_sae(32, 40, seed=4)
   h = 2.0 * jax.random.normal(jax.random.PRNGKey(0), (3, 2, 32))
   delta = jax.random.normal(jax.random.PRNGKey(1), (3, 2, 32))
   idx, mask = jnp.asarray([1, 5, 9, 0]), jnp.asarray([True, True, True, False])
@@ -42,8 +43,8 @@ def test_components_sum_back_to_delta():
 
 
 def test_replay_under_active_clamp():
-  params, cfg = tiny_model("llama", n_layers=2, seed=6)
-  sae, scfg = tiny_sae(cfg.d_model, 40, seed=7, site=SITE)
+  params, cfg = random_model("llama", n_layers=2, seed=6)
+  sae, scfg = random_sae(cfg.d_model, 40, seed=7, site=SITE)
   toks = random_tokens(3, 1, 7)
   targets = {"pos": np.array([4]), "neg": np.array([50])}
   rc = RecoveryConfig(steps=6, lr=0.2, budget=3.0, projection="none")

@@ -5,7 +5,8 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from tests.model_fixtures import tiny_model, tiny_sae, random_tokens
+from recovery_jax.models.random_init import random_tokens
+from recovery_jax.sae.testing import random_sae
 from recovery_jax import intervene
 from recovery_jax.intervene import ClampSpec
 from recovery_jax.models import transformer
@@ -15,18 +16,18 @@ SITE = "blocks.1.hook_resid_pre"
 
 
 @pytest.fixture(scope="module")
-def model():
-  return tiny_model("llama", n_layers=2)
+def model(tiny_llama):
+  return tiny_llama
 
 
 @pytest.fixture(scope="module")
 def sae(model):
-  return tiny_sae(model[1].d_model, 40, site=SITE)
+  return random_sae(model[1].d_model, 40, site=SITE)
 
 
 @pytest.fixture(scope="module", params=["standard", "jumprelu"])
 def any_sae(request, model):
-  return tiny_sae(model[1].d_model, 40, architecture=request.param, site=SITE)
+  return random_sae(model[1].d_model, 40, architecture=request.param, site=SITE)
 
 
 def _x(seed=0, shape=(2, 6, 32)):
@@ -46,7 +47,7 @@ def _dense(sp, scfg, spec, cp, x, detach_error=False):
 
 def test_clamp_values_table():
   z = jnp.array([-1.0, 0.0, 2.0])
-  cfg = tiny_sae(4)[1]
+  cfg = random_sae(4)[1]
   f = lambda mode, po, v: np.asarray(intervene.clamp_values(ClampSpec(SITE, cfg, mode=mode, positive_only=po), z, v))
   np.testing.assert_array_equal(f("set", True, -5.0), [-1.0, 0.0, -5.0])
   np.testing.assert_array_equal(f("set", False, -5.0), [-5.0, -5.0, -5.0])
@@ -165,7 +166,7 @@ def test_transform_order_and_multiple_clamps(model, sae):
 
 
 def test_clamp_params_helpers():
-  cfg = tiny_sae(8)[1]
+  cfg = random_sae(8)[1]
   cp = intervene.make_clamp_params([3, 1], 2.0, k_max=4)
   np.testing.assert_array_equal(np.asarray(cp.feature_idx), [3, 1, 0, 0])
   np.testing.assert_array_equal(np.asarray(cp.feature_mask), [True, True, False, False])
@@ -177,4 +178,4 @@ def test_clamp_params_helpers():
     ClampSpec(SITE, cfg, mode="scale")
   x = jnp.ones((1, 3, 8))
   with pytest.raises(ValueError, match="position_mask"):
-    intervene.clamp_residual(ClampSpec(SITE, cfg, masked_positions=True), tiny_sae(8)[0], cp, x, jnp.arange(3)[None])
+    intervene.clamp_residual(ClampSpec(SITE, cfg, masked_positions=True), random_sae(8)[0], cp, x, jnp.arange(3)[None])

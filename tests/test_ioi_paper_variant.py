@@ -15,10 +15,10 @@ transformers = pytest.importorskip("transformers")
 
 @pytest.fixture(scope="module")
 def paper_files(tmp_path_factory):
-  from recovery_jax.experiments import setup as setup_lib
+  from recovery_jax.models import loading
   from safetensors.numpy import save_file
   root = tmp_path_factory.mktemp("paper")
-  tok = setup_lib.smollm2_tokenizer()  # any byte-level BPE works; names must be single tokens
+  tok = loading.smollm2_tokenizer()  # any byte-level BPE works; names must be single tokens
   torch.manual_seed(0)
   cfg = transformers.GPT2Config(vocab_size=tok.get_vocab_size(), n_embd=64, n_layer=6, n_head=4, n_positions=64)
   model_dir = root / "gpt2"

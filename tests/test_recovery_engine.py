@@ -7,7 +7,8 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from tests.model_fixtures import tiny_model, tiny_sae, random_tokens
+from recovery_jax.models.random_init import random_tokens
+from recovery_jax.sae.testing import random_sae
 from recovery_jax import intervene
 from recovery_jax.intervene import ClampSpec
 from recovery_jax.recovery import api, engine
@@ -23,9 +24,9 @@ MASKS = [[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]]  # the second set is padded to K_max 
 
 
 @pytest.fixture(scope="module")
-def setting():
-  params, cfg = tiny_model("gpt2", n_layers=2, seed=2)
-  sae, scfg = tiny_sae(cfg.d_model, 40, seed=3, site=SITE)
+def setting(tiny_gpt2):
+  params, cfg = tiny_gpt2
+  sae, scfg = random_sae(cfg.d_model, 40, seed=3, site=SITE)
   toks = random_tokens(11, B, T)
   mask = np.ones((B, T), bool)
   mask[2, :2] = False  # a left-padded row
@@ -133,7 +134,7 @@ MSITES = ("blocks.0.hook_resid_post", "blocks.1.hook_resid_post")
 
 def _multi(setting, semantics, projection, suffix_len, **rc_kw):
   params, cfg, sae, scfg, toks, mask, targets = setting
-  sae2, scfg2 = tiny_sae(cfg.d_model, 40, seed=9, site=MSITES[1])
+  sae2, scfg2 = random_sae(cfg.d_model, 40, seed=9, site=MSITES[1])
   clamps = (ClampSpec(MSITES[0], scfg, mode="multiply", positive_only=False),
             ClampSpec(MSITES[1], scfg2, mode="multiply", positive_only=False))
   cps = (intervene.make_clamp_params([1, 4, 6], 3.0), intervene.make_clamp_params([2, 3, 5], 3.0))

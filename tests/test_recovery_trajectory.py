@@ -13,7 +13,8 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from tests.model_fixtures import tiny_model, tiny_sae, random_tokens
+from recovery_jax.models.random_init import random_model, random_tokens
+from recovery_jax.sae.testing import random_sae
 from recovery_jax import intervene
 from recovery_jax.models import transformer
 from recovery_jax.recovery import engine
@@ -34,8 +35,8 @@ KEY = jax.random.PRNGKey(3)
 
 @pytest.fixture(scope="module")
 def setting():
-  params, cfg = tiny_model("llama", n_layers=2, d_model=32, seed=4)
-  saes = [tiny_sae(cfg.d_model, 40, seed=10 + i, site=s) for i, s in enumerate(SITES)]
+  params, cfg = random_model("llama", n_layers=2, d_model=32, seed=4)
+  saes = [random_sae(cfg.d_model, 40, seed=10 + i, site=s) for i, s in enumerate(SITES)]
   toks = random_tokens(7, 1, T)
   return params, cfg, saes, toks
 

