@@ -13,7 +13,9 @@ K_max selected features are (2 d K per token for each of encode, decode and the 
 from __future__ import annotations
 
 from bench.problems import Workload
+from recovery_jax.models import sites as sites_lib
 from recovery_jax.models.config import ModelConfig
+from recovery_jax.recovery import engine
 
 
 def dense_per_token_layer(cfg: ModelConfig) -> int:
@@ -34,10 +36,10 @@ def unembed(cfg: ModelConfig, n: int, vocab: int | None = None) -> int:
   return 2 * cfg.d_model * (cfg.vocab_size if vocab is None else vocab) * n
 
 
-def engine_vocab(wl: Workload, cfg: ModelConfig) -> int:
+def engine_vocab(wl: Workload) -> int:
   """Vocabulary columns the engine unembeds: only the two logits of a logit difference
   (``transformer.final_logits_at``), the whole vocabulary otherwise."""
-  return 2 if wl.objective.kind == "logit_diff" else cfg.vocab_size
+  return 2 if wl.spec.objective.kind == "logit_diff" else wl.spec.model_cfg.vocab_size
 
 
 def forward(cfg: ModelConfig, n_q: int, n_k: int, n_layers: int, n_unembed: int, vocab: int | None = None) -> int:
@@ -49,76 +51,97 @@ def backward(cfg: ModelConfig, n_q: int, n_k: int, n_layers: int, n_unembed: int
           + unembed(cfg, n_unembed, vocab))
 
 
-def clamp(wl: Workload, cfg: ModelConfig, n_tok: int) -> int:
+# ----------------------------------------------------------------------------------------------
+# what the counts read from a workload (its RecoverySpec, clamps and problems)
+
+
+def suffix_len(wl: Workload) -> int:
+  """Columns a step of the engine recomputes (all of them without prefix caching)."""
+  return wl.seq_len if wl.spec.suffix_len is None else wl.spec.suffix_len
+
+
+def n_readout(wl: Workload) -> int:
+  return wl.problems.readout_cols.shape[-1]
+
+
+def last_site_layer(wl: Workload) -> int:
+  """Last layer holding a delta site or a monitored clamp: nothing after it feeds the drift terms."""
+  sites = list(wl.spec.delta_sites) + [wl.clamps[i].site for i in engine.monitored(wl.clamps)]
+  return max(sites_lib.parse_site(s, wl.spec.model_cfg.n_layers).layer for s in sites)
+
+
+def clamp(wl: Workload, n_tok: int) -> int:
   """Subset encode + decode of every clamp and the monitored encode over n_tok tokens."""
-  return wl.n_sites * n_tok * 2 * cfg.d_model * wl.k_max * 3
+  k = sum(c.params.feature_idx.shape[-1] for c in wl.clamps)
+  return n_tok * 2 * wl.spec.model_cfg.d_model * k * 3
 
 
 def n_backward(wl: Workload) -> int:
   """Backward passes per step: 1 (gradient), or the stacked VJPs of the Jacobian sketch
   (objective, drift penalty, drift probe, Gaussian probes)."""
-  r = wl.rcfg
+  r = wl.spec.config
   if r.is_jacobian:
     return 2 + int(r.jacobian_drift_probe) + r.jacobian_probes
   return 1
 
 
-def _step(wl: Workload, cfg: ModelConfig, n_q: int, n_k: int, first: int, n_unembed: int,
-          dense_vjps: bool = True, vocab: int | None = None) -> int:
-  """One step: forward of layers [first, L) over n_q columns, the backward(s), the corrections
-  (forward + backward of the layers up to the last site; nothing after it is live).
+def _step(wl: Workload, n_q: int, n_k: int, n_unembed: int, dense_vjps: bool = True, vocab: int | None = None) -> int:
+  """One step: forward of layers [first delta layer, L) over n_q columns, the backward(s), the
+  corrections (forward + backward of the layers up to the last site; nothing after it is live).
 
   dense_vjps: the Jacobian sketch's stacked VJPs (``vmap`` of one VJP over [objective, penalty,
   probes] cotangents) each run the whole backward, although only the objective row reaches the
   layers after the last site and the unembedding (JAX). Without it (PyTorch ``autograd.grad`` per
   cotangent) only the objective gradient runs the whole backward; the others stop at the sites."""
+  cfg, first = wl.spec.model_cfg, wl.spec.start_layer
   layers = cfg.n_layers - first
-  upto = wl.last_site_layer + 1 - first
-  fwd = forward(cfg, n_q, n_k, layers, n_unembed, vocab) + clamp(wl, cfg, n_q)
-  bwd = backward(cfg, n_q, n_k, layers, n_unembed, vocab) + clamp(wl, cfg, n_q)
+  upto = last_site_layer(wl) + 1 - first
+  fwd = forward(cfg, n_q, n_k, layers, n_unembed, vocab) + clamp(wl, n_q)
+  bwd = backward(cfg, n_q, n_k, layers, n_unembed, vocab) + clamp(wl, n_q)
   n_b = n_backward(wl)
   if dense_vjps or n_b == 1:
     bwds = n_b * bwd
   else:
-    bwds = bwd + (n_b - 1) * (backward(cfg, n_q, n_k, upto, 0) + clamp(wl, cfg, n_q))
-  corr = wl.rcfg.correction_steps * (forward(cfg, n_q, n_k, upto, 0) + backward(cfg, n_q, n_k, upto, 0))
+    bwds = bwd + (n_b - 1) * (backward(cfg, n_q, n_k, upto, 0) + clamp(wl, n_q))
+  corr = wl.spec.config.correction_steps * (forward(cfg, n_q, n_k, upto, 0) + backward(cfg, n_q, n_k, upto, 0))
   return fwd + bwds + corr
 
 
-def reference_step(wl: Workload, cfg: ModelConfig, dense_vjps: bool = True) -> int:
+def reference_step(wl: Workload, dense_vjps: bool = True) -> int:
   """Variant (a) (and (c) with ``dense_vjps=False``), one example: full forward (all layers and T
   columns, full logits at every column); backward(s) through the layers from the first site over
   all columns."""
-  t, first = wl.seq_len, wl.first_delta_layer
-  below = forward(cfg, t, t, first, 0)  # the layers under the first delta layer: forward only
-  return _step(wl, cfg, t, t, first, t, dense_vjps) + (1 + wl.rcfg.correction_steps) * below
+  t = wl.seq_len
+  below = forward(wl.spec.model_cfg, t, t, wl.spec.start_layer, 0)  # under the first delta layer: forward only
+  return _step(wl, t, t, t, dense_vjps) + (1 + wl.spec.config.correction_steps) * below
 
 
-def engine_step(wl: Workload, cfg: ModelConfig) -> int:
+def engine_step(wl: Workload) -> int:
   """Variant (b), one example: the suffix columns from the first delta site over the cached prefix
   (T + suffix key slots: the engine pads the sequence by the suffix length), readout logits only."""
-  s = wl.suffix_len
-  return _step(wl, cfg, s, wl.seq_len + s, wl.first_delta_layer, wl.n_readout, vocab=engine_vocab(wl, cfg))
+  s = suffix_len(wl)
+  return _step(wl, s, wl.seq_len + s, n_readout(wl), vocab=engine_vocab(wl))
 
 
-def engine_prepare(wl: Workload, cfg: ModelConfig) -> int:
+def engine_prepare(wl: Workload) -> int:
   """Variant (b), one example: the base and the defended forwards over T + suffix columns."""
-  tp = wl.seq_len + wl.suffix_len
-  return 2 * forward(cfg, tp, tp, cfg.n_layers, wl.n_readout, engine_vocab(wl, cfg)) + clamp(wl, cfg, tp)
+  tp = wl.seq_len + suffix_len(wl)
+  return 2 * forward(wl.spec.model_cfg, tp, tp, wl.spec.model_cfg.n_layers, n_readout(wl),
+                     engine_vocab(wl)) + clamp(wl, tp)
 
 
-def reference_recovery(wl: Workload, cfg: ModelConfig, steps: int, dense_vjps: bool = True) -> int:
+def reference_recovery(wl: Workload, steps: int, dense_vjps: bool = True) -> int:
   """Variant (a) / (c), one example: the drift-reference forward, the steps, the final forward."""
-  t = wl.seq_len
+  t, cfg = wl.seq_len, wl.spec.model_cfg
   full = forward(cfg, t, t, cfg.n_layers, t)
-  return 2 * full + steps * reference_step(wl, cfg, dense_vjps)
+  return 2 * full + steps * reference_step(wl, dense_vjps)
 
 
-def engine_recovery(wl: Workload, cfg: ModelConfig, steps: int) -> int:
+def engine_recovery(wl: Workload, steps: int) -> int:
   """Variant (b), one example: prepare, the steps, the final suffix forward."""
-  s = wl.suffix_len
-  fin = forward(cfg, s, wl.seq_len + s, cfg.n_layers - wl.first_delta_layer, wl.n_readout, engine_vocab(wl, cfg))
-  return engine_prepare(wl, cfg) + steps * engine_step(wl, cfg) + fin
+  s, cfg = suffix_len(wl), wl.spec.model_cfg
+  fin = forward(cfg, s, wl.seq_len + s, cfg.n_layers - wl.spec.start_layer, n_readout(wl), engine_vocab(wl))
+  return engine_prepare(wl) + steps * engine_step(wl) + fin
 
 
 def matmul(n: int) -> int:

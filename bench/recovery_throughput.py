@@ -200,42 +200,43 @@ def _project_steps(args, kind: str) -> int:
   return args.project_steps_ioi if kind == "ioi" else args.project_steps_refusal
 
 
-def run_reference(params, cfg, wl, data, model, n, peak, args) -> dict:
-  loop = reference_loop.ReferenceLoop(params, cfg, wl, data)
+def run_reference(params, wl, model, n, peak, args) -> dict:
+  loop = reference_loop.ReferenceLoop(params, wl)
   info = loop.compile()
   res = loop.run(n)
-  steps = wl.rcfg.steps
+  steps = wl.spec.config.steps
   return _row("reference", model, wl.kind, 1, wl.k_max, steps, res, n, res["fixed_s"] / n,
-              float(np.median(res["step_times"])), flops.reference_step(wl, cfg),
-              flops.reference_recovery(wl, cfg, steps), peak, _project_steps(args, wl.kind),
+              float(np.median(res["step_times"])), flops.reference_step(wl),
+              flops.reference_recovery(wl, steps), peak, _project_steps(args, wl.kind),
               compile_s=info["compile_s"], memory=info["step_memory"])
 
 
-def run_engine(params, cfg, wl, data, model, peak, args) -> dict:
-  eng = engine_batched.EngineBatched(params, cfg, wl, data)
+def run_engine(params, wl, model, peak, args) -> dict:
+  eng = engine_batched.EngineBatched(params, wl)
   info = eng.compile()
   res = eng.run(args.repeats)
-  steps, b = wl.rcfg.steps, data.n
+  steps, b = wl.spec.config.steps, wl.n
   step_s = max(res["wall_s"] - res["prepare_s"], 1e-9) / steps
   return _row("engine", model, wl.kind, b, wl.k_max, steps, res, b, res["prepare_s"], step_s,
-              flops.engine_step(wl, cfg), flops.engine_recovery(wl, cfg, steps), peak, _project_steps(args, wl.kind),
-              compile_s=info["compile_s"], memory=info["memory"], suffix_len=wl.suffix_len)
+              flops.engine_step(wl), flops.engine_recovery(wl, steps), peak, _project_steps(args, wl.kind),
+              compile_s=info["compile_s"], memory=info["memory"], suffix_len=wl.spec.suffix_len)
 
 
-def run_torch(params, cfg, wl, data, model, n, peak, args) -> dict | None:
+def run_torch(params, wl, model, n, peak, args) -> dict | None:
   if importlib.util.find_spec("torch") is None or importlib.util.find_spec("transformers") is None:
     return None
   from bench import torch_loop  # pylint: disable=import-outside-toplevel
   from recovery_jax.models import transformer  # pylint: disable=import-outside-toplevel
-  loop = torch_loop.TorchLoop(params, cfg, wl, data)
+  loop = torch_loop.TorchLoop(params, wl)
   threads = loop.calibrate_threads(_ints(args.torch_threads) if args.torch_threads else (1, None))
-  parity = loop.logits_parity(np.asarray(transformer.forward(params, cfg, data.tokens[:1]).logits[0]))
+  tokens = wl.problems.tokens[:1, 0]
+  parity = loop.logits_parity(np.asarray(transformer.forward(params, wl.spec.model_cfg, tokens).logits[0]))
   res = loop.run(n)
-  steps = wl.rcfg.steps
+  steps = wl.spec.config.steps
   return _row("torch", model, wl.kind, 1, wl.k_max, steps, res, n, res["fixed_s"] / n,
               float(np.median(res["step_times"])),
-              flops.reference_step(wl, cfg, dense_vjps=False),
-              flops.reference_recovery(wl, cfg, steps, dense_vjps=False), peak, _project_steps(args, wl.kind),
+              flops.reference_step(wl, dense_vjps=False),
+              flops.reference_recovery(wl, steps, dense_vjps=False), peak, _project_steps(args, wl.kind),
               logits_parity=parity, torch_threads=threads)
 
 
@@ -248,19 +249,19 @@ def run_cell(params, cfg, tok, model: str, kind: str, k_max: int, batches: list[
   n_ref = args.ref_examples if kind == "ioi" else args.refusal_ref_examples
   n_torch = min(args.torch_examples, n_ref)
   n_max = max(max(batches), n_ref)
-  wl, data = problems.make_workload(kind, params, cfg, tok, n=n_max, **kw)
+  wl = problems.make_workload(kind, params, cfg, tok, n=n_max, **kw)
   rows = []
-  ref = run_reference(params, cfg, wl, data, model, n_ref, peak, args)
+  ref = run_reference(params, wl, model, n_ref, peak, args)
   rows.append(ref)
   log(_fmt(ref))
   tor = None
   if not args.no_torch and n_torch > 0:
-    tor = run_torch(params, cfg, wl, data, model, n_torch, peak, args)
+    tor = run_torch(params, wl, model, n_torch, peak, args)
     if tor is not None:
       rows.append(tor)
       log(_fmt(tor))
   for b in batches:
-    row = run_engine(params, cfg, wl, data.head(b), model, peak, args)
+    row = run_engine(params, wl.head(b), model, peak, args)
     n_cmp = min(b, n_ref)
     row["objective_max_abs_diff_vs_reference"] = float(np.max(np.abs(
         np.asarray(row["objectives"][:n_cmp]) - np.asarray(ref["objectives"][:n_cmp]))))

@@ -10,7 +10,9 @@ the site on that full-sequence forward:
   below the site, which the reference computes and throws away.
 * live (refusal): clamp -> add delta rows -> capture at every site.
 
-Each step (gradient, projection, Adam, clip) is one jit-compiled call (``bench.stepper.step``).
+The optimiser is the engine's own: a ``recovery.optimizer.Stepper`` on this full-forward evaluator,
+``optimizer.init``, then ``optimizer.step`` jit-compiled once and called once per Python iteration
+(``optimize`` scans the same step), then ``optimizer.finish``.
 """
 
 from __future__ import annotations
@@ -22,143 +24,171 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from bench import problems, stepper
-from bench.problems import Data, Workload
+from bench.problems import Workload
 from recovery_jax import intervene
 from recovery_jax.models import transformer
-from recovery_jax.models.config import ModelConfig
+from recovery_jax.recovery import engine
 from recovery_jax.recovery import optimizer as opt_lib
 from recovery_jax.recovery import projections as proj_lib
+from recovery_jax.recovery import objectives as obj_lib
+from recovery_jax.recovery.engine import Problem, RecoverySpec
 
 Array = jax.Array
 
 
 class Prep(NamedTuple):
-  """Per-example state built once before the steps."""
+  """Per-example state built once before the steps (``refs``/``masks`` as ``engine.monitor_of`` reads them)."""
 
-  x_def: Array  # [1, T, d] frozen defended residual at the site (zeros for live workloads)
+  x_def: Array  # [1, T, d] frozen defended residual at the delta site (zeros for live workloads)
   keep: Array  # [T] bool, all True (opaque to XLA)
-  mon: opt_lib.Monitor
+  refs: tuple  # monitored features at delta = 0
+  masks: tuple
   enc_proj: proj_lib.EncoderProjector | None
 
 
-def _delta_edits(wl: Workload, x_def: Array, keep: Array, delta: Array) -> dict:
-  """Edits adding delta rows [n_sites, n_rows, d] at columns delta_start.. of a full sequence."""
-  c0, n = wl.delta_start, wl.n_rows
-
-  def add(j):
-    return lambda x, positions: x.at[:, c0:c0 + n].add(delta[j][None].astype(x.dtype))
-
-  if wl.semantics == "frozen":
-    site = wl.sites[0]
-    return {site: lambda x, positions: jnp.where(keep[None, :, None], add(0)(x_def, positions), x)}
-  return {s: add(j) for j, s in enumerate(wl.sites)}
+def _check(spec: RecoverySpec) -> None:
+  if spec.semantics == "frozen" and len(spec.delta_sites) != 1:
+    raise ValueError("bench.reference_loop: frozen semantics with one delta site only "
+                     f"(got {spec.delta_sites}); the engine's frozen offsets at later sites are not modelled")
 
 
-def full_eval(params, cfg: ModelConfig, wl: Workload, data: Data, prep_x_def: Array, keep: Array,
-              delta: Array) -> opt_lib.Eval:
-  """Objective and monitored features of one example (batch 1) from a full-sequence forward."""
-  edits = _delta_edits(wl, prep_x_def, keep, delta)
-  if wl.semantics == "live":
-    edits = intervene.chain_edits(intervene.clamp_edits(wl.specs, data.saes, data.clamps), edits)
-  out = transformer.forward(params, cfg, data.tokens, edits=edits, capture=wl.sites)
-  logits = out.logits[:, wl.readout_start:wl.readout_start + wl.n_readout]
-  rows = problems.row_scores(wl, logits, data.targets)
-  ms, nm = wl.mon_start, wl.n_mon
-  feats = problems.monitored_features(wl, data, {s: out.captures[s][:, ms:ms + nm] for s in wl.sites})
-  return opt_lib.Eval(rows.mean(), rows, feats)
+def _delta_edits(spec: RecoverySpec, clamps, pb: Problem, x_def: Array, keep: Array, delta: Array) -> dict:
+  """Clamp edits plus delta rows [n_sites, P, d] added at the problem's delta columns."""
+  place = intervene.placement(pb.delta_cols, pb.delta_valid, 0, pb.tokens.shape[1])
+  if spec.semantics == "frozen":
+    s0 = spec.delta_sites[0]
+    add = intervene.add_edit(place, delta[0])
+    frozen = {s0: lambda x, positions: jnp.where(keep[None, :, None], add(x_def, positions), x)}
+    return intervene.chain_edits(intervene.clamp_edits([c for c in clamps if c.site != s0]), frozen)
+  adds = {s: intervene.add_edit(place, delta[j]) for j, s in enumerate(spec.delta_sites)}
+  return intervene.chain_edits(intervene.clamp_edits(clamps), adds)
 
 
-def prepare(params, cfg: ModelConfig, wl: Workload, data: Data, keep: Array) -> Prep:
+def full_eval(spec: RecoverySpec, params, clamps, pb: Problem, x_def: Array, keep: Array, delta: Array) -> opt_lib.Eval:
+  """Objective and monitored features of one example (batch 1) from a full-sequence forward with
+  full-vocabulary logits at every column."""
+  mon = engine.monitored(clamps)
+  out = transformer.forward(params, spec.model_cfg, pb.tokens, positions=pb.positions,
+                            edits=_delta_edits(spec, clamps, pb, x_def, keep, delta),
+                            capture=tuple(dict.fromkeys(clamps[i].site for i in mon)))
+  rows = obj_lib.row_scores(spec.objective, engine.gather_cols(out.logits, pb.readout_cols), pb.targets)
+  feats = tuple(clamps[i].features(engine.gather_cols(out.captures[clamps[i].site], pb.monitor_cols)) for i in mon)
+  return opt_lib.Eval(obj_lib.weighted_mean(rows, pb.row_weight), rows, feats)
+
+
+def prepare(spec: RecoverySpec, params, clamps, pb: Problem, hp: opt_lib.HParams, keep: Array) -> Prep:
   """Frozen defended residual, drift references at delta = 0, and the encoder projector."""
-  t, d = wl.seq_len, cfg.d_model
-  if wl.semantics == "frozen":
-    h = transformer.forward(params, cfg, data.tokens, stop_layer=wl.start_layer, compute_logits=False).resid
-    x_def = intervene.clamp_residual(wl.specs[0], data.saes[0], data.clamps[0], h)
-  else:
-    x_def = jnp.zeros((1, t, d), jnp.float32)
-  zero = jnp.zeros((wl.n_sites, wl.n_rows, d), jnp.float32)
-  refs = full_eval(params, cfg, wl, data, x_def, keep, zero).feats
+  cfg, clamps = spec.model_cfg, tuple(clamps)
+  b, t = pb.tokens.shape
+  x_def = jnp.zeros((b, t, cfg.d_model), jnp.float32)
+  if spec.semantics == "frozen":
+    s0 = spec.delta_sites[0]
+    before = [c for c in clamps if spec.key_of(c.site) < spec.key_of(s0)]
+    x_def = transformer.forward(params, cfg, pb.tokens, positions=pb.positions, stop_layer=spec.start_layer,
+                                edits=intervene.clamp_edits(before), compute_logits=False).resid
+    for c in (c for c in clamps if c.site == s0):
+      x_def = c(x_def, pb.positions)
+  zero = jnp.zeros((len(spec.delta_sites), pb.delta_cols.shape[1], cfg.d_model), jnp.float32)
+  refs = full_eval(spec, params, clamps, pb, x_def, keep, zero).feats
+  masks = tuple(pb.monitor_valid[:, :, None] & clamps[i].mask[None, None] for i in engine.monitored(clamps))
   enc = None
-  if wl.rcfg.projection in ("encoder", "encoder_exact"):
-    enc = proj_lib.ridge_projector(problems.encoder_matrix(wl, data), wl.rcfg.ridge)
-  return Prep(x_def, keep, problems.monitor(wl, data, refs), enc)
+  if spec.config.projection in ("encoder", "encoder_exact"):
+    enc = engine.encoder_projector(cfg.d_model, spec.delta_sites, clamps, hp.ridge,
+                                   spec.config.projection == "encoder_exact", spec.config.exact_rtol)
+  return Prep(x_def, keep, refs, masks, enc)
 
 
-def one_step(params, cfg: ModelConfig, wl: Workload, data: Data, prep: Prep, delta, opt_state, t, hp):
-  f = lambda d: full_eval(params, cfg, wl, data, prep.x_def, prep.keep, d)
-  return stepper.step(f, delta, opt_state, t, data.keys[0], prep.mon, wl.rcfg, hp, prep.enc_proj)
+def stepper(spec: RecoverySpec, params, clamps, pb: Problem, prep: Prep, hp: opt_lib.HParams,
+            key: Array) -> opt_lib.Stepper:
+  """The engine optimiser's Stepper on the full-forward evaluator. As ``engine.recover`` (delta0 = 0,
+  no fixed delta) the drift references are the first step's own features."""
+  f = functools.partial(full_eval, spec, params, tuple(clamps), pb, prep.x_def, prep.keep)
+  return opt_lib.Stepper(f, engine.monitor_of(tuple(clamps), prep), spec.config, hp, key, prep.enc_proj,
+                         refs_from_start=True)
 
 
-def final_eval(params, cfg: ModelConfig, wl: Workload, data: Data, prep: Prep, delta):
-  return full_eval(params, cfg, wl, data, prep.x_def, prep.keep, delta)
+def init(spec, params, clamps, pb, prep, hp, key, delta0) -> opt_lib.OptState:
+  return opt_lib.init(stepper(spec, params, clamps, pb, prep, hp, key), delta0)
+
+
+def step(spec, params, clamps, pb, prep, hp, key, state, t) -> tuple[opt_lib.OptState, Array]:
+  """One optimiser step: (new state, objective at the old delta)."""
+  state, hist = opt_lib.step(stepper(spec, params, clamps, pb, prep, hp, key), state, t)
+  return state, hist["objective"]
+
+
+def finish(spec, params, clamps, pb, prep, hp, key, state) -> opt_lib.OptResult:
+  return opt_lib.finish(stepper(spec, params, clamps, pb, prep, hp, key), state)
 
 
 class ReferenceLoop:
   """Compiled per-example functions and the Python loops of variant (a)."""
 
-  def __init__(self, params, cfg: ModelConfig, wl: Workload, data: Data):
-    stepper.check_supported(wl.rcfg)
-    self.params, self.cfg, self.wl, self.data = params, cfg, wl, data
-    self.hp = wl.rcfg.hparams()
+  def __init__(self, params, wl: Workload):
+    _check(wl.spec)
+    self.params, self.wl = params, wl
+    self.spec = wl.spec.canonical()  # the jit static argument; numbers come from hp
+    self.clamps = wl.clamps
+    self.hp = wl.spec.config.hparams()
     self.keep = jnp.ones((wl.seq_len,), bool)
-    self.delta0 = jnp.zeros((wl.n_sites, wl.n_rows, cfg.d_model), jnp.float32)
-    self._prep = jax.jit(functools.partial(prepare, cfg=cfg, wl=wl))
-    self._step = jax.jit(functools.partial(one_step, cfg=cfg, wl=wl))
-    self._final = jax.jit(functools.partial(final_eval, cfg=cfg, wl=wl))
+    self.delta0 = jnp.zeros((len(wl.spec.delta_sites), wl.problems.delta_cols.shape[-1],
+                             wl.spec.model_cfg.d_model), jnp.float32)
+    jit = lambda fn: jax.jit(fn, static_argnums=0)
+    self._fns = (jit(prepare), jit(init), jit(step), jit(finish))
     self.compiled = None
     self.compile_s = None
 
   def compile(self) -> dict:
-    """AOT-compiles prep, step and final eval on example 0; returns compile seconds and memory."""
+    """AOT-compiles prepare, init, step and finish on example 0; returns compile seconds and memory."""
     t0 = time.perf_counter()
-    ex = self.data.example(0)
-    prep_c = self._prep.lower(self.params, data=ex, keep=self.keep).compile()
-    prep = prep_c(self.params, data=ex, keep=self.keep)
-    opt_state = stepper.init_state(self.delta0, self.wl.rcfg, self.hp)
-    step_c = self._step.lower(self.params, data=ex, prep=prep, delta=self.delta0, opt_state=opt_state,
-                              t=jnp.int32(0), hp=self.hp).compile()
-    final_c = self._final.lower(self.params, data=ex, prep=prep, delta=self.delta0).compile()
+    prep_f, init_f, step_f, fin_f = self._fns
+    common = (self.spec, self.params, self.clamps, self.wl.example(0))
+    prep_c = prep_f.lower(*common, self.hp, self.keep).compile()
+    prep = prep_c(*common[1:], self.hp, self.keep)
+    args = common + (prep, self.hp, self.wl.example_key(0))
+    init_c = init_f.lower(*args, self.delta0).compile()
+    state = init_c(*args[1:], self.delta0)
+    step_c = step_f.lower(*args, state, jnp.int32(0)).compile()
+    fin_c = fin_f.lower(*args, state).compile()
     self.compile_s = time.perf_counter() - t0
-    self.compiled = (prep_c, step_c, final_c)
+    self.compiled = (prep_c, init_c, step_c, fin_c)
     return {"compile_s": self.compile_s, "step_memory": memory_stats(step_c)}
 
-  def recover(self, i: int, steps: int | None = None, timing: dict | None = None) -> tuple[Array, Array]:
-    """Whole recovery of example i: (final objective, final delta). ``timing`` accumulates the
-    seconds of the per-example fixed work ("fixed": defended reference, drift refs, final eval),
-    of the steps ("steps"), and each step's seconds ("step_times"; every step blocks, as the
-    reference's synchronous PyTorch steps do)."""
+  def recover(self, i: int, steps: int | None = None, timing: dict | None = None) -> opt_lib.OptResult:
+    """Whole recovery of example i. ``timing`` accumulates the seconds of the per-example fixed work
+    ("fixed": defended reference, drift refs, optimiser init, final eval), of the steps ("steps"),
+    and each step's seconds ("step_times"; every step blocks, as the reference's synchronous
+    PyTorch steps do)."""
     if self.compiled is None:
       self.compile()
-    prep_c, step_c, final_c = self.compiled
-    steps = self.wl.rcfg.steps if steps is None else steps
+    prep_c, init_c, step_c, fin_c = self.compiled
+    steps = self.wl.spec.config.steps if steps is None else steps
     timing = {} if timing is None else timing
-    ex = self.data.example(i)
+    common = (self.params, self.clamps, self.wl.example(i))
     t0 = time.perf_counter()
-    prep = jax.block_until_ready(prep_c(self.params, data=ex, keep=self.keep))
+    prep = prep_c(*common, self.hp, self.keep)
+    args = common + (prep, self.hp, self.wl.example_key(i))
+    state = jax.block_until_ready(init_c(*args, self.delta0))
     t1 = time.perf_counter()
-    delta = jnp.zeros_like(self.delta0)
-    opt_state = stepper.init_state(delta, self.wl.rcfg, self.hp)
     step_times = timing.setdefault("step_times", [])
     for t in range(steps):
       ts = time.perf_counter()
-      delta, opt_state, _ = step_c(self.params, data=ex, prep=prep, delta=delta, opt_state=opt_state,
-                                   t=jnp.int32(t), hp=self.hp)
-      delta = jax.block_until_ready(delta)
+      state, _ = step_c(*args, state, jnp.int32(t))
+      state = jax.block_until_ready(state)
       step_times.append(time.perf_counter() - ts)
     t2 = time.perf_counter()
-    ev = final_c(self.params, data=ex, prep=prep, delta=delta)
-    obj = float(ev.objective)  # blocks, as the reference's .item() calls do
+    res = fin_c(*args, state)
+    float(res.objective)  # blocks, as the reference's .item() calls do
     t3 = time.perf_counter()
     timing["fixed"] = timing.get("fixed", 0.0) + (t1 - t0) + (t3 - t2)
     timing["steps"] = timing.get("steps", 0.0) + (t2 - t1)
-    return obj, delta
+    return res
 
   def run(self, n: int, steps: int | None = None) -> dict:
     """Recovers examples 0..n-1 one after the other; objectives, wall seconds and their split."""
     t0, c0 = time.perf_counter(), time.process_time()
     timing = {}
-    objs = [self.recover(i, steps, timing)[0] for i in range(n)]
+    objs = [float(self.recover(i, steps, timing).objective) for i in range(n)]
     return {"objectives": objs, "wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0,
             "fixed_s": timing["fixed"], "steps_s": timing["steps"], "step_times": timing["step_times"]}
 

@@ -12,12 +12,16 @@ from __future__ import annotations
 
 import time
 
+import jax
 import numpy as np
 import torch
 
-from bench.problems import Data, Workload
+from bench.problems import Workload
 from recovery_jax.models import sites as sites_lib
 from recovery_jax.models.config import ModelConfig
+
+
+TORCH_SEED = 0  # the Gaussian probes of the Jacobian sketch (torch's generator, not JAX's keys)
 
 
 def _t(a) -> torch.Tensor:
@@ -93,48 +97,91 @@ def _layers(model):
   return model.transformer.h if hasattr(model, "transformer") else model.model.layers
 
 
+SUPPORTED = dict(objectives=("logit_diff", "teacher_forced"), projections=("none", "encoder", "jacobian"))
+
+
+def check_supported(wl: Workload) -> None:
+  """Raises where the workload asks for more than this loop implements (it follows the reference's
+  hooks: a standard ReLU SAE clamp with the error term kept; frozen: one ``hook_resid_pre`` delta
+  site; live: ``hook_resid_post`` delta sites, one clamp at each)."""
+  spec, r = wl.spec, wl.spec.config
+  why = []
+  if spec.objective.kind not in SUPPORTED["objectives"]:
+    why.append(f"objective {spec.objective.kind!r}")
+  if r.projection not in SUPPORTED["projections"] or r.checkpoint != "final" or r.projects_params:
+    why.append(f"projection {r.projection!r} / checkpoint {r.checkpoint!r} / project_params")
+  o = spec.objective
+  if o.kind == "teacher_forced" and (o.w_prefix or o.w_first or o.w_anti or o.w_margin):
+    why.append("teacher-forced terms other than w_ans")
+  if (r.lambda_decode or r.lambda_delta or r.correction_steps
+      or (r.lambda_act and (not r.is_jacobian or r.drift_penalty != "relative_mse"))):
+    why.append("penalties other than a Jacobian-mode lambda_act with relative_mse, or correction steps")
+  for c in wl.clamps:
+    if (c.sae_cfg.architecture != "standard" or c.sae_cfg.normalize_activations != "none"
+        or c.spec.error_term != "keep" or c.spec.masked_positions):
+      why.append(f"clamp at {c.site!r} ({c.sae_cfg.architecture}, error_term={c.spec.error_term})")
+  hook = "hook_resid_pre" if spec.semantics == "frozen" else "hook_resid_post"
+  if (tuple(c.site for c in wl.clamps) != spec.delta_sites or any(not s.endswith(hook) for s in spec.delta_sites)
+      or (spec.semantics == "frozen" and len(spec.delta_sites) != 1)):
+    why.append(f"{spec.semantics} delta sites {spec.delta_sites} with clamps at {[c.site for c in wl.clamps]}")
+  if not bool(np.all(np.asarray(wl.problems.delta_valid))) or not bool(np.all(np.asarray(wl.problems.monitor_valid))):
+    why.append("masked delta or monitor columns")
+  if why:
+    raise ValueError("bench.torch_loop does not implement: " + "; ".join(why))
+
+
 class TorchLoop:
   """Per-example PyTorch recovery of a ``Workload`` (variant c)."""
 
-  def __init__(self, params, cfg: ModelConfig, wl: Workload, data: Data, threads: int | None = None):
+  def __init__(self, params, wl: Workload, threads: int | None = None):
+    check_supported(wl)
     if threads:
       torch.set_num_threads(threads)
-    self.cfg, self.wl = cfg, wl
-    self.model = to_hf(params, cfg)
-    self.tokens = torch.from_numpy(np.array(data.tokens, np.int64))
-    self.targets = {k: np.asarray(v) for k, v in data.targets.items()}
-    self.saes = [{k: _t(v) for k, v in s.items()} for s in data.saes]
-    self.idx = [torch.from_numpy(np.array(c.feature_idx, np.int64)) for c in data.clamps]
-    self.fmask = [torch.from_numpy(np.array(c.feature_mask, bool)) for c in data.clamps]
-    self.values = [float(c.value) for c in data.clamps]
-    self.layers = [sites_lib.parse_site(s).layer for s in wl.sites]
+    self.cfg, self.wl, self.spec, self.rcfg = wl.spec.model_cfg, wl, wl.spec, wl.spec.config
+    self.model = to_hf(params, self.cfg)
+    pbs = jax.tree.map(lambda a: np.asarray(a)[:, 0], wl.problems)  # [N, ...]: one row per example
+    self.tokens = torch.from_numpy(np.array(pbs.tokens, np.int64))
+    self.targets = pbs.targets
+    self.cols = {k: torch.from_numpy(np.array(getattr(pbs, k + "_cols"), np.int64))
+                 for k in ("delta", "readout", "monitor")}
+    self.saes = [{k: _t(v) for k, v in c.sae.items()} for c in wl.clamps]
+    self.b_in = [c.sae_cfg.apply_b_dec_to_input for c in wl.clamps]
+    self.idx = [torch.from_numpy(np.array(c.params.feature_idx, np.int64)) for c in wl.clamps]
+    self.fmask = [torch.from_numpy(np.array(c.mask, bool)) for c in wl.clamps]
+    self.values = [float(c.params.value) for c in wl.clamps]
+    self.enc = [_t(c.encoder_columns()) for c in wl.clamps]  # masked [d, K]
+    self.dec = [_t(c.decoder_rows()) for c in wl.clamps]  # masked [K, d]
+    self.layers = [sites_lib.parse_site(s).layer for s in self.spec.delta_sites]
 
   # --- SAE pieces (standard ReLU SAE, sparse clamp) -------------------------------------------
 
   def _z(self, j: int, x: torch.Tensor) -> torch.Tensor:
     s = self.saes[j]
-    pre = (x - s["b_dec"]) @ s["W_enc"][:, self.idx[j]] + s["b_enc"][self.idx[j]]
-    return torch.relu(pre)
+    x = x - s["b_dec"] if self.b_in[j] else x
+    return torch.relu(x @ s["W_enc"][:, self.idx[j]] + s["b_enc"][self.idx[j]])
 
   def _clamp(self, j: int, x: torch.Tensor) -> torch.Tensor:
-    spec, z = self.wl.specs[j], self._z(j, x)
-    new = z * self.values[j] if spec.mode == "multiply" else torch.full_like(z, self.values[j])
+    spec, z = self.wl.clamps[j].spec, self._z(j, x)
+    if spec.mode == "zero":
+      new = torch.zeros_like(z)
+    else:
+      new = z * self.values[j] if spec.mode == "multiply" else torch.full_like(z, self.values[j])
     if spec.positive_only:
       new = torch.where(z > 0, new, z)
     dz = torch.where(self.fmask[j], new - z, torch.zeros_like(z))
-    return x + dz @ self.saes[j]["W_dec"][self.idx[j]]
+    return x + dz @ self.dec[j]
 
   # --- hooks ----------------------------------------------------------------------------------
 
-  def _forward(self, ids, delta, x_def, captures):
-    """Full forward with the workload's hooks; returns logits [1, T, V]."""
-    wl, c0, n = self.wl, self.wl.delta_start, self.wl.n_rows
+  def _forward(self, i: int, delta, x_def, captures):
+    """Full forward of example i with the workload's hooks; returns logits [1, T, V]."""
+    cols = self.cols["delta"][i]
     handles = []
     layers = _layers(self.model)
-    if wl.semantics == "frozen":
+    if self.spec.semantics == "frozen":
       def pre_hook(module, args, kwargs):
         x = x_def.clone()
-        x[:, c0:c0 + n] = x[:, c0:c0 + n] + delta[0]
+        x[:, cols] = x[:, cols] + delta[0]
         if args:
           return (x,) + tuple(args[1:]), kwargs
         return args, {**kwargs, "hidden_states": x}
@@ -145,13 +192,13 @@ class TorchLoop:
           h = output[0] if isinstance(output, tuple) else output
           h = self._clamp(j, h)
           pad = torch.zeros_like(h)
-          pad[:, c0:c0 + n] = delta[j]
+          pad[:, cols] = delta[j]
           h = h + pad
           captures[j] = h
           return (h,) + tuple(output[1:]) if isinstance(output, tuple) else h
         handles.append(layers[layer].register_forward_hook(hook))
     try:
-      return self.model(ids).logits
+      return self.model(self.tokens[i:i + 1]).logits
     finally:
       for h in handles:
         h.remove()
@@ -175,17 +222,16 @@ class TorchLoop:
   # --- objective and drift --------------------------------------------------------------------
 
   def _objective(self, logits, i: int) -> torch.Tensor:
-    wl = self.wl
-    lo = logits[0, wl.readout_start:wl.readout_start + wl.n_readout].float()
-    if wl.objective.kind == "logit_diff":
+    obj = self.spec.objective
+    lo = logits[0, self.cols["readout"][i]].float()
+    if obj.kind == "logit_diff":
       return lo[0, int(self.targets["pos"][i])] - lo[0, int(self.targets["neg"][i])]
     nxt = torch.from_numpy(np.array(self.targets["next_tokens"][i], np.int64))
     lp = torch.log_softmax(lo, dim=-1).gather(-1, nxt[:, None])[:, 0]
-    return wl.objective.w_ans * lp.mean()
+    return obj.w_ans * lp.mean()
 
-  def _feats(self, captures) -> list[torch.Tensor]:
-    ms, nm = self.wl.mon_start, self.wl.n_mon
-    return [self._z(j, captures[j][0, ms:ms + nm]) for j in range(len(self.layers))]
+  def _feats(self, captures, i: int) -> list[torch.Tensor]:
+    return [self._z(j, captures[j][0, self.cols["monitor"][i]]) for j in range(len(self.layers))]
 
   def _act_loss(self, feats, refs) -> torch.Tensor:
     """relative_mse averaged over sites (masked features)."""
@@ -195,40 +241,38 @@ class TorchLoop:
       nn = mf.sum()
       d2 = ((c - r) ** 2 * mf).sum()
       r2 = ((r ** 2) * mf).sum().detach()
-      total = total + (d2 / nn) / (r2 / nn + self.wl.rcfg.act_loss_eps)
+      total = total + (d2 / nn) / (r2 / nn + self.rcfg.act_loss_eps)
     return total / len(feats)
 
   # --- recovery -------------------------------------------------------------------------------
 
   def recover(self, i: int, steps: int | None = None, timing: dict | None = None) -> float:
     """Whole recovery of example i (final objective); ``timing`` accumulates "fixed" / "steps" seconds."""
-    wl, r = self.wl, self.wl.rcfg
+    r = self.rcfg
     steps = r.steps if steps is None else steps
     timing = {} if timing is None else timing
     t0 = time.perf_counter()
-    ids = self.tokens[i:i + 1]
     x_def = None
-    if wl.semantics == "frozen":
-      x_def = self._clamp(0, self._resid_pre(ids, self.layers[0]))
-    delta = torch.zeros(wl.n_sites, wl.n_rows, self.cfg.d_model, requires_grad=True)
+    if self.spec.semantics == "frozen":
+      x_def = self._clamp(0, self._resid_pre(self.tokens[i:i + 1], self.layers[0]))
+    delta = torch.zeros(len(self.layers), self.cols["delta"].shape[1], self.cfg.d_model, requires_grad=True)
     refs = None
     if r.is_jacobian or r.lambda_act:
       with torch.no_grad():
         caps = {}
-        self._forward(ids, delta, x_def, caps)
-        refs = self._feats(caps)
+        self._forward(i, delta, x_def, caps)
+        refs = self._feats(caps, i)
     opt = torch.optim.Adam([delta], lr=r.lr, betas=(r.b1, r.b2), eps=r.eps)
-    enc = [self.saes[j]["W_enc"][:, self.idx[j]] * self.fmask[j].float()[None] for j in range(wl.n_sites)]
-    gen = torch.Generator().manual_seed(int(r.seed))
+    gen = torch.Generator().manual_seed(TORCH_SEED)
     t1 = time.perf_counter()
     step_times = timing.setdefault("step_times", [])
     for _ in range(steps):
       ts = time.perf_counter()
       caps = {}
-      logits = self._forward(ids, delta, x_def, caps)
+      logits = self._forward(i, delta, x_def, caps)
       obj = self._objective(logits, i)
       if r.is_jacobian:
-        feats = self._feats(caps)
+        feats = self._feats(caps, i)
         pen = r.lambda_act * self._act_loss(feats, refs)
         g = self._jacobian_grad(delta, obj, pen, feats, refs, gen)
       else:
@@ -236,7 +280,7 @@ class TorchLoop:
         (-obj).backward()
         g = delta.grad
         if r.projection == "encoder":
-          g = torch.stack([self._encoder_null(enc[j], g[j], r.ridge) for j in range(wl.n_sites)])
+          g = torch.stack([self._encoder_null(self.enc[j], g[j], r.ridge) for j in range(len(self.layers))])
       delta.grad = g
       opt.step()
       with torch.no_grad():
@@ -246,7 +290,7 @@ class TorchLoop:
       step_times.append(time.perf_counter() - ts)
     t2 = time.perf_counter()
     with torch.no_grad():
-      obj = float(self._objective(self._forward(ids, delta, x_def, {}), i))
+      obj = float(self._objective(self._forward(i, delta, x_def, {}), i))
     t3 = time.perf_counter()
     timing["fixed"] = timing.get("fixed", 0.0) + (t1 - t0) + (t3 - t2)
     timing["steps"] = timing.get("steps", 0.0) + (t2 - t1)
@@ -261,7 +305,7 @@ class TorchLoop:
 
   def _jacobian_grad(self, delta, obj, pen, feats, refs, gen) -> torch.Tensor:
     """Reference ``build_jacobian_basis`` + projection: P(grad(-obj)) + grad(pen)."""
-    r = self.wl.rcfg
+    r = self.rcfg
     z = torch.cat([f.reshape(-1) for f in feats])
     rr = torch.cat([x.reshape(-1) for x in refs])
     probes = []
