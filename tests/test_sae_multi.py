@@ -109,15 +109,17 @@ def test_bfloat16_store(tiny, windows, stores, tmp_path):
   assert harvest.open_store(tmp_path / "bf")[SITES[0]].dtype == ml_dtypes.bfloat16
 
 
-@pytest.mark.parametrize("arch", ["jumprelu", "topk", "standard"])
-def test_vmapped_training_equals_separate_runs(stores, arch):
+@pytest.mark.parametrize("arch,site_axis", [("jumprelu", "vmap"), ("topk", "vmap"), ("standard", "vmap"),
+                                            ("jumprelu", "map")])
+def test_vmapped_training_equals_separate_runs(stores, arch, site_axis):
   multi, _ = stores
   data = [multi[SITES[0]], multi[SITES[2]]]
   tc = train_lib.TrainConfig(architecture=arch, d_in=data[0].shape[1], d_sae=96, k=6, lr=5e-3, batch_size=128,
                              warmup_steps=3, total_steps=14, dead_tokens=600, sparsity_warmup_steps=4,
                              jumprelu_init_l0=12.0)
   seeds, coeffs = [3, 8], [0.02, 0.2]
-  stacked, hist = train_lib.train(tc, data, seeds=seeds, sparsity_coeffs=coeffs, log_every=7, progress=False)
+  stacked, hist = train_lib.train(tc, data, seeds=seeds, sparsity_coeffs=coeffs, log_every=7, progress=False,
+                                  site_axis=site_axis)
   assert stacked.params["W_enc"].shape == (2, tc.d_in, tc.d_sae) and len(hist[-1]["explained_variance"]) == 2
   for i in range(2):
     alone, h1 = train_lib.train(tc, data[i], seed=seeds[i], sparsity_coeffs=[coeffs[i]], log_every=7, progress=False)

@@ -272,12 +272,21 @@ def site_update(tc: TrainConfig, optimizer: optax.GradientTransformation, state:
   return TrainState(params, opt_state, state.step + 1, since, state.input_scale), metrics
 
 
-def make_train_step(tc: TrainConfig, optimizer: optax.GradientTransformation, n_sites: int = 1) -> Callable:
+SITE_AXIS_MODES = ("vmap", "map")
+
+
+def make_train_step(tc: TrainConfig, optimizer: optax.GradientTransformation, n_sites: int = 1,
+                    site_axis: str = "vmap") -> Callable:
   """jit-compiled ``step(state, x [N, B, d_in], coeffs [N]) -> (state, metrics {name: [N]})`` over
-  N stacked SAEs: ``site_update`` vmapped over the site axis (N = 1 calls it on the squeezed state:
-  the same update, and a ``lax.cond`` stays a branch instead of becoming a select under vmap)."""
+  N stacked SAEs: ``site_update`` vmapped over the site axis (``site_axis="map"``: ``lax.map``, the
+  sites one after another inside the same program, which a small CPU may run faster). N = 1 calls it
+  on the squeezed state: the same update, and a ``lax.cond`` stays a branch (vmap makes it a select)."""
+  if site_axis not in SITE_AXIS_MODES:
+    raise ValueError(f"make_train_step: site_axis={site_axis!r}, expected one of {SITE_AXIS_MODES}")
   update = functools.partial(site_update, tc, optimizer)
-  if n_sites == 1:
+  if site_axis == "map" and n_sites > 1:
+    stacked = lambda state, x, coeffs: jax.lax.map(lambda a: update(*a), (state, x, coeffs))
+  elif n_sites == 1:
     def stacked(state, x, coeffs):
       sq = lambda t: jax.tree.map(lambda a: a[0], t)
       st, m = update(sq(state), x[0], coeffs[0])
@@ -347,10 +356,10 @@ def batch_indices(n_rows: int, batch_size: int, step: int, seed: int) -> np.ndar
 
 
 @functools.lru_cache(maxsize=8)
-def _optimizer_and_step(tc: TrainConfig, n_sites: int = 1):
-  """One optimizer and compiled step per (TrainConfig, N) (a resumed call in the same process reuses it)."""
+def _optimizer_and_step(tc: TrainConfig, n_sites: int = 1, site_axis: str = "vmap"):
+  """One optimizer and compiled step per (TrainConfig, N, mode) (a resumed call in the same process reuses it)."""
   optimizer = make_optimizer(tc)
-  return optimizer, make_train_step(tc, optimizer, n_sites)
+  return optimizer, make_train_step(tc, optimizer, n_sites, site_axis)
 
 
 # --- loop with orbax -------------------------------------------------------------------------------
@@ -379,7 +388,7 @@ def restore_or_init(ckpt_dir: str, template: TrainState) -> TrainState:
 def train(tc: TrainConfig, stores, *, seed: int = 0, seeds: Sequence[int] | None = None,
           sparsity_coeffs: Sequence[float] | None = None, ckpt_dir: str | None = None, ckpt_every: int = 200,
           log_every: int = 50, stop_after: int | None = None, progress: bool = True,
-          log_fn: Callable[[int, dict], None] | None = None) -> tuple[TrainState, list[dict]]:
+          log_fn: Callable[[int, dict], None] | None = None, site_axis: str = "vmap") -> tuple[TrainState, list[dict]]:
   """Trains N SAEs in one compiled program for ``tc.total_steps``.
 
   ``stores``: one array of raw activations [rows, d_in] (array or memmap; one SAE, the state and
@@ -387,7 +396,7 @@ def train(tc: TrainConfig, stores, *, seed: int = 0, seeds: Sequence[int] | None
   stacked state and metrics as lists of N floats). SAE i uses ``seeds[i]`` (default ``seed + i``)
   for its init key and data order, exactly as a one-store call with ``seed=seeds[i]`` does, so N
   separate runs and one N-site run give the same SAEs. ``sparsity_coeffs`` [N] overrides
-  ``tc.sparsity_coeff()`` per SAE.
+  ``tc.sparsity_coeff()`` per SAE. ``site_axis``: "vmap" (default) or "map" (see ``make_train_step``).
 
   With ``ckpt_dir`` the state is checkpointed every ``ckpt_every`` steps (and at the end) and a
   restarted call resumes from the latest checkpoint, reproducing the same data order.
@@ -407,7 +416,7 @@ def train(tc: TrainConfig, stores, *, seed: int = 0, seeds: Sequence[int] | None
   for i, st in enumerate(stores):
     if st.ndim != 2 or st.shape[1] != tc.d_in:
       raise ValueError(f"train: store {i} has shape {st.shape}, expected [rows, d_in={tc.d_in}]")
-  optimizer, step_fn = _optimizer_and_step(tc, n)
+  optimizer, step_fn = _optimizer_and_step(tc, n, site_axis)
   states = []
   for st, sd in zip(stores, seeds):
     sample = np.asarray(st[batch_indices(len(st), min(tc.batch_size, len(st)), 0, sd + 1)], np.float32)
