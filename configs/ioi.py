@@ -13,7 +13,7 @@ Variants (``configs/ioi.py:<variant>,key=value``):
 Any field can also be overridden with --config.<field>=<value>.
 """
 
-from configs.common import parse_arg
+from recovery_jax.config_utils import parse_arg
 import ml_collections
 
 DEFAULT_SAE = "assets/smollm2-135m-instruct-res12-topk"
@@ -22,6 +22,7 @@ DEFAULT_SAE = "assets/smollm2-135m-instruct-res12-topk"
 def get_config(arg=None):
   a = parse_arg(arg, variant="default", model_path="", sae_path="", n_prompts=0, steps=0, grid=False)
   c = ml_collections.ConfigDict()
+  c.experiment = "ioi"
   c.variant = a.variant
   c.seed = 0
 
@@ -41,6 +42,10 @@ def get_config(arg=None):
   c.clamp.mode = "set"  # set, multiply or zero
   c.clamp.positive_only = True
   c.clamp.semantics = "frozen"
+  c.clamp.error_term = "keep"  # keep: the SAE error passes (the paper); drop: the SAE as a full bottleneck
+  # where delta is added: "" = the clamp site, after the clamp (the paper); or the residual entering
+  # the clamp (e.g. blocks.11.hook_resid_post for blocks.12.hook_resid_pre), so delta passes the SAE
+  c.delta_site = ""
 
   c.recovery = ml_collections.ConfigDict()
   c.recovery.steps = 100
@@ -60,6 +65,7 @@ def get_config(arg=None):
 
   c.mesh = ml_collections.ConfigDict({"data": -1, "model": 1})
   c.plots = True
+  c.progress = True
   c.log_every = 25
 
   if a.variant == "paper":

@@ -1,29 +1,30 @@
-"""SAE feature clamps as edits at hook sites, and the clamp as a function transform.
+"""SAE feature clamps: the clamp as one object, as an edit at a hook site, and as a function transform.
 
-A clamp is split into static structure and traced values:
+A ``Clamp`` is one pytree (``flax.struct`` dataclass):
 
-* ``ClampSpec`` (frozen, hashable; a jit static argument): the site, the SAE config, the mode
-  (``set`` / ``multiply`` / ``zero``), ``positive_only``, whether a position mask is used, and how
-  the gradient passes through the unclamped part.
-* ``ClampParams`` (a pytree of arrays; vmap over it to sweep): feature indices padded to ``K_max``
-  with a boolean mask, the clamp value, and an optional mask over absolute positions.
+* ``spec``: ``ClampSpec`` (static metadata, part of the jit cache key): the site, the SAE config,
+  the mode (``set`` / ``multiply`` / ``zero``), ``positive_only``, position masking, how the
+  gradient passes the unclamped part, and the ``error_term`` (keep or drop).
+* ``sae``: the SAE params (SAELens names; leaves).
+* ``params``: ``ClampParams`` (leaves): feature indices padded to ``K_max`` with a boolean mask,
+  the clamp value, an optional mask over absolute positions. A sweep stacks clamps (``stack_clamps``)
+  and vmaps over ``params`` (``clamp_axes``) while the SAE stays shared.
 
-The clamp is sparse: only the selected features are encoded, and the residual changes by
+With the error term kept (the paper's defence) the clamp is sparse: only the selected features are
+encoded, and the residual changes by
 
     x' = x + sum_{i in S} (z'_i - z_i) W_dec[i]          (== D(z') + (x - D(z)), the error kept)
 
 Padded slots contribute exactly zero, so an all-masked clamp (or multiply by 1) returns ``x``
-bitwise. Gradients (``error_grad``):
+bitwise. ``error_term="drop"`` inserts the SAE as a full bottleneck: x' = D(z') (the reconstruction
+residual x - D(z), where the paper locates recovery, no longer passes; "SAE insertion as a
+defence", arXiv 2604.18756). Gradients with the error kept (``error_grad``):
 
 * ``"pass"`` (default, the reference's arithmetic): the formula above is differentiated as written:
-  ``dx'/dx = I + W_dec[S]^T (dz'_S/dx - dz_S/dx)``. This is exactly the gradient of the reference's
-  ``clamp_sae_safe`` (``D(z') + (x - D(z))`` with the error *not* detached), which is the only clamp
-  the reference differentiates through (refusal v4 live clamps downstream of a delta).
+  ``dx'/dx = I + W_dec[S]^T (dz'_S/dx - dz_S/dx)``, the gradient of the reference's
+  ``clamp_sae_safe`` (``D(z') + (x - D(z))`` with the error *not* detached).
 * ``"stop"`` (SAELens ``use_error_term`` style): ``x' = stop_gradient(x - D(z)) + D(z')``; the
   gradient flows only through the SAE reconstruction. Needs the full SAE encode.
-
-In the frozen defended reference (IOI, WMDP, TPP) the defended residual at the delta site is a
-constant, so no gradient passes through that clamp under either option.
 
 Sites are TransformerLens hook names; edits follow ``recovery_jax.models.transformer.forward``:
 ``fn(x [batch, seq, d_model], positions [batch, seq]) -> x'`` with absolute positions, so a
@@ -36,9 +37,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable, Mapping, NamedTuple, Sequence
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 
 from recovery_jax.sae import core as sae_core
 from recovery_jax.sae.config import SAEConfig
@@ -48,7 +51,7 @@ EditFn = Callable[[Array, Array], Array]
 
 CLAMP_MODES = ("set", "multiply", "zero")
 ERROR_GRADS = ("pass", "stop")
-SEMANTICS = ("frozen", "live")
+ERROR_TERMS = ("keep", "drop")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +61,8 @@ class ClampSpec:
   mode: ``set`` (z'_i = value), ``multiply`` (z'_i = value * z_i) or ``zero`` (z'_i = 0; value ignored).
   positive_only: change only entries with z_i > 0 (the core reference default); else every entry.
   masked_positions: apply only where ``ClampParams.position_mask`` is True (absolute positions).
-  error_grad: ``pass`` or ``stop`` (see the module docstring).
+  error_grad: ``pass`` or ``stop`` (with the error term kept; see the module docstring).
+  error_term: ``keep`` (x' = x + D(z') - D(z)) or ``drop`` (x' = D(z'): the SAE as a bottleneck).
   monitor: the recovery engine tracks this clamp's features for drift, projections and metrics.
   """
 
@@ -68,6 +72,7 @@ class ClampSpec:
   positive_only: bool = True
   masked_positions: bool = False
   error_grad: str = "pass"
+  error_term: str = "keep"
   monitor: bool = True
 
   def __post_init__(self):
@@ -75,6 +80,8 @@ class ClampSpec:
       raise ValueError(f"ClampSpec.mode={self.mode!r}: expected one of {CLAMP_MODES}")
     if self.error_grad not in ERROR_GRADS:
       raise ValueError(f"ClampSpec.error_grad={self.error_grad!r}: expected one of {ERROR_GRADS}")
+    if self.error_term not in ERROR_TERMS:
+      raise ValueError(f"ClampSpec.error_term={self.error_term!r}: expected one of {ERROR_TERMS}")
 
 
 class ClampParams(NamedTuple):
@@ -108,11 +115,6 @@ def make_clamp_params(feature_idx, value=0.0, *, k_max: int | None = None, featu
   return ClampParams(jnp.asarray(idx), jnp.asarray(mask), jnp.asarray(value, jnp.float32), pm)
 
 
-def stack_clamp_params(cps: Sequence[ClampParams]) -> ClampParams:
-  """Stacks ClampParams of equal K_max along a new leading axis (for vmap over feature sets)."""
-  return jax.tree.map(lambda *xs: jnp.stack(xs), *cps)
-
-
 # ----------------------------------------------------------------------------------------------
 # the clamp maths
 
@@ -144,38 +146,114 @@ def position_gate(cp: ClampParams, positions: Array) -> Array:
   return jnp.take_along_axis(pm, jnp.clip(positions, 0, p - 1), axis=1) & inside
 
 
-def clamp_dz(spec: ClampSpec, sae, cp: ClampParams, x: Array, positions: Array | None = None):
-  """Sparse clamp change. x: [batch, seq, d]. Returns (dz [batch, seq, K], z_S [batch, seq, K]).
+@struct.dataclass
+class Clamp:
+  """One clamp: static ``spec`` (pytree metadata), SAE params and ``ClampParams`` (leaves).
 
-  ``dz = z'_S - z_S`` on real features (and clamped positions), exactly 0 elsewhere.
+  Call it as an edit: ``clamp(x [batch, seq, d], positions [batch, seq]) -> x'``.
   """
-  z = sae_core.encode_subset(sae, spec.sae_cfg, x, cp.feature_idx)
-  keep = jnp.asarray(cp.feature_mask, bool)
-  if spec.masked_positions:
-    if positions is None:
-      raise ValueError("a position-masked clamp needs positions")
-    keep = keep & position_gate(cp, positions)[..., None]
-  dz = jnp.where(keep, clamp_values(spec, z, cp.value) - z, 0.0)
-  return dz, z
+
+  spec: ClampSpec = struct.field(pytree_node=False)
+  sae: dict
+  params: ClampParams
+
+  @property
+  def site(self) -> str:
+    return self.spec.site
+
+  @property
+  def sae_cfg(self) -> SAEConfig:
+    return self.spec.sae_cfg
+
+  @property
+  def mask(self) -> Array:
+    """[K] bool: real (unpadded) features."""
+    return jnp.asarray(self.params.feature_mask, bool)
+
+  def features(self, x: Array) -> Array:
+    """Activations of the selected features: x [..., d] -> z_S [..., K]."""
+    return sae_core.encode_subset(self.sae, self.sae_cfg, x, self.params.feature_idx)
+
+  def pre_features(self, x: Array) -> Array:
+    """Pre-activations of the selected features: x [..., d] -> [..., K]."""
+    return sae_core.encode_pre_subset(self.sae, self.sae_cfg, x, self.params.feature_idx)
+
+  def decoder_rows(self) -> Array:
+    """[K, d] float32 effective decoder rows of the selected features (zero rows where masked):
+    what a unit change of z_i adds to the (normalised) SAE output."""
+    w = sae_core.effective_decoder(self.sae, self.sae_cfg)[self.params.feature_idx]
+    return w.astype(jnp.float32) * self.mask.astype(jnp.float32)[:, None]
+
+  def encoder_columns(self) -> Array:
+    """[d, K] float32 effective encoder directions of the selected features (zero where masked):
+    the gradient of their pre-activations w.r.t. the SAE input (``sae_core.encoder_columns``)."""
+    w = sae_core.encoder_columns(self.sae, self.sae_cfg, self.params.feature_idx)
+    return w.astype(jnp.float32) * self.mask.astype(jnp.float32)[None]
+
+  def change(self, x: Array, positions: Array | None = None) -> tuple[Array, Array]:
+    """Sparse clamp change. x: [batch, seq, d] -> (dz [batch, seq, K], z_S [batch, seq, K]).
+
+    ``dz = z'_S - z_S`` on real features (and clamped positions), exactly 0 elsewhere.
+    """
+    z = self.features(x)
+    keep = self.mask
+    if self.spec.masked_positions:
+      if positions is None:
+        raise ValueError("a position-masked clamp needs positions")
+      keep = keep & position_gate(self.params, positions)[..., None]
+    dz = jnp.where(keep, clamp_values(self.spec, z, self.params.value) - z, 0.0)
+    return dz, z
+
+  def __call__(self, x: Array, positions: Array | None = None) -> Array:
+    """Defended residual: x [batch, seq, d] -> x' [batch, seq, d]."""
+    dz, _ = self.change(x, positions)
+    spec, cfg, idx = self.spec, self.sae_cfg, self.params.feature_idx
+    if spec.error_term == "drop" or spec.error_grad == "stop":
+      xf = x.astype(jnp.float32)
+      z = sae_core.encode(self.sae, cfg, xf)
+      recon = sae_core.decode(self.sae, cfg, z.at[..., idx].add(dz), xf)
+      if spec.error_term == "drop":
+        return recon.astype(x.dtype)
+      err = jax.lax.stop_gradient(xf - sae_core.decode(self.sae, cfg, z, xf))
+      return (err + recon).astype(x.dtype)
+    return x + sae_core.decode_delta(self.sae, cfg, dz, idx, x).astype(x.dtype)
+
+
+def make_clamp(spec: ClampSpec, sae, feature_idx, value=0.0, **kw) -> Clamp:
+  """A Clamp from a spec, SAE params and a list of feature indices (``make_clamp_params`` kwargs)."""
+  return Clamp(spec, sae, make_clamp_params(feature_idx, value, **kw))
+
+
+def with_params(clamp: Clamp, params: ClampParams) -> Clamp:
+  return clamp.replace(params=params)
+
+
+def stack_clamps(clamps: Sequence[Clamp]) -> Clamp:
+  """Stacks the ``params`` of clamps that share spec and SAE (a sweep over feature sets, clamp
+  values): one Clamp whose ClampParams leaves gain a leading axis; vmap it with ``clamp_axes``."""
+  first = clamps[0]
+  if any(c.spec != first.spec for c in clamps):
+    raise ValueError("stack_clamps: every clamp must have the same ClampSpec")
+  return first.replace(params=jax.tree.map(lambda *xs: jnp.stack(xs), *(c.params for c in clamps)))
+
+
+def clamp_axes(clamps: Sequence[Clamp], axis: int | None = 0) -> tuple:
+  """vmap ``in_axes`` for a tuple of (stacked) clamps: ClampParams mapped, SAE params shared."""
+  return tuple(Clamp(c.spec, None, jax.tree.map(lambda _: axis, c.params)) for c in clamps)
+
+
+def check_clamps(clamps: Sequence[Clamp], d_model: int) -> None:
+  """Shape checks at a public boundary (host or trace time; params may carry leading stack axes)."""
+  for c in clamps:
+    chex.assert_equal_shape([c.params.feature_idx, c.params.feature_mask])
+    chex.assert_type(c.params.feature_idx, int)
+    if c.sae_cfg.d_in != d_model:
+      raise ValueError(f"clamp at {c.site!r}: SAE d_in={c.sae_cfg.d_in} != model d_model={d_model}")
 
 
 def clamp_residual(spec: ClampSpec, sae, cp: ClampParams, x: Array, positions: Array | None = None) -> Array:
-  """Defended residual: x [batch, seq, d] -> x' [batch, seq, d] (error term kept)."""
-  dz, _ = clamp_dz(spec, sae, cp, x, positions)
-  if spec.error_grad == "stop":
-    cfg = spec.sae_cfg
-    xf = x.astype(jnp.float32)
-    z = sae_core.encode(sae, cfg, xf)
-    z_new = z.at[..., cp.feature_idx].add(dz)
-    err = jax.lax.stop_gradient(xf - sae_core.decode(sae, cfg, z, xf))
-    return (err + sae_core.decode(sae, cfg, z_new, xf)).astype(x.dtype)
-  step = sae_core.decode_delta(sae, spec.sae_cfg, dz, cp.feature_idx, x)
-  return x + step.astype(x.dtype)
-
-
-def clamp_edit(spec: ClampSpec, sae, cp: ClampParams) -> EditFn:
-  """The clamp as an edit function ``fn(x, positions) -> x'`` for ``forward(edits=...)``."""
-  return lambda x, positions: clamp_residual(spec, sae, cp, x, positions)
+  """Defended residual of one clamp given as parts (see ``Clamp``)."""
+  return Clamp(spec, sae, cp)(x, positions)
 
 
 def chain_edits(*edit_maps: Mapping[str, EditFn]) -> dict[str, EditFn]:
@@ -191,26 +269,22 @@ def chain_edits(*edit_maps: Mapping[str, EditFn]) -> dict[str, EditFn]:
   return out
 
 
-def clamp_edits(specs: Sequence[ClampSpec], saes: Sequence, cps: Sequence[ClampParams]) -> dict[str, EditFn]:
+def clamp_edits(clamps: Sequence[Clamp]) -> dict[str, EditFn]:
   """Edit map of several clamps (clamps sharing a site run in the given order)."""
-  if not len(specs) == len(saes) == len(cps):
-    raise ValueError(f"clamp_edits: {len(specs)} specs, {len(saes)} SAEs and {len(cps)} ClampParams")
-  return chain_edits(*({s.site: clamp_edit(s, a, c)} for s, a, c in zip(specs, saes, cps)))
+  return chain_edits(*({c.site: c} for c in clamps))
 
 
-def clamp(forward_fn: Callable, specs: Sequence[ClampSpec] | ClampSpec, saes, cps) -> Callable:
+def clamp(forward_fn: Callable, clamps: Sequence[Clamp] | Clamp) -> Callable:
   """Function transform: returns a defended ``forward_fn`` with the same signature.
 
   The clamp edits run first at their sites; edits passed by the caller to the defended forward
   run after them at the same site (order: clamp -> caller edit -> capture), which is the
   reference's live order (clamp -> add delta -> capture features).
 
-    defended = clamp(transformer.forward, spec, sae_params, clamp_params)
+    defended = clamp(transformer.forward, make_clamp(spec, sae_params, feature_ids, -5.0))
     out = defended(params, cfg, tokens, capture=("blocks.4.hook_resid_pre",))
   """
-  if isinstance(specs, ClampSpec):
-    specs, saes, cps = (specs,), (saes,), (cps,)
-  base = clamp_edits(specs, saes, cps)
+  base = clamp_edits((clamps,) if isinstance(clamps, Clamp) else tuple(clamps))
 
   def defended(*args, edits: Mapping[str, EditFn] | None = None, **kwargs):
     return forward_fn(*args, edits=chain_edits(base, edits or {}), **kwargs)

@@ -8,8 +8,8 @@ position, or [N, M, K] over positions); every per-example metric reduces all axe
   act / decode drift (core)           ||c - r||_2, ||(c - r) W_dec[S]||_2 (and linf)
   reactivation (IOI / TPP)            eligible = r <= 0; reactivated = eligible & c > 0
   zero-reactivation recovery          recovered & no reactivated entry (eta = 0)
-  defended-feature drift (refusal)    ||c - r|| / (||r|| + 1e-8)
-  clamp-floor violation (refusal)     ||ReLU(r - c)|| / (||r|| + 1e-8)
+  defended-feature drift (refusal)    ||c - r|| / ||r||  (NaN where ||r|| = 0: undefined, use absolute)
+  clamp-floor violation (refusal)     ||ReLU(r - c)|| / ||r||
   WMDP post-hoc drift / violation     ||c - r||, ||ReLU(c - r)|| (+ relative, direction +1)
   relative delta norm                 exact ||delta||_F / ||h_def||_F and the reference proxy ||delta|| / ||r||
   intervals                           Wilson 95% (binary), the reference's bootstrap (continuous),
@@ -45,6 +45,15 @@ def _norm(x: np.ndarray) -> np.ndarray:
   return np.sqrt(np.sum(np.square(x, dtype=np.float64), axis=-1))
 
 
+def relative(num: np.ndarray, ref_norm: np.ndarray) -> np.ndarray:
+  """num / ||r|| where the reference norm is non-zero; NaN (undefined) where ||r|| == 0 (the usual
+  case after a negative set-clamp zeroes every defended feature; paper-method Q8): report the
+  absolute value there instead of dividing by the epsilon."""
+  num, ref_norm = np.asarray(num, np.float64), np.asarray(ref_norm, np.float64)
+  with np.errstate(divide="ignore", invalid="ignore"):
+    return np.where(ref_norm > 0, num / np.where(ref_norm > 0, ref_norm, 1.0), np.nan)
+
+
 # ----------------------------------------------------------------------------------------------
 # per-example feature metrics
 
@@ -73,14 +82,14 @@ def example_metrics(feats, refs, masks, w_dec_s=None) -> dict[str, np.ndarray]:
       "act_drift_linf": np.max(np.abs(d), axis=-1, initial=0.0),
       "act_drift_rmse": np.sqrt(np.sum(d * d, -1) / nv),
       "ref_norm": _norm(rm),
-      "relative_l2": _norm(d) / (_norm(rm) + EPS),
+      "relative_l2": relative(_norm(d), _norm(rm)),
       "floor_violation_l2": _norm(floor),
       "floor_violation_rmse": np.sqrt(np.sum(floor * floor, -1) / nv),
       "floor_violation_mean": floor.sum(-1) / nv,
-      "floor_violation_relative_l2": _norm(floor) / (_norm(rm) + EPS),
+      "floor_violation_relative_l2": relative(_norm(floor), _norm(rm)),
       "floor_violation_frac": np.sum(m & (np.maximum(r - c, 0.0) > 1e-6), -1) / nv,
       "violation_abs": _norm(up),
-      "violation_rel": _norm(up) / (_norm(rm) + EPS),
+      "violation_rel": relative(_norm(up), _norm(rm)),
       "n_entries": n_val,
       "n_eligible": n_elig,
       "n_reactivated": react.sum(-1),
@@ -122,11 +131,12 @@ def reactivation_summary(feats, refs, masks) -> dict[str, float]:
       "selected_feature_total_count": int(m.sum()),
       "reactivated_fraction": float(react.sum() / n),
       "reactivated_count": int(react.sum()),
-      "reactivated_positive_fraction_within_eligible": float(react.sum() / max(1, n_elig)),
+      # the reference's aggregate of this name is the mean over prompts of the per-prompt fraction
+      "reactivated_positive_fraction_within_eligible": float(np.mean(per["reactivated_fraction_within_eligible"])),
+      "reactivated_positive_fraction_within_eligible_pooled": float(react.sum() / max(1, n_elig)),
       "reactivated_positive_mass_mean": float(np.where(react, np.maximum(c, 0.0), 0.0).sum() / n),
       "reactivated_positive_mass_mean_within_eligible": float(np.where(react, np.maximum(c, 0.0), 0.0).sum()
                                                               / max(1, n_elig)),
-      "mean_per_prompt_reactivated_fraction": float(np.mean(per["reactivated_fraction_within_eligible"])),
   }
 
 

@@ -82,3 +82,26 @@ def plot_curves(path: str, curves: Mapping[str, np.ndarray], ylabel: str, title:
   for name, y in curves.items():
     ax.plot(np.arange(1, len(y) + 1), y, label=name)
   _finish(fig, ax, path, "step", ylabel, title)
+
+
+def _main(argv) -> None:  # pragma: no cover - exercised through the CLI test
+  """``python -m recovery_jax.report --workdir=<finished run>``: re-renders summary and plots."""
+  del argv
+  import sys  # pylint: disable=import-outside-toplevel
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  from recovery_jax import errors  # pylint: disable=import-outside-toplevel
+  from recovery_jax.experiments import runner  # pylint: disable=import-outside-toplevel
+  try:
+    text, _ = runner.render(flags.FLAGS.workdir, plots=not flags.FLAGS.no_plots)
+  except errors.UserError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  print(text)
+
+
+if __name__ == "__main__":
+  from absl import app, flags  # pylint: disable=ungrouped-imports
+  flags.DEFINE_string("workdir", None, "A finished run's folder (results.jsonl, curves.json, run.json).")
+  flags.DEFINE_bool("no_plots", False, "Skip the plots.")
+  flags.mark_flags_as_required(["workdir"])
+  app.run(_main)

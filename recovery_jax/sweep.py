@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import os
+import time
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import jax
@@ -120,20 +121,32 @@ class UnitStore:
 
 
 def run_units(units: Sequence[WorkUnit], compute: Callable[[WorkUnit], Any], store: UnitStore,
-              log: Callable[[str], None] = print) -> dict[int, Any]:
-  """Computes every unit not yet in ``store`` (saving each as it finishes); returns all results."""
+              log: Callable[[str], None] = print, progress: bool = False) -> dict[int, Any]:
+  """Computes every unit not yet in ``store`` (saving each as it finishes); returns all results.
+  ``progress``: a tqdm bar over the units still to compute (with an ETA)."""
   done = store.finished()
   if done:
     log(f"resuming: {len(done)} of {len(units)} work units already finished")
-  results = {}
-  for u in units:
-    if u.unit_id in done:
-      results[u.unit_id] = store.load(u.unit_id)
-      continue
+  todo = [u for u in units if u.unit_id not in done]
+  bar = None
+  if progress and todo:
+    from tqdm import tqdm  # pylint: disable=import-outside-toplevel
+    bar = tqdm(total=len(todo), desc="work units", unit="unit", dynamic_ncols=True)
+  results = {u.unit_id: store.load(u.unit_id) for u in units if u.unit_id in done}
+  for u in todo:
+    t0 = time.time()
     out = compute(u)
     store.save(u.unit_id, out)
     results[u.unit_id] = jax.tree.map(np.asarray, out)
-    log(f"work unit {u.unit_id + 1}/{len(units)} finished ({len(u.points)} points, group {u.group})")
+    msg = (f"work unit {u.unit_id + 1}/{len(units)} finished: {len(u.points)} points, group {u.group}, "
+           f"{time.time() - t0:.1f} s")
+    if bar is not None:
+      bar.update(1)
+      bar.write(msg)
+    else:
+      log(msg)
+  if bar is not None:
+    bar.close()
   return results
 
 

@@ -33,7 +33,7 @@ def _app(workdir, config="configs/ioi.py:tiny", *flags, devices=1, cache=None, c
 
 def _numbers(workdir):
   rows = [json.loads(l) for l in open(os.path.join(workdir, "results.jsonl"))]
-  keys = ("base_ld", "defended_ld", "recovered_ld", "act_drift_l2", "delta_norm")
+  keys = ("base", "defended", "recovered_score", "act_drift_l2", "delta_norm")
   return sorted((r["point_id"], r["prompt"], *(r[k] for k in keys)) for r in rows)
 
 
@@ -102,6 +102,40 @@ def test_killed_sweep_resumes_to_identical_results(tmp_path, cache_dir):
   assert _numbers(wd) == _numbers(ref)
 
 
+def test_diverging_optimisation_is_flagged_not_reported(tmp_path, cache_dir):
+  """lr=1e38 overflows the update norm: every example is flagged 'diverged', none counts as
+  recovered, and the run says so (before: 'not recovered, delta norm 0' with no word)."""
+  wd = tmp_path / "div"
+  proc = _app(wd, "configs/ioi.py:tiny", "--config.recovery.lr=1e38", "--config.recovery.steps=3",
+              "--config.recovery.modes=('none',)", cache=cache_dir)
+  rows = [json.loads(l) for l in open(wd / "results.jsonl")]
+  assert rows and all(r["diverged"] and not r["recovered"] for r in rows)
+  summary = [json.loads(l) for l in open(wd / "summary.jsonl")]
+  assert summary[0]["n_diverged"] == len(rows) and summary[0]["n_recovered"] == 0
+  assert "diverged" in proc.stdout and "diverged" in (wd / "summary.md").read_text()
+
+
+def test_bottleneck_defence_upstream_delta_and_report_rerender(tmp_path, cache_dir):
+  """error_term=drop with delta on the residual entering the clamp runs end to end, and the report
+  command re-renders the same summary from the finished workdir without recomputing."""
+  wd = tmp_path / "drop"
+  _app(wd, "configs/ioi.py:tiny", "--config.clamp.error_term=drop", "--config.delta_site=blocks.1.hook_resid_post",
+       "--config.recovery.steps=5", "--config.recovery.variants=('per_prompt',)", "--config.plots=False",
+       cache=cache_dir)
+  text = (wd / "summary.md").read_text()
+  assert "error term drop" in text and "delta at blocks.1.hook_resid_post" in text
+  summary = [json.loads(l) for l in open(wd / "summary.jsonl")]
+  assert "attribution" in summary[0]  # the upstream delta decomposes with the clamp's SAE
+  (wd / "summary.md").unlink()
+  proc = subprocess.run([sys.executable, "-m", "recovery_jax.report", f"--workdir={wd}", "--no_plots"], cwd=ROOT,
+                        env=_env(), capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert (wd / "summary.md").read_text() == text
+  bad = subprocess.run([sys.executable, "-m", "recovery_jax.report", f"--workdir={tmp_path / 'nothing'}"], cwd=ROOT,
+                       env=_env(), capture_output=True, text=True, timeout=300)
+  assert bad.returncode == 2 and "not a finished run" in bad.stderr
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--config.site=blocks.9.hook_resid_pre"], "site"),
     (["--config.site=blocks.1.hook_nonsense"], "site"),
@@ -109,6 +143,8 @@ def test_killed_sweep_resumes_to_identical_results(tmp_path, cache_dir):
     (["--config.model=/nonexistent/model.gguf"], "model"),
     (["--config.sae=/nonexistent/sae"], "sae"),
     (["--config.recovery.modes=('sideways',)"], "recovery.modes"),
+    (["--config.clamp.error_term=sometimes"], "clamp.error_term"),
+    (["--config.delta_site=blocks.0.hook_resid_post"], "delta_site"),
     (["--config.sweep.clamp_value=(1.0,)", "--config.clamp.mode=multiply"], "no valid flips"),
 ])
 def test_bad_config_values_end_with_a_clear_message(tmp_path, flags, message, cache_dir):

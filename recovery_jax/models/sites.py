@@ -58,3 +58,28 @@ def resid_site_index(name: str, n_layers: int) -> int:
   if s.hook in ("hook_embed", "hook_pos_embed"):
     return 0
   raise ValueError(f"site {name!r} is not on the residual stream")
+
+
+_HOOK_RANK = {"hook_resid_pre": 0, "hook_attn_out": 1, "hook_resid_mid": 2, "hook_mlp_out": 3,
+              "hook_resid_post": 4}
+
+
+def visit_key(site: str, n_layers: int) -> tuple[int, int]:
+  """Order in which ``transformer.forward`` visits hook sites (sortable)."""
+  s = parse_site(site, n_layers)
+  if s.layer is None:
+    return {"hook_embed": (-1, 0), "hook_pos_embed": (-1, 1)}.get(s.hook, (n_layers, 0))
+  return (s.layer, _HOOK_RANK[s.hook])
+
+
+def same_residual(a: str, b: str, n_layers: int | None = None) -> bool:
+  """Whether two sites name the same residual-stream tensor (``blocks.L.hook_resid_post`` is the
+  input of ``blocks.{L+1}.hook_resid_pre``; a clamp at one and a delta at the other act on one
+  vector, the edit of the earlier-visited site first)."""
+  if a == b:
+    return True
+  resid = ("hook_resid_pre", "hook_resid_post")
+  sa, sb = parse_site(a, n_layers), parse_site(b, n_layers)
+  if sa.hook not in resid or sb.hook not in resid:
+    return False
+  return resid_site_index(a, n_layers) == resid_site_index(b, n_layers)

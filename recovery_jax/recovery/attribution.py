@@ -18,11 +18,13 @@ depends on the top-k non-clamped directions.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 
+from recovery_jax.intervene import Clamp
+from recovery_jax.models import sites as sites_lib
 from recovery_jax.recovery import engine
 from recovery_jax.sae import core as sae_core
 
@@ -48,17 +50,16 @@ class Components(NamedTuple):
     return jnp.stack([getattr(self, n) for n in COMPONENTS])
 
 
-def decompose(sae, sae_cfg, h_def: Array, delta: Array, feature_idx: Array, feature_mask: Array, k: int = 10) -> Components:
-  """Decomposes ``delta`` [..., d] at defended residuals ``h_def`` [..., d] (one SAE).
-
-  feature_idx / feature_mask [K]: the clamped set S (padded). k: size of the top-k set (Q24:
-  unknown in the reference; 10 by default).
-  """
+def decompose(clamp: Clamp, h_def: Array, delta: Array, k: int = 10) -> Components:
+  """Decomposes ``delta`` [..., d] at defended residuals ``h_def`` [..., d] with ``clamp``'s SAE;
+  the clamped set S is its (masked) feature set. k: size of the top-k set (Q24: unknown in the
+  reference; 10 by default)."""
+  sae, sae_cfg = clamp.sae, clamp.sae_cfg
   h = h_def.astype(jnp.float32)
   dl = delta.astype(jnp.float32)
   dz = sae_core.encode(sae, sae_cfg, h + dl) - sae_core.encode(sae, sae_cfg, h)
   d_sae = dz.shape[-1]
-  in_s = jnp.zeros((d_sae,), jnp.float32).at[feature_idx].max(jnp.asarray(feature_mask, jnp.float32)) > 0
+  in_s = jnp.zeros((d_sae,), jnp.float32).at[clamp.params.feature_idx].max(clamp.mask.astype(jnp.float32)) > 0
   dec = lambda z: sae_core.decode_delta(sae, sae_cfg, z, jnp.arange(d_sae), h)
   dz_s = jnp.where(in_s, dz, 0.0)
   dz_n = jnp.where(in_s, 0.0, dz)
@@ -72,17 +73,24 @@ def decompose(sae, sae_cfg, h_def: Array, delta: Array, feature_idx: Array, feat
                     knockout=dl - topk, sae_feature=feat, dz=dz)
 
 
-def decompose_sites(spec: engine.RecoverySpec, saes, cps, h_def: Array, delta: Array, k: int = 10) -> Components:
+def clamp_at(spec: engine.RecoverySpec, clamps: Sequence[Clamp], site: str) -> Clamp | None:
+  """The first clamp acting on the residual vector of ``site`` (None if there is none)."""
+  for c in clamps:
+    if sites_lib.same_residual(c.site, site, spec.model_cfg.n_layers):
+      return c
+  return None
+
+
+def decompose_sites(spec: engine.RecoverySpec, clamps: Sequence[Clamp], h_def: Array, delta: Array,
+                    k: int = 10) -> Components:
   """Decomposes a multi-site delta [n_sites, P, d] at h_def [n_sites, P, d] (one row of the
-  engine's ``h_def`` [n_sites, B, P, d]); each site uses the first clamp at that site."""
+  engine's ``h_def`` [n_sites, B, P, d]); each site uses the first clamp on its residual vector."""
   parts = []
   for si, site in enumerate(spec.delta_sites):
-    idx = [i for i, c in enumerate(spec.clamps) if c.site == site]
-    if not idx:
-      raise ValueError(f"decompose_sites: no clamp (SAE) at delta site {site!r}")
-    i = idx[0]
-    parts.append(decompose(saes[i], spec.clamps[i].sae_cfg, h_def[si], delta[si], cps[i].feature_idx,
-                           cps[i].feature_mask, k))
+    c = clamp_at(spec, clamps, site)
+    if c is None:
+      raise ValueError(f"decompose_sites: no clamp (SAE) acts on the residual at delta site {site!r}")
+    parts.append(decompose(c, h_def[si], delta[si], k))
   return jax.tree.map(lambda *xs: jnp.stack(xs), *parts)
 
 
@@ -97,8 +105,9 @@ def energy_fractions(comp: Components) -> dict[str, Array]:
   return out
 
 
-def replay(spec: engine.RecoverySpec, params, saes, cps, pb: engine.Problem, comp: Components) -> dict[str, engine.Eval]:
-  """Evaluates every component in place of delta under the active clamp (one batched program):
+def replay(spec: engine.RecoverySpec, params, clamps: Sequence[Clamp], pb: engine.Problem,
+           comp: Components) -> dict[str, engine.Eval]:
+  """Evaluates every component in place of delta under the active clamps (one batched program):
   name -> Eval(objective, rows [B], monitored features)."""
-  ev = engine.evaluate(spec, params, saes, cps, pb, comp.stacked())
+  ev = engine.evaluate(spec, params, clamps, pb, comp.stacked())
   return {n: jax.tree.map(lambda a, i=i: a[i], ev) for i, n in enumerate(COMPONENTS)}

@@ -22,6 +22,7 @@ sweep varies (lr, budget, ridge, lambdas, correction lr, checkpoint threshold/we
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable, NamedTuple
 
 import jax
@@ -50,8 +51,6 @@ class RecoveryConfig:
   drift_penalty: l2 (core A, with lambda_act) | raw_mse | relative_mse | relative_l2 (v4).
   lambda_decode: core ``Dd`` = ||(c - r) W_dec[S]||_F. lambda_delta: core ||delta||_F term.
   checkpoint: final | drift_constrained | penalty_score (v4 best-checkpoint selection).
-  semantics: frozen (defended residual at the delta sites computed once; no re-clamp there) | live.
-  shared_delta: one delta for every row of a problem (IOI) instead of one per example.
   record_delta: keep every iterate in ``history["delta"]`` ([steps, n_sites, P, d], the delta
     after each step) for trajectory analysis.
   """
@@ -78,9 +77,6 @@ class RecoveryConfig:
   checkpoint_every: int = 10
   checkpoint_tau: float = 0.03
   checkpoint_penalty_weight: float = 10.0
-  seed: int = 0
-  semantics: str = "frozen"
-  shared_delta: bool = False
   b1: float = 0.9
   b2: float = 0.999
   eps: float = 1e-8
@@ -93,8 +89,6 @@ class RecoveryConfig:
       raise ValueError(f"RecoveryConfig.checkpoint={self.checkpoint!r}: expected one of {CHECKPOINTS}")
     if self.drift_penalty not in obj_lib.DRIFT_PENALTIES:
       raise ValueError(f"RecoveryConfig.drift_penalty={self.drift_penalty!r}: expected one of {obj_lib.DRIFT_PENALTIES}")
-    if self.semantics not in ("frozen", "live"):
-      raise ValueError(f"RecoveryConfig.semantics={self.semantics!r}: expected 'frozen' or 'live'")
     if self.steps < 1:
       raise ValueError(f"RecoveryConfig.steps={self.steps}: need at least one step")
 
@@ -115,7 +109,7 @@ class RecoveryConfig:
       raise TypeError(f"hparams: unknown overrides {sorted(overrides)}")
     return HParams(**{k: jnp.asarray(v, jnp.float32) for k, v in vals.items()})
 
-  def static(self) -> "RecoveryConfig":
+  def canonical(self) -> "RecoveryConfig":
     """This config with traced values canonicalised: the jit cache key. Lambdas keep only whether
     they are non-zero (zero terms are skipped statically)."""
     kw = {k: 0.0 for k in _TRACED}
@@ -169,6 +163,7 @@ class OptResult(NamedTuple):
   refs: tuple  # the references the drift terms used
   objective_last: Array  # at the final iterate
   drift_rel_last: Array
+  diverged: Array  # [] bool: some step had a non-finite objective, gradient or delta
 
 
 # ----------------------------------------------------------------------------------------------
@@ -176,13 +171,11 @@ class OptResult(NamedTuple):
 
 
 def clip_to_ball(budget: Array) -> optax.GradientTransformation:
-  """Clip the *parameter* to the Frobenius ball: p' = p * B / (||p|| + 1e-8) if ||p|| > B."""
+  """Clip the *parameter* to the Frobenius ball: p' = p * B / (||p|| + 1e-8) if ||p|| > B.
+  An overflowing norm (a diverged step) gives NaN, never a silent rescale to 0."""
 
   def fn(updates, params):
-    new = params + updates
-    n = jnp.sqrt(jnp.sum(jnp.square(new)))
-    new = jnp.where(n > budget, new * (budget / (n + 1e-8)), new)
-    return new - params
+    return clip(params + updates, budget) - params
 
   return optax.stateless(fn)
 
@@ -210,8 +203,11 @@ def recovery_tx(hp: HParams, cfg: RecoveryConfig, grad_proj=None, update_proj=No
 
 
 def clip(delta: Array, budget: Array) -> Array:
+  """delta * B / (||delta|| + 1e-8) where ||delta|| > B; NaN where the norm is not finite (the
+  rescale would otherwise turn an overflow into delta = 0 and hide the divergence)."""
   n = jnp.sqrt(jnp.sum(jnp.square(delta)))
-  return jnp.where(n > budget, delta * (budget / (n + 1e-8)), delta)
+  out = jnp.where(n > budget, delta * (budget / (n + 1e-8)), delta)
+  return jnp.where(jnp.isfinite(n), out, jnp.nan)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -290,135 +286,181 @@ def _is_snapshot(cfg: RecoveryConfig, step):
   return (step == 0) | (step == cfg.steps - 1) | ((step + 1) % every == 0)
 
 
-def optimize(f: Callable[[Array], Eval], delta0: Array, mon: Monitor, cfg: RecoveryConfig, hp: HParams,
-             key: Array, enc_proj: proj_lib.EncoderProjector | None = None, refs_from_start: bool = False) -> OptResult:
-  """Maximises ``f(delta).objective`` from ``delta0`` [n_sites, P, d] (see the module docstring).
+class OptState(NamedTuple):
+  """Carry of the scanned step: the iterate, Adam state, best snapshot, drift references, and
+  whether any step so far produced a non-finite value."""
+
+  delta: Array
+  opt: optax.OptState
+  best: _Best
+  refs: tuple
+  diverged: Array
+
+
+@dataclasses.dataclass(frozen=True)
+class Stepper:
+  """Everything one recovery step needs besides its state (closed over, not traced as a carry).
 
   f: delta -> Eval (pure; traced once per linearisation). mon: defended references for drift.
-  enc_proj: per-site row projector for the encoder modes.
-  refs_from_start: take the drift references from the first step's own features (valid when
-  ``f(delta0)`` is the defended state, i.e. delta0 = 0 and no fixed delta): c - r is then exactly 0
-  wherever delta has no effect, with no float noise between two compiled paths.
+  enc_proj: per-site row projector for the encoder modes. refs_from_start: take the drift
+  references from the first step's own features (valid when ``f(delta0)`` is the defended state,
+  i.e. delta0 = 0 and no fixed delta): c - r is then exactly 0 wherever delta has no effect.
   """
-  mode = cfg.projection
-  if mode in ("encoder", "encoder_exact") and enc_proj is None:
-    raise ValueError(f"projection {mode!r} needs an encoder projector")
-  enc = (lambda g: proj_lib.apply_encoder(enc_proj, g)) if enc_proj is not None else (lambda g: g)
-  masks_flat = flat_features(tuple(m.astype(jnp.float32) for m in mon.masks)) > 0
-  shape = delta0.shape
 
-  def refs_for(feats, refs, first):
-    if not refs_from_start:
-      return refs
-    return jax.tree.map(lambda c, r: jnp.where(first, jax.lax.stop_gradient(c), r), feats, refs)
+  f: Callable[[Array], Eval]
+  mon: Monitor
+  cfg: RecoveryConfig
+  hp: HParams
+  key: Array
+  enc_proj: proj_lib.EncoderProjector | None = None
+  refs_from_start: bool = False
 
-  def loss_parts(delta, refs, first):
-    ev = f(delta)
-    m = mon._replace(refs=refs_for(ev.feats, refs, first))
-    pen, act = penalties(cfg, hp, ev.feats, m)
-    loss = -ev.objective + pen
-    if cfg.lambda_delta != 0:
-      loss += hp.lambda_delta * obj_lib.safe_norm(delta)
-    return loss, (ev, act, m.refs)
+  def __post_init__(self):
+    if self.cfg.projection in ("encoder", "encoder_exact") and self.enc_proj is None:
+      raise ValueError(f"projection {self.cfg.projection!r} needs an encoder projector")
 
-  def grad_step(delta, key, refs, first):
-    """Returns (eval, act, loss, g, grad_proj, update_proj, rank, refs)."""
-    if not cfg.is_jacobian:
-      (loss, (ev, act, refs)), g = jax.value_and_grad(loss_parts, has_aux=True)(delta, refs, first)
-      gp = enc if mode in ("encoder", "encoder_exact") else None
-      return ev, act, loss, g, gp, None, jnp.zeros((), jnp.int32), refs
+  def enc(self, g: Array) -> Array:
+    return g if self.enc_proj is None else proj_lib.apply_encoder(self.enc_proj, g)
 
-    def fc(d):
-      ev = f(d)
-      return (ev.objective, flat_features(ev.feats)), ev
+  @property
+  def param_proj(self):
+    cfg = self.cfg
+    return self.enc if (cfg.projection in ("encoder", "encoder_exact") and cfg.projects_params) else None
 
-    (objective, c_flat), vjp, ev = jax.vjp(fc, delta, has_aux=True)
-    feats_like = ev.feats
-    refs = refs_for(ev.feats, refs, first)
-    m = mon._replace(refs=refs)
-    refs_flat = flat_features(refs)
 
-    def pen_of_flat(cf):
-      return penalties(cfg, hp, unflat_features(cf, feats_like), m)
+def _refs_for(st: Stepper, feats, refs, first):
+  if not st.refs_from_start:
+    return refs
+  return jax.tree.map(lambda c, r: jnp.where(first, jax.lax.stop_gradient(c), r), feats, refs)
 
-    (pen, act), pen_ct = jax.value_and_grad(pen_of_flat, has_aux=True)(c_flat)
-    loss = -objective + pen
-    n_c = c_flat.shape[0]
-    if mode == "jacobian":
-      probes = proj_lib.sketch_probes(key, c_flat, refs_flat, masks_flat, cfg.jacobian_probes,
-                                      cfg.jacobian_drift_probe)
-    else:
-      probes = jnp.eye(n_c, dtype=jnp.float32) * masks_flat[None].astype(jnp.float32)
-    n_p = probes.shape[0]
-    cts_obj = jnp.concatenate([jnp.array([-1.0, 0.0], jnp.float32), jnp.zeros((n_p,), jnp.float32)])
-    cts_c = jnp.concatenate([jnp.zeros((1, n_c), jnp.float32), pen_ct[None], probes], axis=0)
-    (grads,) = jax.vmap(lambda a, b: vjp((a, b)))(cts_obj, cts_c)
-    g_obj, g_pen, q = grads[0], grads[1], grads[2:].reshape(n_p, -1)
-    if mode == "jacobian":
-      basis = proj_lib.gram_schmidt(q, cfg.jacobian_tol)
-    else:
-      basis = proj_lib.rowspace_basis(q, cfg.exact_rtol)
-    rank = jnp.sum(jnp.any(basis != 0, axis=-1)).astype(jnp.int32)
-    proj = lambda g: proj_lib.apply_basis(basis, g.reshape(-1)).reshape(shape)
-    if cfg.lambda_delta != 0:
-      g_pen = g_pen + hp.lambda_delta * jax.grad(obj_lib.safe_norm)(delta)
-      loss += hp.lambda_delta * obj_lib.safe_norm(delta)
-    gp = lambda g: proj(g) + g_pen  # the objective gradient is projected, the drift gradient not
-    up = proj if mode == "jacobian_exact" and cfg.projects_params else None
-    return ev, act, loss, g_obj, gp, up, rank, refs
 
-  def correction(delta, refs):
-    def act_loss(d):
-      ev = f(d)
-      return obj_lib.drift_penalty(cfg.drift_penalty, ev.feats, refs, mon.masks, cfg.act_loss_eps)
+def _grad_step(st: Stepper, delta, key, refs, first):
+  """Returns (eval, act, loss, g, grad_proj, update_proj, rank, refs)."""
+  cfg, hp, mon, mode = st.cfg, st.hp, st.mon, st.cfg.projection
+  if not cfg.is_jacobian:
+    def loss_parts(d):
+      ev = st.f(d)
+      m = mon._replace(refs=_refs_for(st, ev.feats, refs, first))
+      pen, act = penalties(cfg, hp, ev.feats, m)
+      loss = -ev.objective + pen
+      if cfg.lambda_delta != 0:
+        loss += hp.lambda_delta * obj_lib.safe_norm(d)
+      return loss, (ev, act, m.refs)
 
-    def body(_, d):
-      return clip(d - hp.correction_lr * jax.grad(act_loss)(d), hp.budget)
+    (loss, (ev, act, refs)), g = jax.value_and_grad(loss_parts, has_aux=True)(delta)
+    gp = st.enc if mode in ("encoder", "encoder_exact") else None
+    return ev, act, loss, g, gp, None, jnp.zeros((), jnp.int32), refs
 
-    return jax.lax.fori_loop(0, cfg.correction_steps, body, delta)
+  def fc(d):
+    ev = st.f(d)
+    return (ev.objective, flat_features(ev.feats)), ev
 
-  param_proj = enc if (mode in ("encoder", "encoder_exact") and cfg.projects_params) else None
-  tx0 = recovery_tx(hp, cfg)
-  if param_proj is not None:
-    delta0 = param_proj(delta0)  # v4 projects the initial delta in encoder mode
-  ev0 = jax.eval_shape(f, delta0)
+  (objective, c_flat), vjp, ev = jax.vjp(fc, delta, has_aux=True)
+  refs = _refs_for(st, ev.feats, refs, first)
+  m = mon._replace(refs=refs)
+  pen_of_flat = lambda cf: penalties(cfg, hp, unflat_features(cf, ev.feats), m)
+  (pen, act), pen_ct = jax.value_and_grad(pen_of_flat, has_aux=True)(c_flat)
+  loss = -objective + pen
+  n_c = c_flat.shape[0]
+  masks_flat = flat_features(tuple(mk.astype(jnp.float32) for mk in mon.masks)) > 0
+  if mode == "jacobian":
+    probes = proj_lib.sketch_probes(key, c_flat, flat_features(refs), masks_flat, cfg.jacobian_probes,
+                                    cfg.jacobian_drift_probe)
+  else:
+    probes = jnp.eye(n_c, dtype=jnp.float32) * masks_flat[None].astype(jnp.float32)
+  n_p = probes.shape[0]
+  cts_obj = jnp.concatenate([jnp.array([-1.0, 0.0], jnp.float32), jnp.zeros((n_p,), jnp.float32)])
+  cts_c = jnp.concatenate([jnp.zeros((1, n_c), jnp.float32), pen_ct[None], probes], axis=0)
+  (grads,) = jax.vmap(lambda a, b: vjp((a, b)))(cts_obj, cts_c)
+  g_obj, g_pen, q = grads[0], grads[1], grads[2:].reshape(n_p, -1)
+  if mode == "jacobian":
+    basis = proj_lib.gram_schmidt(q, cfg.jacobian_tol)
+  else:
+    basis = proj_lib.rowspace_basis(q, cfg.exact_rtol)
+  rank = jnp.sum(jnp.any(basis != 0, axis=-1)).astype(jnp.int32)
+  proj = lambda g: proj_lib.apply_basis(basis, g.reshape(-1)).reshape(delta.shape)
+  if cfg.lambda_delta != 0:
+    g_pen = g_pen + hp.lambda_delta * jax.grad(obj_lib.safe_norm)(delta)
+    loss += hp.lambda_delta * obj_lib.safe_norm(delta)
+  gp = lambda g: proj(g) + g_pen  # the objective gradient is projected, the drift gradient not
+  up = proj if mode == "jacobian_exact" and cfg.projects_params else None
+  return ev, act, loss, g_obj, gp, up, rank, refs
+
+
+def _correction(st: Stepper, delta, refs):
+  """``correction_steps`` plain gradient steps on the drift penalty, each clipped to the budget."""
+  cfg, hp = st.cfg, st.hp
+
+  def act_loss(d):
+    ev = st.f(d)
+    return obj_lib.drift_penalty(cfg.drift_penalty, ev.feats, refs, st.mon.masks, cfg.act_loss_eps)
+
+  def body(_, d):
+    return clip(d - hp.correction_lr * jax.grad(act_loss)(d), hp.budget)
+
+  return jax.lax.fori_loop(0, cfg.correction_steps, body, delta)
+
+
+def init(st: Stepper, delta0: Array) -> OptState:
+  """The state before step 0 (v4 projects the initial delta in encoder mode with project_params)."""
+  if st.param_proj is not None:
+    delta0 = st.param_proj(delta0)
+  ev0 = jax.eval_shape(st.f, delta0)
   zeros = lambda s: jnp.zeros(s.shape, s.dtype)
   best0 = _Best(jnp.asarray(False), jnp.asarray(-jnp.inf, jnp.float32), jnp.asarray(-jnp.inf, jnp.float32),
-                jnp.asarray(cfg.steps - 1, jnp.int32), delta0, zeros(ev0.objective), zeros(ev0.rows),
+                jnp.asarray(st.cfg.steps - 1, jnp.int32), delta0, zeros(ev0.objective), zeros(ev0.rows),
                 jax.tree.map(zeros, ev0.feats), jnp.zeros((), jnp.float32))
+  return OptState(delta0, recovery_tx(st.hp, st.cfg).init(delta0), best0, st.mon.refs, jnp.asarray(False))
 
-  def step_fn(carry, step):
-    delta, opt_state, best, refs = carry
-    ev, act, loss, g, gp, up, rank, refs = grad_step(delta, jax.random.fold_in(key, step), refs, step == 0)
-    mon_t = mon._replace(refs=refs)
-    rel = obj_lib.relative_l2(ev.feats, refs, mon.masks)
-    if cfg.checkpoint != "final":
-      prev = step - 1
-      best = _update_best(cfg, hp, best, (step >= 1) & _is_snapshot(cfg, prev), prev, delta, ev, rel)
-    g_applied = (gp or (lambda x: x))(g)
-    tx = recovery_tx(hp, cfg, grad_proj=gp, update_proj=up, param_proj=param_proj)
-    updates, opt_state = tx.update(g, opt_state, delta)
-    new = optax.apply_updates(delta, updates)
-    if cfg.is_jacobian and cfg.correction_steps > 0:
-      every = max(int(cfg.correction_every), 1)
-      if every == 1:
-        new = correction(new, refs)
-      else:
-        new = jax.lax.cond((step + 1) % every == 0, correction, lambda d, r: d, new, refs)
-    hist = dict(objective=ev.objective, loss=loss, act_penalty=act, drift_l2=drift_l2(ev.feats, mon_t),
-                drift_rel=rel, delta_norm=jnp.sqrt(jnp.sum(jnp.square(new))), proj_cos=_cos(g, g_applied),
-                basis_rank=rank, rows=ev.rows)
-    if cfg.record_delta:
-      hist["delta"] = new
-    return (new, opt_state, best, refs), hist
 
-  (delta_n, _, best, refs), history = jax.lax.scan(
-      step_fn, (delta0, tx0.init(delta0), best0, mon.refs), jnp.arange(cfg.steps, dtype=jnp.int32))
-  ev_n = f(delta_n)
-  rel_n = obj_lib.relative_l2(ev_n.feats, refs, mon.masks)
+def step(st: Stepper, state: OptState, t: Array) -> tuple[OptState, dict]:
+  """One recovery step ``t`` (module docstring, 1-5): (new state, history entries of this step)."""
+  cfg, hp = st.cfg, st.hp
+  ev, act, loss, g, gp, up, rank, refs = _grad_step(st, state.delta, jax.random.fold_in(st.key, t), state.refs,
+                                                    t == 0)
+  mon_t = st.mon._replace(refs=refs)
+  rel = obj_lib.relative_l2(ev.feats, refs, st.mon.masks)
+  best = state.best
+  if cfg.checkpoint != "final":
+    prev = t - 1
+    best = _update_best(cfg, hp, best, (t >= 1) & _is_snapshot(cfg, prev), prev, state.delta, ev, rel)
+  g_applied = (gp or (lambda x: x))(g)
+  tx = recovery_tx(hp, cfg, grad_proj=gp, update_proj=up, param_proj=st.param_proj)
+  updates, opt_state = tx.update(g, state.opt, state.delta)
+  new = optax.apply_updates(state.delta, updates)
+  if cfg.is_jacobian and cfg.correction_steps > 0:
+    every = max(int(cfg.correction_every), 1)
+    if every == 1:
+      new = _correction(st, new, refs)
+    else:
+      new = jax.lax.cond((t + 1) % every == 0, functools.partial(_correction, st), lambda d, r: d, new, refs)
+  finite = jnp.isfinite(ev.objective) & jnp.all(jnp.isfinite(g)) & jnp.all(jnp.isfinite(new))
+  hist = dict(objective=ev.objective, loss=loss, act_penalty=act, drift_l2=drift_l2(ev.feats, mon_t),
+              drift_rel=rel, delta_norm=jnp.sqrt(jnp.sum(jnp.square(new))), proj_cos=_cos(g, g_applied),
+              basis_rank=rank, rows=ev.rows, finite=finite)
+  if cfg.record_delta:
+    hist["delta"] = new
+  return OptState(new, opt_state, best, refs, state.diverged | ~finite), hist
+
+
+def finish(st: Stepper, state: OptState) -> OptResult:
+  """Scores the final iterate and picks the selected delta (final or best checkpoint)."""
+  cfg, hp = st.cfg, st.hp
+  ev_n = st.f(state.delta)
+  rel_n = obj_lib.relative_l2(ev_n.feats, state.refs, st.mon.masks)
+  diverged = state.diverged | ~jnp.isfinite(ev_n.objective)
   if cfg.checkpoint == "final":
-    return OptResult(delta_n, delta_n, ev_n.objective, ev_n.rows, ev_n.feats, rel_n,
-                     jnp.asarray(cfg.steps - 1, jnp.int32), history, refs, ev_n.objective, rel_n)
-  best = _update_best(cfg, hp, best, jnp.asarray(True), cfg.steps - 1, delta_n, ev_n, rel_n)
-  return OptResult(best.delta, delta_n, best.objective, best.rows, best.feats, best.rel, best.step, history, refs,
-                   ev_n.objective, rel_n)
+    return OptResult(state.delta, state.delta, ev_n.objective, ev_n.rows, ev_n.feats, rel_n,
+                     jnp.asarray(cfg.steps - 1, jnp.int32), {}, state.refs, ev_n.objective, rel_n, diverged)
+  best = _update_best(cfg, hp, state.best, jnp.asarray(True), cfg.steps - 1, state.delta, ev_n, rel_n)
+  return OptResult(best.delta, state.delta, best.objective, best.rows, best.feats, best.rel, best.step, {},
+                   state.refs, ev_n.objective, rel_n, diverged)
+
+
+def optimize(f: Callable[[Array], Eval], delta0: Array, mon: Monitor, cfg: RecoveryConfig, hp: HParams,
+             key: Array, enc_proj: proj_lib.EncoderProjector | None = None, refs_from_start: bool = False) -> OptResult:
+  """Maximises ``f(delta).objective`` from ``delta0`` [n_sites, P, d]: ``init``, ``step`` scanned
+  over ``cfg.steps``, ``finish`` (see the module docstring and ``Stepper``)."""
+  st = Stepper(f, mon, cfg, hp, key, enc_proj, refs_from_start)
+  state, history = jax.lax.scan(lambda s, t: step(st, s, t), init(st, delta0), jnp.arange(cfg.steps, dtype=jnp.int32))
+  return finish(st, state)._replace(history=history)

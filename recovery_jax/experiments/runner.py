@@ -1,0 +1,430 @@
+"""The shared experiment runner: grid, work units, resume, collection, summaries and plots.
+
+A task (``experiments/<name>.py``) loads its model, SAE, data and features, runs its preflight,
+and hands the runner a ``Setting``: the stacked engine problems per variant, the spec per (mode,
+variant), the clamps of a list of grid points, and the behaviour predicates. The runner owns the
+rest:
+
+  grid      config.sweep (feature-set size, clamp value, budget, seed, ...) x recovery.modes x
+            recovery.variants; (mode, variant) is static structure, everything else is traced
+  units     each work unit is one ``engine.recover_grid`` call vmapped over its points and sharded
+            over the mesh's ``data`` axis, saved with orbax when done (an interrupted run resumes)
+  rows      one JSON line per (point, example): behaviour before/after, validity, recovery,
+            Table-1 metrics, delta norms, divergence, path attribution
+  render    summary.md / summary.jsonl / plots from the rows alone (``render(workdir)``; the
+            ``python -m recovery_jax.report --workdir=...`` command re-renders a finished run)
+
+Examples: a problem stack [N, B, ...] flattens to N * B examples (shared delta: N = 1 problem of
+B prompts; per-example: N problems of 1 prompt).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from recovery_jax import errors, intervene, metrics, report, sweep
+from recovery_jax.recovery import attribution, engine, projections
+from recovery_jax.recovery.optimizer import RecoveryConfig
+
+STATIC_KEYS = ("mode", "variant")
+SWEEP_NAMES = {"n_features": "K", "clamp_value": "clamp", "budget": "budget", "seed": "seed"}
+
+
+def log(msg: str) -> None:
+  logging.info("%s", msg)
+  print(msg, flush=True)
+
+
+@dataclasses.dataclass
+class Setting:
+  """What a task hands the runner once model, SAE, data and features are ready.
+
+  problems: variant -> stacked engine problems [N, ...] (B rows each).
+  spec: (mode, variant) -> RecoverySpec.
+  clamps: grid points -> tuple of Clamps whose params are stacked over the points.
+  valid: (rows_base [E], rows_defended [E]) -> bool [E]; recovered: rows [E] -> bool [E].
+  examples: one dict of static per-example fields (prompt text, template, ...) per example.
+  """
+
+  title: str
+  header: str
+  params: Any
+  problems: Callable[[str], engine.Problem]
+  spec: Callable[[str, str], engine.RecoverySpec]
+  clamps: Callable[[Sequence[dict]], tuple]
+  valid: Callable[[np.ndarray, np.ndarray], np.ndarray]
+  recovered: Callable[[np.ndarray], np.ndarray]
+  examples: list[dict]
+  objective_name: str = "objective"
+
+
+# ----------------------------------------------------------------------------------------------
+# config and workdir
+
+
+def validate(config, variants: Sequence[str]) -> None:
+  """Checks the runner's config fields (no model needed); errors name the field."""
+  r = config.recovery
+  for m in r.modes:
+    if m not in projections.PROJECTIONS:
+      raise errors.UserError(f"config field 'recovery.modes': {m!r} is not one of {projections.PROJECTIONS}")
+  for v in r.variants:
+    if v not in variants:
+      raise errors.UserError(f"config field 'recovery.variants': {v!r} is not one of {tuple(variants)}")
+  if not r.modes or not r.variants:
+    raise errors.UserError("config fields 'recovery.modes' and 'recovery.variants' must not be empty")
+  if r.steps < 1:
+    raise errors.UserError(f"config field 'recovery.steps'={r.steps}: expected >= 1")
+  for b in config.sweep.get("budget", ()):
+    if float(b) < 0:
+      raise errors.UserError(f"config field 'sweep.budget' has {b}: expected >= 0")
+  try:
+    sweep.expand_grid(dict(config.sweep))
+  except ValueError as e:
+    raise errors.UserError(f"config field 'sweep': {e}") from e
+
+
+def snapshot_config(config, workdir: str) -> None:
+  """Writes config.json; a workdir holding another config's run is an error (resume needs the same)."""
+  path = os.path.join(workdir, "config.json")
+  text = config.to_json(indent=2, sort_keys=True)
+  if os.path.exists(path):
+    with open(path) as f:
+      if f.read() != text:
+        raise errors.UserError(f"{path}: the workdir holds a run of a different config; use a new --workdir "
+                               "(resuming needs the same config)")
+    return
+  report.atomic_write(path, text)
+
+
+def grid_points(config) -> list[dict]:
+  """config.sweep x recovery.modes x recovery.variants; ``grid_id`` is the sweep point."""
+  points = []
+  for p in sweep.expand_grid(dict(config.sweep)):
+    for mode in config.recovery.modes:
+      for variant in config.recovery.variants:
+        points.append({**p, "grid_id": p["point_id"], "mode": mode, "variant": variant})
+  for i, p in enumerate(points):
+    p["point_id"] = i
+  return points
+
+
+def recovery_config(config, mode: str) -> RecoveryConfig:
+  r = config.recovery
+  return RecoveryConfig(steps=r.steps, lr=r.lr, ridge=r.ridge, projection=mode)
+
+
+# ----------------------------------------------------------------------------------------------
+# one work unit
+
+
+def compute_unit(setting: Setting, config, mesh, u: sweep.WorkUnit) -> dict[str, Any]:
+  """Recovers every point of a unit (one compiled program) and, for per-example deltas, replays
+  the path-attribution components of each delta under the active clamps."""
+  mode, variant = u.group
+  spec = setting.spec(mode, variant)
+  clamps = setting.clamps(u.points)
+  hp = spec.config.hparams(budget=np.asarray([float(p.get("budget", spec.config.budget)) for p in u.points],
+                                             np.float32))
+  hp = jax.tree.map(lambda a: jnp.broadcast_to(a, (len(u.points),)), hp)
+  keys = np.stack([np.asarray(jax.random.key_data(sweep.point_key(int(p.get("seed", 0)), p["point_id"])))
+                   for p in u.points])
+  (cparams, hp, keys), n_real = sweep.pad_to_multiple((tuple(c.params for c in clamps), hp, keys),
+                                                      mesh.shape["data"])
+  clamps = tuple(c.replace(params=cp) for c, cp in zip(clamps, cparams))
+  problems = setting.problems(variant)
+  out = engine.recover_grid(spec, setting.params, clamps, problems, hp, keys, mesh=mesh)
+  res = {"rows_base": out.rows_base, "rows_defended": out.rows_defended, "rows": out.rows,
+         "feats": _keyed(out.feats), "refs": _keyed(out.refs), "masks": _keyed(out.masks), "delta": out.delta,
+         "h_def": out.h_def,
+         "history_objective": out.history["objective"], "history_delta_norm": out.history["delta_norm"],
+         "diverged": out.diverged, "budget": hp.budget}
+  site_clamp = attribution.clamp_at(spec, clamps, spec.delta_sites[0]) if len(spec.delta_sites) == 1 else None
+  mon = engine.monitored(clamps)
+  if len(mon) == 1:
+    res["dec_rows"] = jax.vmap(lambda c: c.decoder_rows(), in_axes=(intervene.clamp_axes(clamps)[mon[0]],))(
+        clamps[mon[0]])
+  if site_clamp is not None:
+    i = clamps.index(site_clamp)
+    res["pre_drift"] = _pre_drift(clamps[i], out.h_def, out.delta)
+    k = int(config.recovery.get("attribution_top_k", 0))
+    if variant != "shared" and k > 0:
+      res["attr_rows"], res["attr_energy"] = _attribution(spec, k)(setting.params, clamps, out.delta, out.h_def,
+                                                                   problems)
+  return jax.tree.map(lambda a: np.asarray(a)[:n_real], res)
+
+
+def _keyed(parts: tuple) -> dict:
+  """A tuple over monitored clamps as a dict with sortable keys (orbax keeps dicts as they are)."""
+  return {f"{i:03d}": a for i, a in enumerate(parts)}
+
+
+def _unkeyed(d: dict) -> tuple:
+  return tuple(d[k] for k in sorted(d))
+
+
+@jax.jit
+def _pre_drift(clamp, h_def, delta):
+  """||pre_S(h_def + delta) - pre_S(h_def)|| per row of a one-site delta: how far the clamped
+  features' pre-activations moved (for TopK/JumpReLU SAEs the activations can stay at 0 while these
+  move). h_def [G, N, 1, B, P, d], delta [G, N, 1, P, d] -> [G, N, B]."""
+  def one(c, h, d):
+    x, dd = h[:, 0], d[:, 0][:, None]  # [N, B, P, d], [N, 1, P, d]
+    diff = jnp.where(c.mask, c.pre_features(x + dd) - c.pre_features(x), 0.0)
+    return jnp.sqrt(jnp.sum(jnp.square(diff), axis=(-2, -1)))
+  return jax.vmap(one, in_axes=(intervene.clamp_axes((clamp,))[0], 0, 0))(clamp, h_def, delta)
+
+
+_ATTRIBUTION = {}
+
+
+def _attribution(spec: engine.RecoverySpec, k: int):
+  """jit: (params, clamps [G], deltas [G, N, ...], h_def [G, N, ...], problems of one row) ->
+  (rows [G, N, C], energy [G, N, C]): each of ``attribution.COMPONENTS`` of every per-example delta
+  replayed alone under the active clamps (paper-method 9.4)."""
+  if (spec, k) in _ATTRIBUTION:
+    return _ATTRIBUTION[(spec, k)]
+
+  def one_problem(params, clamps, delta, h_def, pb):
+    comp = attribution.decompose_sites(spec, clamps, h_def[:, 0], delta, k)
+    ev = engine.evaluate(spec, params, clamps, pb, comp.stacked())
+    energy = attribution.energy_fractions(comp)
+    return ev.rows[:, 0], jnp.stack([energy[f"{n}_energy"] for n in attribution.COMPONENTS])
+
+  def fn(params, clamps, deltas, h_defs, problems):
+    per_point = lambda cl, d, h: jax.vmap(lambda dd, hh, pb: one_problem(params, cl, dd, hh, pb))(d, h, problems)
+    return jax.vmap(per_point, in_axes=(intervene.clamp_axes(clamps), 0, 0))(clamps, deltas, h_defs)
+
+  _ATTRIBUTION[(spec, k)] = jax.jit(fn)
+  return _ATTRIBUTION[(spec, k)]
+
+
+# ----------------------------------------------------------------------------------------------
+# rows
+
+
+def _flat_rows(a: np.ndarray) -> np.ndarray:
+  """[N, B, ...] -> [N * B, ...]."""
+  return a.reshape((-1,) + a.shape[2:])
+
+
+def point_rows(setting: Setting, p: dict, res: dict, j: int) -> tuple[list[dict], dict]:
+  """Per-example rows of point j of a unit result, and the point's curve."""
+  n, b = res["rows_base"].shape[1:3]
+  e_of = lambda a: _flat_rows(np.asarray(a[j]))  # [N, B, ...] -> [E, ...]
+  per_problem = lambda a: np.repeat(np.asarray(a[j]), b, axis=0)  # [N, ...] -> [E, ...]
+  rb, rd, rr = e_of(res["rows_base"]), e_of(res["rows_defended"]), e_of(res["rows"])
+  diverged = per_problem(res["diverged"]).astype(bool)
+  valid = np.asarray(setting.valid(rb, rd), bool)
+  recovered = np.asarray(setting.recovered(rr), bool) & ~diverged
+  feats, refs, masks = (tuple(e_of(f) for f in _unkeyed(res[k])) for k in ("feats", "refs", "masks"))
+  ex = metrics.example_metrics(feats, refs, masks, res["dec_rows"][j] if "dec_rows" in res else None)
+  delta = per_problem(res["delta"])  # [E, n_sites, P, d]
+  h_def = np.moveaxis(np.asarray(res["h_def"][j]), 2, 1)  # [N, B, n_sites, P, d]
+  h_def = h_def.reshape((n * b,) + h_def.shape[2:])
+  budget = float(res["budget"][j])
+  at_budget = np.repeat((np.asarray(res["history_delta_norm"][j]) >= budget * (1 - 1e-4)).sum(-1), b)
+  rows = []
+  for e in range(n * b):
+    r = {k: p[k] for k in p if k not in ("point_id",)}
+    r.update(point_id=p["point_id"], example=e, **setting.examples[e],
+             base=rb[e], defended=rd[e], recovered_score=rr[e], valid=valid[e], recovered=recovered[e],
+             diverged=diverged[e], act_drift_l2=ex["act_drift_l2"][e], ref_norm=ex["ref_norm"][e],
+             act_drift_rel=ex["relative_l2"][e],
+             reactivated_fraction_within_eligible=ex["reactivated_fraction_within_eligible"][e],
+             n_reactivated=int(ex["n_reactivated"][e]),
+             zero_reactivation=bool(recovered[e] and ex["n_reactivated"][e] == 0),
+             delta_norm=float(np.linalg.norm(delta[e])),
+             rel_delta_norm=float(metrics.relative_delta_norm(delta[e][None], h_def[e][None])[0]),
+             steps_at_budget=int(at_budget[e]))
+    if "decode_drift_l2" in ex:
+      r["decode_drift_l2"] = ex["decode_drift_l2"][e]
+    if "pre_drift" in res:
+      r["pre_act_drift_l2"] = e_of(res["pre_drift"])[e]
+    if "attr_rows" in res:
+      rows_c, energy_c = np.asarray(res["attr_rows"][j]), np.asarray(res["attr_energy"][j])  # [N, C]
+      for c, name in enumerate(attribution.COMPONENTS):
+        r[f"attr_{name}_recovered"] = bool(setting.recovered(rows_c[e // b, c:c + 1])[0])
+        r[f"attr_{name}_energy"] = float(energy_c[e // b, c])
+    rows.append(r)
+  curve = {"point_id": p["point_id"], "grid_id": p["grid_id"], "name": f"{p['mode']} ({p['variant']})",
+           "objective": np.asarray(res["history_objective"][j]).mean(0).tolist()}
+  return rows, curve
+
+
+# ----------------------------------------------------------------------------------------------
+# run
+
+
+def run(config, workdir: str, setup: Callable[[Any], Setting], variants: Sequence[str]) -> dict[str, Any]:
+  """Runs an experiment: ``setup(config) -> Setting``, the grid in work units, rows, render."""
+  t_start = time.time()
+  validate(config, variants)
+  os.makedirs(workdir, exist_ok=True)
+  snapshot_config(config, workdir)
+  setting = setup(config)
+
+  mesh = sweep.make_mesh(config.mesh.data, config.mesh.model)
+  points = grid_points(config)
+  units = sweep.make_units(points, STATIC_KEYS, config.unit_size or len(points))
+  log(f"{len(points)} grid points in {len(units)} work units on a {dict(mesh.shape)} mesh")
+  store = sweep.UnitStore(os.path.join(workdir, "units"))
+  try:
+    results = sweep.run_units(units, lambda u: compute_unit(setting, config, mesh, u), store, log=log,
+                              progress=config.get("progress", True))
+  finally:
+    store.close()
+
+  rows, curves = [], []
+  for u in units:
+    for j, p in enumerate(u.points):
+      r, c = point_rows(setting, p, results[u.unit_id], j)
+      rows += r
+      curves.append(c)
+  n_div = sum(1 for r in rows if r["diverged"])
+  if n_div:
+    logging.warning("%d of %d examples diverged (non-finite objective, gradient or delta); they are flagged "
+                    "'diverged' in results.jsonl and never count as recovered", n_div, len(rows))
+    print(f"warning: {n_div} of {len(rows)} examples diverged (non-finite objective, gradient or delta); "
+          "flagged in results.jsonl and the summary, never counted as recovered", flush=True)
+  report.write_jsonl(os.path.join(workdir, "results.jsonl"), rows)
+  report.atomic_write(os.path.join(workdir, "curves.json"), json.dumps(curves))
+  report.atomic_write(os.path.join(workdir, "run.json"), json.dumps(
+      {"title": setting.title, "header": setting.header, "objective_name": setting.objective_name,
+       "attribution_top_k": int(config.recovery.get("attribution_top_k", 0)),
+       "wall_s": time.time() - t_start}))
+  text, summary = render(workdir, plots=config.plots)
+  print(text, flush=True)
+  return {"summary": summary, "rows": rows}
+
+
+# ----------------------------------------------------------------------------------------------
+# render: summary and plots from a finished workdir
+
+
+def _mean(rows: Sequence[dict], key: str) -> float:
+  vals = [float(r[key]) for r in rows if r.get(key) is not None and np.isfinite(float(r[key]))]
+  return float(np.mean(vals)) if vals else float("nan")
+
+
+def summarize(rows: Sequence[dict]) -> list[dict]:
+  """One summary dict per grid point (in point order) from per-example rows."""
+  by_point: dict[int, list[dict]] = {}
+  for r in rows:
+    by_point.setdefault(int(r["point_id"]), []).append(r)
+  out = []
+  for pid in sorted(by_point):
+    rs = by_point[pid]
+    v = [r for r in rs if r["valid"]]
+    nv, k = len(v), sum(1 for r in v if r["recovered"])
+    lo, hi = metrics.wilson_interval(k, nv) if nv else (float("nan"), float("nan"))
+    s = {key: rs[0][key] for key in rs[0] if key in SWEEP_NAMES or key in ("mode", "variant", "grid_id")}
+    s.update(point_id=pid, n_examples=len(rs), n_valid=nv, n_recovered=k, rate=k / nv if nv else float("nan"),
+             ci=[lo, hi], mean_recovered_valid=_mean(v, "recovered_score"), act_drift_valid=_mean(v, "act_drift_l2"),
+             decode_drift_valid=_mean(v, "decode_drift_l2"), pre_act_drift_valid=_mean(v, "pre_act_drift_l2"),
+             act_drift_rel_valid=_mean(v, "act_drift_rel"),
+             n_zero_ref_valid=sum(1 for r in v if not r["ref_norm"] > 0),
+             reactivation_valid=_mean(v, "reactivated_fraction_within_eligible"),
+             zero_react_valid=sum(1 for r in v if r["zero_reactivation"]),
+             rel_delta_norm_valid=_mean(v, "rel_delta_norm"), steps_at_budget_valid=_mean(v, "steps_at_budget"),
+             n_diverged=sum(1 for r in rs if r["diverged"]))
+    if any(k.startswith("attr_") for k in rs[0]) and nv:
+      s["attribution"] = {n: {"recovered": sum(1 for r in v if r[f"attr_{n}_recovered"]),
+                              "energy": _mean(v, f"attr_{n}_energy")} for n in attribution.COMPONENTS}
+    out.append(s)
+  return out
+
+
+def _table(summary: list[dict], objective_name: str) -> str:
+  sweep_keys = [k for k in SWEEP_NAMES if summary and k in summary[0]]
+  header = [SWEEP_NAMES[k] for k in sweep_keys] + [
+      "mode", "variant", "valid/N", "recovered", "rate [95% CI]", f"mean rec. {objective_name} (valid)",
+      "act drift", "decode drift", "pre-act drift", "react. frac", "zero-react", "rel. delta norm", "steps at budget",
+      "diverged"]
+  rows = []
+  for s in summary:
+    nv = s["n_valid"]
+    rate = f"{s['rate']:.2f} [{s['ci'][0]:.2f}, {s['ci'][1]:.2f}]" if nv else "-"
+    rows.append([s[k] for k in sweep_keys] + [
+        s["mode"], s["variant"], f"{nv}/{s['n_examples']}", f"{s['n_recovered']}/{nv}", rate,
+        s["mean_recovered_valid"], s["act_drift_valid"], s["decode_drift_valid"], s["pre_act_drift_valid"],
+        s["reactivation_valid"], f"{s['zero_react_valid']}/{nv}", s["rel_delta_norm_valid"],
+        s["steps_at_budget_valid"], s["n_diverged"]])
+  return report.format_table(header, rows)
+
+
+def _attribution_table(summary: list[dict], top_k: int) -> str:
+  rows = [[s.get("n_features", ""), s.get("clamp_value", ""), s.get("budget", ""), s["mode"],
+           *[f"{s['attribution'][n]['recovered']}/{s['n_valid']} ({s['attribution'][n]['energy']:.2f})"
+             for n in attribution.COMPONENTS]] for s in summary if "attribution" in s]
+  if not rows:
+    return ""
+  header = ["K", "clamp", "budget", "mode", *[f"{n} replay" for n in attribution.COMPONENTS]]
+  return ("Recovery-path attribution (per-prompt deltas, valid prompts; recovered when only that component "
+          f"is replayed under the clamp, mean energy fraction in brackets; top-k = {top_k}):\n\n"
+          f"{report.format_table(header, rows)}\n\n")
+
+
+def read_jsonl(path: str) -> list[dict]:
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def render(workdir: str, plots: bool = True) -> tuple[str, list[dict]]:
+  """Writes summary.md, summary.jsonl and plots from results.jsonl, curves.json and run.json."""
+  need = [os.path.join(workdir, n) for n in ("run.json", "results.jsonl", "curves.json")]
+  missing = [p for p in need if not os.path.exists(p)]
+  if missing:
+    raise errors.UserError(f"{workdir}: not a finished run (missing {', '.join(missing)})")
+  with open(need[0]) as f:
+    meta = json.load(f)
+  rows = read_jsonl(need[1])
+  with open(need[2]) as f:
+    curves = json.load(f)
+  summary = summarize(rows)
+  n_zero = sum(s["n_zero_ref_valid"] for s in summary)
+  notes = ("Drifts are absolute L2 norms over the clamped features (relative drift is undefined where the "
+           f"defended features are all zero: {n_zero} valid example-points here). The relative delta norm is "
+           "||delta|| / ||h_def|| at the delta positions; steps at budget counts steps with ||delta|| on the "
+           "budget.\n\n")
+  n_div = sum(s["n_diverged"] for s in summary)
+  if n_div:
+    notes += (f"**{n_div} example-points diverged** (a non-finite objective, gradient or delta norm); they count "
+              "as not recovered and their drifts are void (column 'diverged'; field 'diverged' in results.jsonl)."
+              "\n\n")
+  text = (f"# {meta['title']}\n\n{meta['header']}\n\n{_table(summary, meta['objective_name'])}\n\n{notes}"
+          f"{_attribution_table(summary, meta['attribution_top_k'])}(wall time {meta['wall_s']:.0f} s)\n")
+  report.atomic_write(os.path.join(workdir, "summary.md"), text)
+  report.write_jsonl(os.path.join(workdir, "summary.jsonl"), summary)
+  if plots:
+    _plots(workdir, rows, curves, meta["objective_name"])
+  return text, summary
+
+
+def _plots(workdir: str, rows: Sequence[dict], curves: Sequence[dict], objective_name: str) -> None:
+  """Recovered score vs defended-feature drift per mode (paper Figure 4), and objective curves."""
+  drift_key = "pre_act_drift_l2" if rows and "pre_act_drift_l2" in rows[0] else "act_drift_l2"
+  scatter: dict[str, tuple[list, list]] = {}
+  for r in rows:
+    if r["grid_id"] == 0 and r["valid"]:
+      x, y = scatter.setdefault(f"{r['mode']} ({r['variant']})", ([], []))
+      x.append(r[drift_key])
+      y.append(r["recovered_score"])
+  if scatter:
+    report.plot_recovery_vs_drift(os.path.join(workdir, "recovery_vs_drift.png"),
+                                  {k: (np.asarray(x), np.asarray(y)) for k, (x, y) in scatter.items()},
+                                  f"defended-feature drift ({drift_key})", f"recovered {objective_name}",
+                                  "recovery vs drift (valid examples)")
+  lines = {c["name"]: np.asarray(c["objective"]) for c in curves if c["grid_id"] == 0}
+  if lines:
+    report.plot_curves(os.path.join(workdir, "objective_curves.png"), lines, f"objective (mean {objective_name})",
+                       "recovery objective per step")

@@ -1,0 +1,94 @@
+"""TPP's latent-level recovery: a linear probe on the mean-pooled residual at the SAE site.
+
+No transformer runs here: the clean residual ``h`` at the probe site is cached once; the defence
+clamps (zero-ablates) the class's latents at every position; delta is added to the defended
+residual and the probe reads the mean over pooled tokens (SAE/probe algebra only, vmapped over
+examples and classes). Uses the engine's optimiser, drift monitor and encoder projector.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from recovery_jax import intervene
+from recovery_jax.intervene import Clamp
+from recovery_jax.recovery import engine
+from recovery_jax.recovery import objectives as obj_lib
+from recovery_jax.recovery import optimizer as opt_lib
+from recovery_jax.recovery.optimizer import Eval, HParams, Monitor, RecoveryConfig
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class ProbeSpec:
+  """Static structure of a probe recovery (the clamp's own spec travels with the Clamp)."""
+
+  config: RecoveryConfig
+
+  def canonical(self) -> "ProbeSpec":
+    return dataclasses.replace(self, config=self.config.canonical())
+
+
+class ProbeProblem(NamedTuple):
+  """h [B, T, d] clean residual at the site; pool_mask [B, T] (tokens pooled); positions [B, T];
+  probe_w [d], probe_b []; delta_cols / delta_valid [B, P]; monitor_cols / monitor_valid [B, M];
+  row_weight [B]."""
+
+  h: Array
+  pool_mask: Array
+  positions: Array
+  probe_w: Array
+  probe_b: Array
+  delta_cols: Array
+  delta_valid: Array
+  monitor_cols: Array
+  monitor_valid: Array
+  row_weight: Array
+
+
+def probe_logit(h: Array, pool_mask: Array, w: Array, b: Array) -> Array:
+  """Linear probe on the mean over pooled tokens: h [B, T, d] -> [B]."""
+  m = pool_mask.astype(jnp.float32)
+  pooled = jnp.einsum("btd,bt->bd", h.astype(jnp.float32), m) / jnp.maximum(m.sum(-1, keepdims=True), 1.0)
+  return pooled @ w.astype(jnp.float32) + b
+
+
+def recover_probe(spec: ProbeSpec, clamp: Clamp, pb: ProbeProblem, hp: HParams, key: Array) -> engine.RecoveryOutput:
+  """TPP recovery: maximise the probe logit of the pooled ``h_def + delta`` (frozen reference)."""
+  h_def = clamp(pb.h.astype(jnp.float32), pb.positions)
+  place = intervene.placement(pb.delta_cols, pb.delta_valid, 0, pb.h.shape[1])
+  feats_of = lambda x: (clamp.features(engine.gather_cols(x, pb.monitor_cols)),)
+  masks = (pb.monitor_valid[:, :, None] & clamp.mask[None, None],)
+
+  def f(delta):
+    x = intervene.add_rows(h_def, place, delta[0])
+    rows = probe_logit(x, pb.pool_mask, pb.probe_w, pb.probe_b)
+    return Eval(obj_lib.weighted_mean(rows, pb.row_weight), rows, feats_of(x))
+
+  enc = None
+  if spec.config.projection in ("encoder", "encoder_exact"):
+    enc = engine.encoder_projector(pb.h.shape[-1], (clamp.site,), (clamp,), hp.ridge,
+                                   spec.config.projection == "encoder_exact", spec.config.exact_rtol)
+  delta0 = jnp.zeros((1, pb.delta_cols.shape[1], pb.h.shape[-1]), jnp.float32)
+  res = opt_lib.optimize(f, delta0, Monitor(feats_of(h_def), masks, (clamp.decoder_rows(),)), spec.config, hp, key,
+                         enc, refs_from_start=True)
+  return engine.output_of(res, probe_logit(pb.h, pb.pool_mask, pb.probe_w, pb.probe_b),
+                          probe_logit(h_def, pb.pool_mask, pb.probe_w, pb.probe_b), masks,
+                          engine.gather_cols(h_def, pb.delta_cols)[None], pb.row_weight)
+
+
+@functools.partial(jax.jit, static_argnames=("spec",))
+def _recover_probe_examples(spec, clamp, pbs, hp, key):
+  n = pbs.h.shape[0]
+  return jax.vmap(lambda pb, i: recover_probe(spec, clamp, pb, hp, jax.random.fold_in(key, i)))(pbs, jnp.arange(n))
+
+
+def recover_probe_examples(spec: ProbeSpec, clamp: Clamp, problems: ProbeProblem, hp: HParams, key: Array):
+  """TPP recovery of a stack of problems (leading axis N), one compiled program."""
+  return _recover_probe_examples(spec.canonical(), clamp, problems, hp, key)
