@@ -291,6 +291,7 @@ def forward(
     attention_mask: Array | None = None,
     edits: Mapping[str, EditFn] | None = None,
     capture: Sequence[str] = (),
+    capture_inputs: Sequence[str] = (),
     cache: KVCache | None = None,
     remat: bool = False,
     compute_logits: bool = True,
@@ -304,12 +305,13 @@ def forward(
     attention_mask: [batch, seq] 1 for real tokens of this chunk, 0 for (left) padding.
     edits: site name -> ``fn(x, positions) -> x``.
     capture: site names whose post-edit values are returned in ``captures``.
+    capture_inputs: site names whose pre-edit values are returned in ``captures[f"{name}:input"]``.
     cache: KV cache; this chunk is written at ``cache.index`` and attends to all valid slots.
     remat: wrap each block in ``jax.checkpoint`` (memory for recompute in backward passes).
   """
   edits = dict(edits or {})
   stop_layer = cfg.n_layers if stop_layer is None else stop_layer
-  names = set(edits) | set(capture)
+  names = set(edits) | set(capture) | set(capture_inputs)
   parsed = {n: sites_lib.parse_site(n, cfg.n_layers) for n in names}
   for n, s in parsed.items():
     if s.layer is not None and not start_layer <= s.layer < stop_layer:
@@ -333,6 +335,8 @@ def forward(
   positions = positions.astype(jnp.int32)
 
   def apply(name: str, x: Array) -> Array:
+    if name in capture_inputs:
+      captures[f"{name}:input"] = x
     if name in edits:  # an edit may compute in float32 (e.g. add delta); the stream keeps its dtype
       x = edits[name](x, positions).astype(x.dtype)
     if name in capture:
