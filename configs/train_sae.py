@@ -1,10 +1,10 @@
 """Train an SAE on a model's residual stream from offline text.
 
-  python -m recovery_jax.train_sae --config=configs/train_sae.py --workdir=runs/sae_smollm2
-  python -m recovery_jax.train_sae --config=configs/train_sae.py:smoke --workdir=/tmp/sae_smoke
-  python -m recovery_jax.train_sae --config=configs/train_sae.py:layer=12,k=32,d_sae=4608,tokens=1200000 ...
+  python -m recovery_jax.main --config=configs/train_sae.py --workdir=runs/sae_smollm2
+  python -m recovery_jax.main --config=configs/train_sae.py:smoke --workdir=/tmp/sae_smoke
+  python -m recovery_jax.main --config=configs/train_sae.py:layer=12,k=32,d_sae=4608,tokens=1200000 ...
 
-Variants (big_vision style ``file.py:arg=value,...``; a bare word sets that key to True):
+Variants (big_vision style ``file.py:arg=value,...``; a bare word sets that boolean key to True):
   smoke      tiny random model, byte tokenizer, stdlib docstrings, a few hundred steps (seconds)
   model      model name or path for ``load_model`` (default smollm2-135m-instruct)
   layer      hook layer L; ``site`` hook (default hook_resid_pre) -> blocks.L.<site>
@@ -14,30 +14,17 @@ The default is the shipped SAE (assets/smollm2-135m-instruct-res12-topk), see it
 
 import ml_collections
 
+from recovery_jax.config_utils import parse_arg
+
 DEFAULTS = dict(smoke=False, model="smollm2-135m-instruct", layer=12, site="hook_resid_pre", arch="topk",
                 k=64, d_sae=4608, lr=5e-4, batch=2048, steps=0, tokens=600_000, heldout=60_000, seed=0,
                 epochs=3.0)
 
 
-def parse_arg(arg, **defaults):
-  """'a=1,b=x,flag' -> ConfigDict with the types of ``defaults`` (big_vision ``parse_arg``)."""
-  out = ml_collections.ConfigDict(dict(defaults))
-  for item in filter(None, (arg or "").split(",")):
-    key, eq, val = item.partition("=")
-    if key not in defaults:
-      raise ValueError(f"configs/train_sae.py: unknown argument {key!r}; known: {sorted(defaults)}")
-    if not eq:
-      out[key] = True
-    elif isinstance(defaults[key], bool):
-      out[key] = val.lower() in ("1", "true", "yes")
-    else:
-      out[key] = type(defaults[key])(val)
-  return out
-
-
 def get_config(arg=None):
   a = parse_arg(arg, **DEFAULTS)
   c = ml_collections.ConfigDict()
+  c.experiment = "train_sae"
   c.seed = a.seed
   c.model = a.model
   c.hook_name = f"blocks.{a.layer}.{a.site}"

@@ -1,22 +1,73 @@
-"""The absl app: parse the config, build the mesh, run the experiment, report.
+"""The absl app: ``config.experiment`` picks ``recovery_jax.experiments.<name>``, whose
+``run(config, workdir)`` it calls.
 
   python -m recovery_jax.main --config=configs/ioi.py --workdir=runs/ioi_default
   python -m recovery_jax.main --config=configs/ioi.py:sweep --config.recovery.steps=50 --workdir=...
+  python -m recovery_jax.main --config=configs/train_sae.py:smoke --workdir=/tmp/sae_smoke
+
+Input problems (an unknown experiment, an unusable workdir, a bad config field: ``errors.UserError``)
+end with ``error: <message>`` on stderr and exit status 2, without a traceback. INFO records of
+other libraries (orbax, jax) are hidden unless ``--verbosity`` is 1 or more (``-v``).
 """
 
 from __future__ import annotations
 
+import logging as py_logging
 import os
 import sys
+import tempfile
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from recovery_jax import errors, experiments
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py[:arg]).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder; an interrupted run resumes from it.")
 flags.mark_flags_as_required(["config", "workdir"])
 
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def check_workdir(path: str) -> None:
+  """Creates ``path`` if needed and writes and removes a probe file there; a UserError naming the
+  path and the problem when either fails."""
+  where = f"--workdir={path!r}"
+  if not path:
+    raise errors.UserError("--workdir is empty")
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise errors.UserError(f"{where} exists and is not a directory")
+  try:
+    os.makedirs(path, exist_ok=True)
+  except OSError as e:
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+      parent = os.path.dirname(parent)
+    why = e.strerror if os.path.isdir(parent) else f"{parent} is a file, not a directory"
+    raise errors.UserError(f"{where} cannot be created: {why}") from e
+  try:
+    fd, probe = tempfile.mkstemp(prefix=".write_probe_", dir=path)
+    os.close(fd)
+    os.remove(probe)
+  except OSError as e:
+    raise errors.UserError(f"{where} is not writable: {e.strerror}") from e
+
+
+class OwnRecordsOnly(py_logging.Filter):
+  """Passes WARNING and above, and records logged from this package's own files."""
+
+  def filter(self, record: py_logging.LogRecord) -> bool:
+    return record.levelno >= py_logging.WARNING or record.pathname.startswith(_PACKAGE_DIR + os.sep)
+
+
+def quiet_library_logging(verbosity: int) -> None:
+  """Hides other libraries' INFO records (orbax, jax) from the root handlers unless ``verbosity`` >= 1."""
+  if verbosity >= 1:
+    return
+  for handler in py_logging.getLogger().handlers:
+    if not any(isinstance(f, OwnRecordsOnly) for f in handler.filters):
+      handler.addFilter(OwnRecordsOnly())
 
 
 def _maybe_initialize_distributed():
@@ -30,18 +81,22 @@ def _maybe_initialize_distributed():
 
 
 def main(argv):
-  del argv
-  _maybe_initialize_distributed()
-  from recovery_jax.experiments import ioi  # pylint: disable=import-outside-toplevel
-  from recovery_jax import errors  # pylint: disable=import-outside-toplevel
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  quiet_library_logging(flags.FLAGS.verbosity)
+  config, workdir = _CONFIG.value, _WORKDIR.value
   try:
-    ioi.run(_CONFIG.value, _WORKDIR.value)
+    name = config.get("experiment", None)
+    if not name:
+      raise errors.UserError(f"the config has no field 'experiment'; set it to one of: {', '.join(experiments.names())}")
+    module = experiments.load(name)
+    check_workdir(workdir)
+    _maybe_initialize_distributed()
+    module.run(config, workdir)
   except errors.UserError as e:
-    logging.error("%s", e)
-    print(f"error: {e}", file=sys.stderr)
+    print(f"error: {e}", file=sys.stderr, flush=True)
     sys.exit(2)
 
 
 if __name__ == "__main__":
-  sys.path.insert(0, os.getcwd())  # so that configs/ imports its helpers
   app.run(main)

@@ -1,0 +1,25 @@
+"""Train an SAE on a model's activations (``recovery_jax.sae.pipeline.run``).
+
+  python -m recovery_jax.main --config=configs/train_sae.py --workdir=runs/sae
+  python -m recovery_jax.main --config=configs/train_sae.py:smoke --workdir=/tmp/sae_smoke
+
+A killed run resumes when started again with the same workdir (activation stores and orbax
+checkpoints live there).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from absl import logging
+
+from recovery_jax.sae import pipeline
+
+
+def run(config, workdir: str) -> dict[str, Any]:
+  """Trains, evaluates and exports the SAE; prints the result as JSON and returns it."""
+  result = pipeline.run(config, workdir)
+  logging.info("result: %s", json.dumps(result.get("heldout", result), default=str))
+  print(json.dumps(result, indent=1, default=str), flush=True)
+  return result
