@@ -132,11 +132,14 @@ def run(cfg, workdir: str, *, stop_after: int | None = None) -> dict[str, Any]:
       f.write(json.dumps(m) + "\n")
 
   t0 = time.time()
-  state, history = train_lib.train(tc, train_stores, seed=cfg.seed, seeds=[cfg.seed] * len(sites),
+  one = len(sites) == 1  # one site: metrics as floats, as before
+  state, history = train_lib.train(tc, train_stores[0] if one else train_stores, seed=cfg.seed, seeds=[cfg.seed] * len(sites),
                                    sparsity_coeffs=coeffs, ckpt_dir=str((wd / "ckpt").absolute()),
                                    ckpt_every=cfg.ckpt_every, log_every=cfg.log_every, stop_after=stop_after,
                                    progress=cfg.progress, log_fn=log_fn)
   train_s = time.time() - t0
+  if one:
+    state = train_lib.stack_states([state])
   if int(state.step[0]) < tc.total_steps:
     return {"stopped_at": int(state.step[0]), "history": history}
 
