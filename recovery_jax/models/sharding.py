@@ -46,7 +46,6 @@ _SPLIT_AXIS = {
     ("attn", "W_K"): 2, ("attn", "W_V"): 2, ("attn", "b_K"): 1, ("attn", "b_V"): 1,
     ("mlp", "W_in"): 2, ("mlp", "W_gate"): 2, ("mlp", "b_in"): 1, ("mlp", "W_out"): 1,
 }
-_KV = {("attn", "W_K"), ("attn", "W_V"), ("attn", "b_K"), ("attn", "b_V")}
 
 
 def _keys(path) -> tuple[str, ...]:
@@ -59,13 +58,11 @@ def _model_size(mesh_or_size: Mesh | int) -> int:
   return int(dict(mesh_or_size.shape).get(MODEL, 1))
 
 
-def _spec(keys: tuple[str, ...], shape: tuple[int, ...], cfg: ModelConfig, n_model: int) -> P:
+def _spec(keys: tuple[str, ...], shape: tuple[int, ...], n_model: int) -> P:
   axis = _SPLIT_AXIS.get(keys[-2:]) if len(keys) >= 2 else None
+  # A split dim that model does not divide stays whole; for K/V (GQA, K < H) that replicates the KV
+  # heads while the query heads stay split (each device then uses the KV groups its heads need).
   if axis is None or n_model == 1 or axis >= len(shape) or shape[axis] % n_model:
-    return P()
-  if keys[-2:] in _KV and cfg.n_kv_heads % n_model:
-    return P()
-  if keys[-2] == "attn" and cfg.n_heads % n_model:
     return P()
   return P(*([None] * axis + [MODEL] + [None] * (len(shape) - axis - 1)))
 
@@ -73,7 +70,7 @@ def _spec(keys: tuple[str, ...], shape: tuple[int, ...], cfg: ModelConfig, n_mod
 def param_specs(params, cfg: ModelConfig, mesh_or_size: Mesh | int):
   """PartitionSpec pytree for ``params`` (arrays or ``jax.ShapeDtypeStruct``s; only shapes are read)."""
   n = _model_size(mesh_or_size)
-  return jax.tree_util.tree_map_with_path(lambda path, a: _spec(_keys(path), tuple(a.shape), cfg, n), params)
+  return jax.tree_util.tree_map_with_path(lambda path, a: _spec(_keys(path), tuple(a.shape), n), params)
 
 
 def param_shardings(params, cfg: ModelConfig, mesh: Mesh):
@@ -95,7 +92,7 @@ def plan(params, cfg: ModelConfig, mesh_or_size: Mesh | int) -> dict[str, str]:
   out = {}
   for path, a in jax.tree_util.tree_flatten_with_path(params)[0]:
     keys = _keys(path)
-    spec = _spec(keys, tuple(a.shape), cfg, n)
+    spec = _spec(keys, tuple(a.shape), n)
     note = " (replicated: not divisible)" if spec == P() and keys[-2:] in _SPLIT_AXIS and n > 1 else ""
     out["/".join(keys)] = f"{spec}{note}"
   return out
