@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from recovery_jax.models.random_init import random_model, random_tokens
 from recovery_jax.sae.testing import random_sae
 from recovery_jax import intervene
-from recovery_jax.recovery import api, attribution
+from recovery_jax.recovery import api, attribution, engine
 from recovery_jax.recovery.objectives import Objective
 from recovery_jax.recovery.optimizer import RecoveryConfig
 from recovery_jax.sae import core as sae_core
@@ -20,7 +20,8 @@ def test_components_sum_back_to_delta():
   h = 2.0 * jax.random.normal(jax.random.PRNGKey(0), (3, 2, 32))
   delta = jax.random.normal(jax.random.PRNGKey(1), (3, 2, 32))
   idx, mask = jnp.asarray([1, 5, 9, 0]), jnp.asarray([True, True, True, False])
-  comp = attribution.decompose(sae, scfg, h, delta, idx, mask, k=4)
+  clamp = intervene.Clamp(intervene.ClampSpec(SITE, scfg), sae, intervene.ClampParams(idx, mask, jnp.asarray(0.0)))
+  comp = attribution.decompose(clamp, h, delta, k=4)
   np.testing.assert_allclose(np.asarray(comp.clamped + comp.nonclamped + comp.residual), np.asarray(delta), atol=1e-5)
   np.testing.assert_allclose(np.asarray(comp.sae_feature + comp.residual), np.asarray(delta), atol=1e-5)
   np.testing.assert_allclose(np.asarray(comp.knockout + comp.topk), np.asarray(delta), atol=1e-6)
@@ -51,14 +52,14 @@ def test_replay_under_active_clamp():
   out = api.recover_site(params, cfg, sae, scfg, site=SITE, tokens=toks, delta_pos=6, readout_pos=6,
                          objective=Objective("logit_diff"), targets=targets, feature_idx=[1, 2, 3, 5],
                          clamp_value=-2.0, config=rc)
-  spec = api._spec(cfg, scfg, SITE, Objective("logit_diff"), rc, "set", True, 1)
-  cp = intervene.make_clamp_params([1, 2, 3, 5], -2.0)
+  spec = engine.RecoverySpec(cfg, (SITE,), Objective("logit_diff"), rc, suffix_len=1)
+  clamp = intervene.make_clamp(intervene.ClampSpec(SITE, scfg), sae, [1, 2, 3, 5], -2.0)
   pb = jax.tree.map(lambda a: a[0], api.site_problems(toks, None, 6, 6, targets, shared=False))
-  comp = attribution.decompose_sites(spec, (sae,), (cp,), out.h_def[0, :, 0], out.delta[0], k=5)
+  comp = attribution.decompose_sites(spec, (clamp,), out.h_def[0, :, 0], out.delta[0], k=5)
   assert comp.full.shape == (1, 1, cfg.d_model)
   np.testing.assert_allclose(np.asarray(comp.clamped + comp.nonclamped + comp.residual), np.asarray(out.delta[0]),
                              atol=1e-5)
-  ev = attribution.replay(spec, params, (sae,), (cp,), pb, comp)
+  ev = attribution.replay(spec, params, (clamp,), pb, comp)
   assert set(ev) == set(attribution.COMPONENTS)
   # replaying the full delta reproduces the recovered objective; the other components are evaluated too
   np.testing.assert_allclose(float(ev["full"].objective), float(out.objective[0]), atol=1e-5)

@@ -75,7 +75,8 @@ def test_noop_clamp_in_forward(model, sae):
   cp = intervene.make_clamp_params([1, 4, 9], -5.0, feature_mask=[False] * 3)
   toks = jnp.asarray(random_tokens(0, 2, 6))
   plain = jax.jit(lambda p: transformer.forward(p, cfg, toks).logits)(params)
-  defended = jax.jit(lambda p: intervene.clamp(transformer.forward, spec, sp, cp)(p, cfg, toks).logits)(params)
+  defended = jax.jit(lambda p: intervene.clamp(transformer.forward, intervene.Clamp(spec, sp, cp))(p, cfg, toks).logits)(
+      params)
   np.testing.assert_array_equal(np.asarray(defended), np.asarray(plain))
 
 
@@ -122,7 +123,7 @@ def test_position_mask_and_kv_cached_decoding(model, sae):
   changed = np.asarray(jnp.abs(out - x).max(-1)[0] > 0)
   assert set(np.nonzero(changed)[0]) <= {2, 5, 7} and changed[[2, 5]].any()
   # the same mask means the same thing in a full forward and in prefill + one-token decoding
-  defended_fn = intervene.clamp(transformer.forward, spec, sp, cp)
+  defended_fn = intervene.clamp(transformer.forward, intervene.Clamp(spec, sp, cp))
   defended = jax.jit(defended_fn, static_argnums=1)
   toks = jnp.asarray(random_tokens(5, 1, 9))
   full = defended(params, cfg, toks).logits
@@ -155,7 +156,7 @@ def test_transform_order_and_multiple_clamps(model, sae):
   c1, c2 = intervene.make_clamp_params([1, 2], -2.0), intervene.make_clamp_params([3, 4], 2.0)
   toks = jnp.asarray(random_tokens(6, 2, 7))
   add = jnp.linspace(-1, 1, cfg.d_model)
-  defended = intervene.clamp(transformer.forward, (s1, s2), (sp, sp), (c1, c2))
+  defended = intervene.clamp(transformer.forward, (intervene.Clamp(s1, sp, c1), intervene.Clamp(s2, sp, c2)))
   out = defended(params, cfg, toks, edits={SITE: lambda x, p: x + add}, capture=(SITE,))
   # manual: clamp at layer 0 post, then at layer 1 pre the clamp runs before the caller's edit
   manual = transformer.forward(params, cfg, toks, capture=(SITE,), edits={
@@ -170,8 +171,13 @@ def test_clamp_params_helpers():
   cp = intervene.make_clamp_params([3, 1], 2.0, k_max=4)
   np.testing.assert_array_equal(np.asarray(cp.feature_idx), [3, 1, 0, 0])
   np.testing.assert_array_equal(np.asarray(cp.feature_mask), [True, True, False, False])
-  st = intervene.stack_clamp_params([cp, intervene.make_clamp_params([5], -1.0, k_max=4)])
-  assert st.feature_idx.shape == (2, 4) and st.value.shape == (2,)
+  sae = random_sae(8)
+  st = intervene.stack_clamps([intervene.make_clamp(ClampSpec(SITE, cfg), sae[0], [3, 1], 2.0, k_max=4),
+                               intervene.make_clamp(ClampSpec(SITE, cfg), sae[0], [5], -1.0, k_max=4)])
+  assert st.params.feature_idx.shape == (2, 4) and st.params.value.shape == (2,)
+  assert st.sae["W_dec"].shape == (48, 8)  # the SAE is shared, not stacked
+  with pytest.raises(ValueError, match="same ClampSpec"):
+    intervene.stack_clamps([st, st.replace(spec=ClampSpec(SITE, cfg, mode="zero"))])
   with pytest.raises(ValueError):
     intervene.make_clamp_params([1, 2, 3], 0.0, k_max=2)
   with pytest.raises(ValueError):
@@ -179,3 +185,56 @@ def test_clamp_params_helpers():
   x = jnp.ones((1, 3, 8))
   with pytest.raises(ValueError, match="position_mask"):
     intervene.clamp_residual(ClampSpec(SITE, cfg, masked_positions=True), random_sae(8)[0], cp, x, jnp.arange(3)[None])
+
+
+def test_error_term_drop_is_the_clamped_reconstruction(any_sae):
+  """error_term="drop": x' = D(z') exactly (the SAE as a full bottleneck), not x + D(z') - D(z)."""
+  sp, scfg = any_sae
+  spec = ClampSpec(SITE, scfg, mode="set", positive_only=True, error_term="drop")
+  cp = intervene.make_clamp_params([0, 3, 5, 8], -2.0, k_max=6)
+  x = _x(4)
+  z = sae_core.encode(sp, scfg, x)
+  zc = z.at[..., jnp.asarray([0, 3, 5, 8])].set(intervene.clamp_values(spec, z[..., jnp.asarray([0, 3, 5, 8])], -2.0))
+  want = sae_core.decode(sp, scfg, zc)
+  got = intervene.clamp_residual(spec, sp, cp, x)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5)
+  keep = intervene.clamp_residual(ClampSpec(SITE, scfg, mode="set"), sp, cp, x)
+  err = x - sae_core.decode(sp, scfg, z)  # the two forms differ by exactly the SAE error
+  np.testing.assert_allclose(np.asarray(keep - got), np.asarray(err), atol=5e-5)
+  # a no-op clamp with the error dropped is the plain reconstruction, not the identity
+  none = intervene.make_clamp_params([1], 0.0, feature_mask=[False])
+  np.testing.assert_allclose(np.asarray(intervene.clamp_residual(spec, sp, none, x)),
+                             np.asarray(sae_core.decode(sp, scfg, z)), atol=2e-5)
+
+
+def test_clamp_pytree_vmaps_over_stacked_params(sae):
+  """A stack of clamps vmapped over its ClampParams (SAE shared) equals each clamp applied alone."""
+  sp, scfg = sae
+  spec = ClampSpec(SITE, scfg, mode="set", positive_only=False)
+  clamps = [intervene.make_clamp(spec, sp, f, v, k_max=3) for f, v in (([1, 2], -1.0), ([4, 7, 9], 2.0), ([3], 0.5))]
+  stacked = intervene.stack_clamps(clamps)
+  x = _x(5)
+  out = jax.vmap(lambda c: c(x), in_axes=(intervene.clamp_axes((stacked,))[0],))(stacked)
+  for i, c in enumerate(clamps):
+    np.testing.assert_allclose(np.asarray(out[i]), np.asarray(c(x)), atol=1e-6)
+  leaves, treedef = jax.tree.flatten(stacked)
+  assert any(l is sp["W_enc"] for l in leaves)  # SAE params are leaves; the spec is static metadata
+  assert jax.tree.unflatten(treedef, leaves).spec == spec
+
+
+def test_effective_decoder_rows_and_encoder_columns():
+  """Monitors, decode drift and projectors use the SAE's effective directions: for a TopK SAE with
+  rescale_acts_by_decoder_norm (non-unit decoder rows) the decoder rows are W_dec / ||W_dec|| and
+  the encoder columns are the gradient of the clamped pre-activations (not raw W_dec / W_enc)."""
+  sp, scfg = random_sae(16, 32, architecture="topk", k=4, seed=3)
+  sp = dict(sp, W_dec=sp["W_dec"] * jnp.linspace(0.5, 2.0, 32)[:, None])
+  scfg = scfg.replace(rescale_acts_by_decoder_norm=True)
+  clamp = intervene.make_clamp(ClampSpec(SITE, scfg), sp, [2, 7, 30], -1.0, k_max=4)
+  rows = np.asarray(clamp.decoder_rows())
+  w = np.asarray(sp["W_dec"])[[2, 7, 30]]
+  np.testing.assert_allclose(rows[:3], w / np.linalg.norm(w, axis=-1, keepdims=True), atol=1e-6)
+  np.testing.assert_array_equal(rows[3], 0.0)  # padded slot
+  x = _x(6, (16,))
+  jac = np.asarray(jax.jacfwd(clamp.pre_features)(x))  # [K, d]
+  np.testing.assert_allclose(np.asarray(clamp.encoder_columns())[:, :3], jac[:3].T, atol=1e-5)
+  assert float(np.abs(np.asarray(clamp.encoder_columns())[:, :3] - np.asarray(sp["W_enc"])[:, [2, 7, 30]]).max()) > 0.1

@@ -11,7 +11,7 @@ from recovery_jax.models.random_init import random_tokens
 from recovery_jax.sae.testing import random_sae
 from recovery_jax import intervene
 from recovery_jax.intervene import ClampSpec
-from recovery_jax.recovery import api, engine
+from recovery_jax.recovery import api, engine, probe
 from recovery_jax.recovery.objectives import Objective
 from recovery_jax.recovery.optimizer import RecoveryConfig
 from recovery_jax.sae import core as sae_core
@@ -45,6 +45,14 @@ def _site_kwargs(setting, **kw):
 CFG = RecoveryConfig(steps=8, lr=0.1, budget=2.0, projection="encoder")
 
 
+def _spec(cfg, suffix, semantics="frozen", rc=CFG):
+  return engine.RecoverySpec(cfg, (SITE,), Objective("logit_diff"), rc, suffix_len=suffix, semantics=semantics)
+
+
+def _clamp(sae, scfg, feats, value, **kw):
+  return intervene.make_clamp(ClampSpec(SITE, scfg, mode="set", positive_only=True), sae, feats, value, **kw)
+
+
 @pytest.fixture(scope="module")
 def per_example(setting):
   args, kw = _site_kwargs(setting)
@@ -62,41 +70,42 @@ def test_prefix_cache_equals_full_recompute_and_frozen_equals_live(setting, per_
   # program (compared as jaxprs: identical computations, hence identical numbers)
   params, cfg, sae, scfg, toks, mask, targets = setting
   pb = jax.tree.map(lambda a: a[0], api.site_problems(toks, mask, DELTA_COL, READOUT, targets, shared=False))
-  cp = intervene.make_clamp_params(FEATS[0], -1.0)
+  clamp = _clamp(sae, scfg, FEATS[0], -1.0)
   for suffix in (3, None):
     progs = []
     for sem in ("frozen", "live"):
-      spec = api._spec(cfg, scfg, SITE, Objective("logit_diff"), CFG.replace(semantics=sem), "set", True, suffix)
+      spec = _spec(cfg, suffix, sem)
       progs.append(str(jax.make_jaxpr(
-          lambda d: engine.recover(spec, params, (sae,), (cp,), pb, CFG.hparams(), jax.random.PRNGKey(0), d))(
+          lambda d: engine.recover(spec, params, (clamp,), pb, CFG.hparams(), jax.random.PRNGKey(0), d))(
               jnp.zeros((1, 1, cfg.d_model)))))
     assert progs[0] == progs[1]
 
 
 def test_vmap_over_examples_equals_loop_and_compiles_once(setting, per_example):
   params, cfg, sae, scfg, toks, mask, targets = setting
-  spec = api._spec(cfg, scfg, SITE, Objective("logit_diff"), CFG, "set", True, 3)
+  spec = _spec(cfg, 3)
   pbs = api.site_problems(toks, mask, DELTA_COL, READOUT, targets, shared=False)
-  cp = intervene.make_clamp_params(FEATS[0], -1.0)
+  clamp = _clamp(sae, scfg, FEATS[0], -1.0)
   one = jax.jit(engine.recover, static_argnums=0)
   for i in range(B):
     pb = jax.tree.map(lambda a: a[i], pbs)
-    out = one(spec.canonical(), params, (sae,), (cp,), pb, CFG.hparams(), jax.random.fold_in(jax.random.PRNGKey(0), i))
+    out = one(spec.canonical(), params, (clamp,), pb, CFG.hparams(), jax.random.fold_in(jax.random.PRNGKey(0), i))
     np.testing.assert_allclose(np.asarray(out.delta), np.asarray(per_example.delta[i]), atol=1e-6)
     np.testing.assert_allclose(np.asarray(out.history["objective"]), np.asarray(per_example.history["objective"][i]),
                                atol=1e-5)
     np.testing.assert_allclose(float(out.rows[0]), float(per_example.rows[i]), atol=1e-5)
   # a second feature set of the same K_max (and another clamp value and budget) reuses the program
-  n_compiled = engine._recover_examples._cache_size()
+  n_compiled = engine._examples_jit._cache_size()
   args, kw = _site_kwargs(setting, clamp_value=-3.0)
   api.recover_site(*args, **kw, feature_idx=FEATS[1], feature_mask=MASKS[1], config=CFG.replace(budget=0.7, lr=0.05))
-  assert engine._recover_examples._cache_size() == n_compiled
+  assert engine._examples_jit._cache_size() == n_compiled
 
 
 def test_vmap_over_feature_sets_equals_separate_runs(setting):
   args, kw = _site_kwargs(setting)
   del kw["clamp_value"]
-  cfg = CFG.replace(shared_delta=True)
+  cfg = CFG
+  kw["shared"] = True
   grid = api.recover_site_grid(*args, **kw, feature_idx=FEATS, feature_mask=MASKS, clamp_value=[-1.0, -2.0],
                                budget=[2.0, 0.5], config=cfg)
   assert grid.delta.shape == (2, 1, 1, setting[1].d_model) and grid.rows.shape == (2, B)
@@ -135,11 +144,11 @@ MSITES = ("blocks.0.hook_resid_post", "blocks.1.hook_resid_post")
 def _multi(setting, semantics, projection, suffix_len, **rc_kw):
   params, cfg, sae, scfg, toks, mask, targets = setting
   sae2, scfg2 = random_sae(cfg.d_model, 40, seed=9, site=MSITES[1])
-  clamps = (ClampSpec(MSITES[0], scfg, mode="multiply", positive_only=False),
-            ClampSpec(MSITES[1], scfg2, mode="multiply", positive_only=False))
-  cps = (intervene.make_clamp_params([1, 4, 6], 3.0), intervene.make_clamp_params([2, 3, 5], 3.0))
-  rc = RecoveryConfig(projection=projection, semantics=semantics, **rc_kw)
-  spec = engine.RecoverySpec(cfg, clamps, MSITES, Objective("logit_diff"), rc, suffix_len=suffix_len)
+  clamps = (intervene.make_clamp(ClampSpec(MSITES[0], scfg, mode="multiply", positive_only=False), sae, [1, 4, 6], 3.0),
+            intervene.make_clamp(ClampSpec(MSITES[1], scfg2, mode="multiply", positive_only=False), sae2, [2, 3, 5],
+                                 3.0))
+  rc = RecoveryConfig(projection=projection, **rc_kw)
+  spec = engine.RecoverySpec(cfg, MSITES, Objective("logit_diff"), rc, suffix_len=suffix_len, semantics=semantics)
   d = cfg.d_model
   pb = engine.Problem(
       tokens=jnp.asarray(toks[:1]), attention_mask=jnp.ones((1, T), bool), positions=jnp.arange(T)[None],
@@ -148,8 +157,8 @@ def _multi(setting, semantics, projection, suffix_len, **rc_kw):
       targets={"pos": jnp.asarray([3]), "neg": jnp.asarray([40])}, row_weight=jnp.ones((1,)),
       fixed_delta=0.3 * jax.random.normal(jax.random.PRNGKey(5), (2, 1, d)), fixed_cols=jnp.asarray([[4]]),
       fixed_valid=jnp.asarray([[True]]))
-  out = jax.jit(engine.recover, static_argnums=0)(spec, params, (sae, sae2), cps, pb, rc.hparams(), jax.random.PRNGKey(1))
-  return out, spec, (sae, sae2), cps, pb
+  out = jax.jit(engine.recover, static_argnums=0)(spec, params, clamps, pb, rc.hparams(), jax.random.PRNGKey(1))
+  return out, spec, clamps, pb
 
 
 def test_two_sites_live_cached_equals_full_and_checkpoint_rule(setting):
@@ -183,21 +192,21 @@ def test_two_sites_live_cached_equals_full_and_checkpoint_rule(setting):
 
 def test_two_sites_frozen_offsets_cached_equals_full(setting):
   kw = dict(steps=6, lr=0.1, budget=1.5)
-  cached, spec, saes, cps, pb = _multi(setting, "frozen", "none", 4, **kw)
+  cached, spec, clamps, pb = _multi(setting, "frozen", "none", 4, **kw)
   full, *_ = _multi(setting, "frozen", "none", None, **kw)
   np.testing.assert_allclose(np.asarray(cached.history["loss"]), np.asarray(full.history["loss"]), atol=1e-5, rtol=1e-5)
   np.testing.assert_allclose(np.asarray(cached.delta), np.asarray(full.delta), atol=1e-5)
   # with two delta sites, frozen (layer 1's clamp change fixed, no re-clamp of the perturbed
   # residual) and live agree at delta = 0 and differ once delta moves the layer-1 input
-  live_spec = engine.RecoverySpec(spec.model_cfg, spec.clamps, spec.delta_sites, spec.objective,
-                                  spec.config.replace(semantics="live"), spec.suffix_len)
+  live_spec = engine.RecoverySpec(spec.model_cfg, spec.delta_sites, spec.objective, spec.config, spec.suffix_len,
+                                  semantics="live")
 
   @jax.jit
   def both(d):
     out = []
     for sp in (spec, live_spec):
-      prep = engine.prepare(sp, setting[0], saes, cps, pb)
-      out.append(engine.make_evaluator(sp, setting[0], saes, cps, pb, prep)(d).objective)
+      prep = engine.prepare(sp, setting[0], clamps, pb)
+      out.append(engine.make_evaluator(sp, setting[0], clamps, pb, prep)(d).objective)
     return out
 
   zero = both(jnp.zeros_like(cached.delta))
@@ -207,11 +216,11 @@ def test_two_sites_frozen_offsets_cached_equals_full(setting):
 
 
 def test_jacobian_exact_first_order_change_is_zero(setting):
-  out, spec, saes, cps, pb = _multi(setting, "live", "jacobian_exact", 4, steps=6, lr=0.05, budget=100.0,
-                                    record_delta=True)
+  out, spec, clamps, pb = _multi(setting, "live", "jacobian_exact", 4, steps=6, lr=0.05, budget=100.0,
+                                 record_delta=True)
   params = setting[0]
-  prep = engine.prepare(spec, params, saes, cps, pb)
-  f = engine.make_evaluator(spec, params, saes, cps, pb, prep)
+  prep = engine.prepare(spec, params, clamps, pb)
+  f = engine.make_evaluator(spec, params, clamps, pb, prep)
   flat = lambda d: jnp.concatenate([x.reshape(-1) for x in f(d).feats])
   jvp = jax.jit(lambda d, u: (jax.jvp(flat, (d,), (u,))[1], jax.jvp(lambda e: f(e).objective, (d,), (u,))[1]))
   deltas = [jnp.zeros_like(out.delta)] + list(out.history["delta"])
@@ -237,16 +246,16 @@ def test_probe_recovery(setting):
   pool = jnp.ones((n, 1, t), bool).at[:, :, 0].set(False)  # BOS excluded from pooling
   w = jax.random.normal(jax.random.PRNGKey(1), (d,)) / np.sqrt(d)
   last = jnp.full((n, 1, 1), t - 1)
-  pbs = engine.ProbeProblem(h=h, pool_mask=pool, positions=jnp.broadcast_to(jnp.arange(t), (n, 1, t)),
+  pbs = probe.ProbeProblem(h=h, pool_mask=pool, positions=jnp.broadcast_to(jnp.arange(t), (n, 1, t)),
                             probe_w=jnp.broadcast_to(w, (n, d)), probe_b=jnp.zeros((n,)), delta_cols=last,
                             delta_valid=jnp.ones((n, 1, 1), bool),
                             monitor_cols=jnp.broadcast_to(jnp.arange(t), (n, 1, t)),
                             monitor_valid=jnp.ones((n, 1, t), bool), row_weight=jnp.ones((n, 1)))
-  spec = engine.ProbeSpec(ClampSpec(SITE, scfg, mode="zero"), RecoveryConfig(steps=20, lr=0.1, budget=2.0))
-  cp = intervene.make_clamp_params(FEATS[0], 0.0)
-  out = engine.recover_probe_examples(spec, sae, cp, pbs, spec.config.hparams(), jax.random.PRNGKey(0))
+  spec = probe.ProbeSpec(RecoveryConfig(steps=20, lr=0.1, budget=2.0))
+  clamp = intervene.make_clamp(ClampSpec(SITE, scfg, mode="zero"), sae, FEATS[0], 0.0)
+  out = probe.recover_probe_examples(spec, clamp, pbs, spec.config.hparams(), jax.random.PRNGKey(0))
   # the zero-ablated probe logit matches a direct computation, and recovery raises it
-  h_def = intervene.clamp_residual(spec.clamp, sae, cp, h[:, 0])
+  h_def = clamp(h[:, 0])
   direct = jnp.mean(h_def[:, 1:], axis=1) @ w
   np.testing.assert_allclose(np.asarray(out.rows_defended[:, 0]), np.asarray(direct), atol=1e-5)
   assert np.all(np.asarray(out.rows[:, 0]) > np.asarray(out.rows_defended[:, 0]) + 0.1)

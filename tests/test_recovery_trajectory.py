@@ -186,16 +186,16 @@ def reference(setting):
 def _engine_run(setting, mode):
   params, cfg, saes, toks = setting
   rc = RecoveryConfig(steps=STEPS, lr=0.05, budget=1.5, projection=mode, lambda_act=0.5, drift_penalty="relative_mse",
-                      jacobian_probes=3, correction_steps=2, correction_lr=0.05, semantics="live", record_delta=True)
-  clamps = tuple(intervene.ClampSpec(s, saes[i][1], mode="multiply", positive_only=False) for i, s in enumerate(SITES))
-  cps = tuple(intervene.make_clamp_params(FEATS[i], MULT) for i in range(2))
-  spec = engine.RecoverySpec(cfg, clamps, SITES, Objective("logit_diff"), rc, suffix_len=3)
+                      jacobian_probes=3, correction_steps=2, correction_lr=0.05, record_delta=True)
+  clamps = tuple(intervene.make_clamp(intervene.ClampSpec(s, saes[i][1], mode="multiply", positive_only=False),
+                                      saes[i][0], FEATS[i], MULT) for i, s in enumerate(SITES))
+  spec = engine.RecoverySpec(cfg, SITES, Objective("logit_diff"), rc, suffix_len=3, semantics="live")
   pb = engine.Problem(
       tokens=jnp.asarray(toks), attention_mask=jnp.ones((1, T), bool), positions=jnp.arange(T)[None],
       delta_cols=jnp.asarray([DELTA_COLS]), delta_valid=jnp.ones((1, 2), bool), readout_cols=jnp.asarray([[READOUT]]),
       monitor_cols=jnp.asarray([MONITOR]), monitor_valid=jnp.ones((1, 2), bool),
       targets={"pos": jnp.asarray([POS_ID]), "neg": jnp.asarray([NEG_ID])}, row_weight=jnp.ones((1,)))
-  out = jax.jit(engine.recover, static_argnums=0)(spec, params, tuple(p for p, _ in saes), cps, pb, rc.hparams(), KEY)
+  out = jax.jit(engine.recover, static_argnums=0)(spec, params, clamps, pb, rc.hparams(), KEY)
   return out, rc
 
 

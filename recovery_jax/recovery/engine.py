@@ -173,28 +173,36 @@ def prepare(spec: RecoverySpec, params, clamps: Sequence[Clamp], pb: Problem) ->
   cap = tuple(dict.fromkeys([clamps[i].site for i in mon] + list(spec.delta_sites)))
   features = lambda i, x: clamps[i].features(gather_cols(x, pb.monitor_cols))
   offset_sites = _offset_sites(spec, clamps)
-  ref_is_setup = pb.fixed_delta is None and not offset_sites
-  ref = run(edits=intervene.clamp_edits(clamps), capture=cap, capture_inputs=offset_sites,
+  ref_is_setup = pb.fixed_delta is None
+  ref = run(edits=intervene.clamp_edits(clamps), capture=cap, capture_inputs=offset_sites if ref_is_setup else (),
             cache=transformer.init_cache(cfg, b, tp) if (s_len is not None and ref_is_setup) else None)
   _, rows_def = _readout(spec, params, pb, ref.resid, pb.readout_cols)
   refs = tuple(features(i, ref.captures[clamps[i].site]) for i in mon)
   masks = tuple(pb.monitor_valid[:, :, None] & clamps[i].mask[None, None] for i in mon)
   h_def = jnp.stack([gather_cols(ref.captures[s], pb.delta_cols) for s in spec.delta_sites])
-  # frozen offsets: the delta-free clamp change at later delta sites (output - input of the clamps)
-  offsets = None
-  if offset_sites:
-    offsets = jnp.stack([ref.captures[s] - ref.captures[f"{s}:input"] if s in offset_sites
-                         else jnp.zeros((b, tp, cfg.d_model), jnp.float32) for s in spec.delta_sites])
 
-  # the delta-free run with the fixed delta (frozen: the offsets stand in for the later clamps)
+  # the delta-free run: clamps live everywhere, plus the fixed delta of an earlier stage
+  fplace = None if pb.fixed_delta is None else intervene.placement(pb.fixed_cols, pb.fixed_valid, 0, tp)
   if ref_is_setup:
     setup, c_base = ref, refs
   else:
-    fplace = None if pb.fixed_delta is None else intervene.placement(pb.fixed_cols, pb.fixed_valid, 0, tp)
     edits = _site_edits(spec, clamps, delta=None, fixed=pb.fixed_delta, place=None, fixed_place=fplace,
-                        offsets=offsets)
-    setup = run(edits=edits, capture=cap, cache=transformer.init_cache(cfg, b, tp) if s_len is not None else None)
+                        offsets=None, live=True)
+    setup = run(edits=edits, capture=cap, capture_inputs=offset_sites,
+                cache=transformer.init_cache(cfg, b, tp) if s_len is not None else None)
     c_base = tuple(features(i, setup.captures[clamps[i].site]) for i in mon)
+  # frozen offsets: the clamps' change at later delta sites in the delta-free run (site output minus
+  # input, less the fixed delta added there after the clamps)
+  offsets = None
+  if offset_sites:
+    def offset(di, s):
+      if s not in offset_sites:
+        return jnp.zeros((b, tp, cfg.d_model), jnp.float32)
+      o = setup.captures[s] - setup.captures[f"{s}:input"]
+      if pb.fixed_delta is not None:
+        o = o - intervene.add_rows(jnp.zeros_like(o), fplace, pb.fixed_delta[di])
+      return o
+    offsets = jnp.stack([offset(di, s) for di, s in enumerate(spec.delta_sites)])
 
   common = dict(rows_base=rows_base, rows_defended=rows_def, refs=refs, masks=masks, c_base=c_base, h_def=h_def)
   if s_len is None:
