@@ -90,9 +90,9 @@ def _main(argv) -> None:  # pragma: no cover - exercised through the CLI test
   import sys  # pylint: disable=import-outside-toplevel
   from absl import flags  # pylint: disable=import-outside-toplevel
   from recovery_jax import errors  # pylint: disable=import-outside-toplevel
-  from recovery_jax.experiments import runner  # pylint: disable=import-outside-toplevel
+  from recovery_jax.experiments import summary  # pylint: disable=import-outside-toplevel
   try:
-    text, _ = runner.render(flags.FLAGS.workdir, plots=not flags.FLAGS.no_plots)
+    text, _ = summary.render(flags.FLAGS.workdir, plots=not flags.FLAGS.no_plots)
   except errors.UserError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

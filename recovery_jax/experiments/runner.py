@@ -11,8 +11,8 @@ rest:
             over the mesh's ``data`` axis, saved with orbax when done (an interrupted run resumes)
   rows      one JSON line per (point, example): behaviour before/after, validity, recovery,
             Table-1 metrics, delta norms, divergence, path attribution
-  render    summary.md / summary.jsonl / plots from the rows alone (``render(workdir)``; the
-            ``python -m recovery_jax.report --workdir=...`` command re-renders a finished run)
+  render    summary.md / summary.jsonl / plots from the rows alone (``summary.render(workdir)``;
+            ``python -m recovery_jax.report --workdir=...`` re-renders a finished run)
 
 Examples: a problem stack [N, B, ...] flattens to N * B examples (shared delta: N = 1 problem of
 B prompts; per-example: N problems of 1 prompt).
@@ -32,15 +32,16 @@ import numpy as np
 from absl import logging
 
 from recovery_jax import errors, intervene, metrics, report, sweep
+from recovery_jax.experiments import summary as summary_lib
 from recovery_jax.recovery import attribution, engine, projections
 from recovery_jax.recovery.optimizer import RecoveryConfig
 
 STATIC_KEYS = ("mode", "variant")
-SWEEP_NAMES = {"n_features": "K", "clamp_value": "clamp", "budget": "budget", "seed": "seed"}
 
 
 def log(msg: str) -> None:
-  logging.info("%s", msg)
+  """Progress for the user on stdout (the absl log keeps a copy at debug level)."""
+  logging.debug("%s", msg)
   print(msg, flush=True)
 
 
@@ -302,129 +303,6 @@ def run(config, workdir: str, setup: Callable[[Any], Setting], variants: Sequenc
       {"title": setting.title, "header": setting.header, "objective_name": setting.objective_name,
        "attribution_top_k": int(config.recovery.get("attribution_top_k", 0)),
        "wall_s": time.time() - t_start}))
-  text, summary = render(workdir, plots=config.plots)
+  text, summary = summary_lib.render(workdir, plots=config.plots)
   print(text, flush=True)
   return {"summary": summary, "rows": rows}
-
-
-# ----------------------------------------------------------------------------------------------
-# render: summary and plots from a finished workdir
-
-
-def _mean(rows: Sequence[dict], key: str) -> float:
-  vals = [float(r[key]) for r in rows if r.get(key) is not None and np.isfinite(float(r[key]))]
-  return float(np.mean(vals)) if vals else float("nan")
-
-
-def summarize(rows: Sequence[dict]) -> list[dict]:
-  """One summary dict per grid point (in point order) from per-example rows."""
-  by_point: dict[int, list[dict]] = {}
-  for r in rows:
-    by_point.setdefault(int(r["point_id"]), []).append(r)
-  out = []
-  for pid in sorted(by_point):
-    rs = by_point[pid]
-    v = [r for r in rs if r["valid"]]
-    nv, k = len(v), sum(1 for r in v if r["recovered"])
-    lo, hi = metrics.wilson_interval(k, nv) if nv else (float("nan"), float("nan"))
-    s = {key: rs[0][key] for key in rs[0] if key in SWEEP_NAMES or key in ("mode", "variant", "grid_id")}
-    s.update(point_id=pid, n_examples=len(rs), n_valid=nv, n_recovered=k, rate=k / nv if nv else float("nan"),
-             ci=[lo, hi], mean_recovered_valid=_mean(v, "recovered_score"), act_drift_valid=_mean(v, "act_drift_l2"),
-             decode_drift_valid=_mean(v, "decode_drift_l2"), pre_act_drift_valid=_mean(v, "pre_act_drift_l2"),
-             act_drift_rel_valid=_mean(v, "act_drift_rel"),
-             n_zero_ref_valid=sum(1 for r in v if not r["ref_norm"] > 0),
-             reactivation_valid=_mean(v, "reactivated_fraction_within_eligible"),
-             zero_react_valid=sum(1 for r in v if r["zero_reactivation"]),
-             rel_delta_norm_valid=_mean(v, "rel_delta_norm"), steps_at_budget_valid=_mean(v, "steps_at_budget"),
-             n_diverged=sum(1 for r in rs if r["diverged"]))
-    if any(k.startswith("attr_") for k in rs[0]) and nv:
-      s["attribution"] = {n: {"recovered": sum(1 for r in v if r[f"attr_{n}_recovered"]),
-                              "energy": _mean(v, f"attr_{n}_energy")} for n in attribution.COMPONENTS}
-    out.append(s)
-  return out
-
-
-def _table(summary: list[dict], objective_name: str) -> str:
-  sweep_keys = [k for k in SWEEP_NAMES if summary and k in summary[0]]
-  header = [SWEEP_NAMES[k] for k in sweep_keys] + [
-      "mode", "variant", "valid/N", "recovered", "rate [95% CI]", f"mean rec. {objective_name} (valid)",
-      "act drift", "decode drift", "pre-act drift", "react. frac", "zero-react", "rel. delta norm", "steps at budget",
-      "diverged"]
-  rows = []
-  for s in summary:
-    nv = s["n_valid"]
-    rate = f"{s['rate']:.2f} [{s['ci'][0]:.2f}, {s['ci'][1]:.2f}]" if nv else "-"
-    rows.append([s[k] for k in sweep_keys] + [
-        s["mode"], s["variant"], f"{nv}/{s['n_examples']}", f"{s['n_recovered']}/{nv}", rate,
-        s["mean_recovered_valid"], s["act_drift_valid"], s["decode_drift_valid"], s["pre_act_drift_valid"],
-        s["reactivation_valid"], f"{s['zero_react_valid']}/{nv}", s["rel_delta_norm_valid"],
-        s["steps_at_budget_valid"], s["n_diverged"]])
-  return report.format_table(header, rows)
-
-
-def _attribution_table(summary: list[dict], top_k: int) -> str:
-  rows = [[s.get("n_features", ""), s.get("clamp_value", ""), s.get("budget", ""), s["mode"],
-           *[f"{s['attribution'][n]['recovered']}/{s['n_valid']} ({s['attribution'][n]['energy']:.2f})"
-             for n in attribution.COMPONENTS]] for s in summary if "attribution" in s]
-  if not rows:
-    return ""
-  header = ["K", "clamp", "budget", "mode", *[f"{n} replay" for n in attribution.COMPONENTS]]
-  return ("Recovery-path attribution (per-prompt deltas, valid prompts; recovered when only that component "
-          f"is replayed under the clamp, mean energy fraction in brackets; top-k = {top_k}):\n\n"
-          f"{report.format_table(header, rows)}\n\n")
-
-
-def read_jsonl(path: str) -> list[dict]:
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
-
-
-def render(workdir: str, plots: bool = True) -> tuple[str, list[dict]]:
-  """Writes summary.md, summary.jsonl and plots from results.jsonl, curves.json and run.json."""
-  need = [os.path.join(workdir, n) for n in ("run.json", "results.jsonl", "curves.json")]
-  missing = [p for p in need if not os.path.exists(p)]
-  if missing:
-    raise errors.UserError(f"{workdir}: not a finished run (missing {', '.join(missing)})")
-  with open(need[0]) as f:
-    meta = json.load(f)
-  rows = read_jsonl(need[1])
-  with open(need[2]) as f:
-    curves = json.load(f)
-  summary = summarize(rows)
-  n_zero = sum(s["n_zero_ref_valid"] for s in summary)
-  notes = ("Drifts are absolute L2 norms over the clamped features (relative drift is undefined where the "
-           f"defended features are all zero: {n_zero} valid example-points here). The relative delta norm is "
-           "||delta|| / ||h_def|| at the delta positions; steps at budget counts steps with ||delta|| on the "
-           "budget.\n\n")
-  n_div = sum(s["n_diverged"] for s in summary)
-  if n_div:
-    notes += (f"**{n_div} example-points diverged** (a non-finite objective, gradient or delta norm); they count "
-              "as not recovered and their drifts are void (column 'diverged'; field 'diverged' in results.jsonl)."
-              "\n\n")
-  text = (f"# {meta['title']}\n\n{meta['header']}\n\n{_table(summary, meta['objective_name'])}\n\n{notes}"
-          f"{_attribution_table(summary, meta['attribution_top_k'])}(wall time {meta['wall_s']:.0f} s)\n")
-  report.atomic_write(os.path.join(workdir, "summary.md"), text)
-  report.write_jsonl(os.path.join(workdir, "summary.jsonl"), summary)
-  if plots:
-    _plots(workdir, rows, curves, meta["objective_name"])
-  return text, summary
-
-
-def _plots(workdir: str, rows: Sequence[dict], curves: Sequence[dict], objective_name: str) -> None:
-  """Recovered score vs defended-feature drift per mode (paper Figure 4), and objective curves."""
-  drift_key = "pre_act_drift_l2" if rows and "pre_act_drift_l2" in rows[0] else "act_drift_l2"
-  scatter: dict[str, tuple[list, list]] = {}
-  for r in rows:
-    if r["grid_id"] == 0 and r["valid"]:
-      x, y = scatter.setdefault(f"{r['mode']} ({r['variant']})", ([], []))
-      x.append(r[drift_key])
-      y.append(r["recovered_score"])
-  if scatter:
-    report.plot_recovery_vs_drift(os.path.join(workdir, "recovery_vs_drift.png"),
-                                  {k: (np.asarray(x), np.asarray(y)) for k, (x, y) in scatter.items()},
-                                  f"defended-feature drift ({drift_key})", f"recovered {objective_name}",
-                                  "recovery vs drift (valid examples)")
-  lines = {c["name"]: np.asarray(c["objective"]) for c in curves if c["grid_id"] == 0}
-  if lines:
-    report.plot_curves(os.path.join(workdir, "objective_curves.png"), lines, f"objective (mean {objective_name})",
-                       "recovery objective per step")
