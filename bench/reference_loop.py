@@ -90,7 +90,7 @@ def prepare(spec: RecoverySpec, params, clamps, pb: Problem, hp: opt_lib.HParams
       x_def = c(x_def, pb.positions)
   zero = jnp.zeros((len(spec.delta_sites), pb.delta_cols.shape[1], cfg.d_model), jnp.float32)
   refs = full_eval(spec, params, clamps, pb, x_def, keep, zero).feats
-  masks = tuple(pb.monitor_valid[:, :, None] & clamps[i].mask[None, None] for i in engine.monitored(clamps))
+  masks = engine.monitor_masks(clamps, pb)
   enc = None
   if spec.config.projection in ("encoder", "encoder_exact"):
     enc = engine.encoder_projector(cfg.d_model, spec.delta_sites, clamps, hp.ridge,
@@ -103,8 +103,8 @@ def stepper(spec: RecoverySpec, params, clamps, pb: Problem, prep: Prep, hp: opt
   """The engine optimiser's Stepper on the full-forward evaluator. As ``engine.recover`` (delta0 = 0,
   no fixed delta) the drift references are the first step's own features."""
   f = functools.partial(full_eval, spec, params, tuple(clamps), pb, prep.x_def, prep.keep)
-  return opt_lib.Stepper(f, engine.monitor_of(tuple(clamps), prep), spec.config, hp, key, prep.enc_proj,
-                         refs_from_start=True)
+  return opt_lib.Stepper(f, engine.monitor_of(tuple(clamps), prep.refs, prep.masks), spec.config, hp, key,
+                         prep.enc_proj, refs_from_start=engine.refs_from_start(pb, None))
 
 
 def init(spec, params, clamps, pb, prep, hp, key, delta0) -> opt_lib.OptState:

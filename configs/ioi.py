@@ -16,7 +16,6 @@ Any field can also be overridden with --config.<field>=<value>.
 from recovery_jax.config_utils import parse_arg
 import ml_collections
 
-DEFAULT_SAE = "assets/smollm2-135m-instruct-res12-topk"
 
 
 def get_config(arg=None):
@@ -28,7 +27,9 @@ def get_config(arg=None):
 
   c.model = "smollm2-135m-instruct"  # a named default, a .gguf file or a HF folder
   c.model_processing = ""  # "transformer_lens" for gpt2 + res-jb SAEs
-  c.sae = DEFAULT_SAE  # a SAELens folder (cfg.json + sae_weights.safetensors)
+  # a SAE folder (SAELens, Gemma Scope, sparsify, Llama Scope, dictionary_learning), or "shipped": the
+  # project's SAE for this model and site (assets/smollm2-135m-instruct-res12-topk), from any directory
+  c.sae = "shipped"
   c.sae_override_checks = False
   c.site = "blocks.12.hook_resid_pre"
 

@@ -27,22 +27,35 @@ def sae(model):
 
 @pytest.fixture(scope="module", params=["standard", "jumprelu"])
 def any_sae(request, model):
-  return random_sae(model[1].d_model, 40, architecture=request.param, site=SITE)
+  """Standard (b_dec = 0) and JumpReLU with a non-zero b_dec subtracted from its input."""
+  if request.param == "jumprelu":
+    return random_sae(model[1].d_model, 40, architecture="jumprelu", b_dec=0.2, apply_b_dec_to_input=True, site=SITE)
+  return random_sae(model[1].d_model, 40, site=SITE)
 
 
 def _x(seed=0, shape=(2, 6, 32)):
   return 2.0 * jax.random.normal(jax.random.PRNGKey(seed), shape, jnp.float32)
 
 
+def _encode(sp, scfg, x):
+  """Independent SAE encode (not sae.core): (x - b_dec?) W_enc + b_enc, then ReLU / JumpReLU (pre > t)."""
+  xin = x - sp["b_dec"] if scfg.apply_b_dec_to_input else x
+  pre = xin @ sp["W_enc"] + sp["b_enc"]
+  if scfg.architecture == "jumprelu":
+    return jnp.where(pre > sp["threshold"], pre, 0.0)
+  return jnp.maximum(pre, 0.0)
+
+
 def _dense(sp, scfg, spec, cp, x, detach_error=False):
-  """Reference form D(z') + (x - D(z)) with the full encode."""
-  z = sae_core.encode(sp, scfg, x)
+  """Reference form D(z') + (x - D(z)) with the full encode, written without the package's SAE code."""
+  z = _encode(sp, scfg, x)
   idx = np.asarray(cp.feature_idx)[np.asarray(cp.feature_mask)]  # the real features only
   zc = z.at[..., idx].set(intervene.clamp_values(spec, z[..., idx], cp.value))
-  err = x - sae_core.decode(sp, scfg, z)
+  dec = lambda zz: zz @ sp["W_dec"] + sp["b_dec"]
+  err = x - dec(z)
   if detach_error:
     err = jax.lax.stop_gradient(err)
-  return sae_core.decode(sp, scfg, zc) + err
+  return dec(zc) + err
 
 
 def test_clamp_values_table():

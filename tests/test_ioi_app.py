@@ -23,9 +23,9 @@ def _env(devices: int = 1, cache: str | None = None) -> dict:
   return env
 
 
-def _app(workdir, config="configs/ioi.py:tiny", *flags, devices=1, cache=None, check=True, timeout=900):
+def _app(workdir, config="configs/ioi.py:tiny", *flags, devices=1, cache=None, check=True, timeout=900, cwd=ROOT):
   cmd = [sys.executable, "-m", "recovery_jax.main", f"--config={config}", f"--workdir={workdir}", *flags]
-  proc = subprocess.run(cmd, cwd=ROOT, env=_env(devices, cache), capture_output=True, text=True, timeout=timeout)
+  proc = subprocess.run(cmd, cwd=cwd, env=_env(devices, cache), capture_output=True, text=True, timeout=timeout)
   if check and proc.returncode != 0:
     raise AssertionError(f"app failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
   return proc
@@ -156,10 +156,12 @@ def test_bad_config_values_end_with_a_clear_message(tmp_path, flags, message, ca
 
 @pytest.mark.slow
 def test_default_config_on_real_smollm2_with_shipped_sae(tmp_path, cache_dir):
-  """The README's main job, shortened: real SmolLM2-135M-Instruct + the shipped SAE."""
+  """The README's main job, shortened: real SmolLM2-135M-Instruct + the shipped SAE, started from
+  another working directory (the config and the shipped SAE resolve from anywhere)."""
   wd = tmp_path / "default"
-  _app(wd, "configs/ioi.py:n_prompts=32,steps=10", "--config.recovery.variants=('shared', 'per_prompt')",
-       "--config.recovery.modes=('none', 'encoder')", "--config.plots=False", cache=cache_dir)
+  _app(wd, os.path.join(ROOT, "configs/ioi.py:n_prompts=32,steps=10"),
+       "--config.recovery.variants=('shared', 'per_prompt')", "--config.recovery.modes=('none', 'encoder')",
+       "--config.plots=False", cache=cache_dir, cwd=tmp_path)
   summary = [json.loads(l) for l in open(wd / "summary.jsonl")]
   assert {s["mode"] for s in summary} == {"none", "encoder"}
   assert all(s["n_valid"] >= 5 for s in summary), summary

@@ -261,3 +261,26 @@ def test_probe_recovery(setting):
   assert np.all(np.asarray(out.rows[:, 0]) > np.asarray(out.rows_defended[:, 0]) + 0.1)
   # the delta only touches the last position: features elsewhere are unchanged
   np.testing.assert_array_equal(np.asarray(out.feats[0][:, 0, :-1]), np.asarray(out.refs[0][:, 0, :-1]))
+
+
+def test_too_short_suffix_is_an_error_not_a_wrong_column(setting):
+  """A hand-set suffix that does not reach the readout column used to read another column silently
+  (objective -6.17 instead of 5.28 in a reproduction); now it is a clear error, and "auto" works."""
+  args, kw = _site_kwargs(setting)
+  with pytest.raises(ValueError, match="suffix_len=1 is too short.*suffix_len=3"):
+    api.recover_site(*args, **kw, feature_idx=FEATS[0], config=CFG.replace(steps=2), suffix_len=1)
+  params, cfg, sae, scfg, toks, mask, targets = setting
+  pbs = api.site_problems(toks, mask, DELTA_COL, READOUT, targets, shared=False)
+  assert engine.suffix_len_for(pbs) == 3  # delta col 6 .. readout col 8
+  early = pbs._replace(readout_cols=pbs.readout_cols - 3)  # readout at 5: from 5 to the delta at 6
+  assert engine.suffix_len_for(early) == 2
+  late_monitor = early._replace(monitor_cols=jnp.full_like(pbs.monitor_cols, 8))  # monitored at 8
+  assert engine.suffix_len_for(late_monitor) == 4
+
+
+def test_diverging_recovery_is_flagged(setting):
+  args, kw = _site_kwargs(setting)
+  out = api.recover_site(*args, **kw, feature_idx=FEATS[0], config=CFG.replace(lr=1e38, steps=3))
+  assert np.asarray(out.diverged).all()
+  ok = api.recover_site(*args, **kw, feature_idx=FEATS[0], config=CFG.replace(steps=3))
+  assert not np.asarray(ok.diverged).any()

@@ -53,7 +53,8 @@ def setup(config) -> runner.Setting:
   log = runner.log
   log(f"loading model {config.model!r} and SAE {config.sae!r} at {config.site}")
   params, mcfg, tok = setup_lib.load_model(config.model, config.model_processing, seed=config.seed)
-  sae, scfg = setup_lib.load_sae(config.sae, mcfg, config.site, override=config.sae_override_checks)
+  sae, scfg = setup_lib.load_sae(config.sae, mcfg, config.site, override=config.sae_override_checks,
+                                 model_name=config.model)
   delta_site = config.get("delta_site", "") or config.site
   try:
     sites_lib.parse_site(delta_site, mcfg.n_layers)

@@ -9,7 +9,8 @@ import jax.numpy as jnp
 
 from recovery_jax import errors
 from recovery_jax.models import loading, sites as sites_lib
-from recovery_jax.sae import formats as sae_formats, testing as sae_testing
+from recovery_jax.sae import formats as sae_formats
+from recovery_jax.sae import registry, testing as sae_testing
 
 
 def load_model(name: str, processing: str = "", seed: int = 0):
@@ -42,14 +43,23 @@ def random_sae(model_cfg, site: str, d_sae: int, seed: int = 0):
                                 enc_noise=0.0, b_enc=-0.01)
 
 
-def load_sae(path: str, model_cfg, site: str, override: bool = False):
-  """(params, SAEConfig) for a config's ``sae`` field, checked against the model and site."""
+def load_sae(path: str, model_cfg, site: str, override: bool = False, model_name: str = ""):
+  """(params, SAEConfig) for a config's ``sae`` field, checked against the model and site.
+
+  ``path``: a SAE folder; ``"shipped"`` (the SAE this project ships for ``model_name`` at ``site``,
+  found by ``sae.registry`` from any working directory); or ``"random"`` (smoke runs).
+  """
   try:
     sites_lib.parse_site(site, model_cfg.n_layers)
   except ValueError as e:
     raise errors.UserError(f"config field 'site': {e}") from e
   if path == "random":
     return random_sae(model_cfg, site, d_sae=256)
+  if path == "shipped":
+    try:
+      path = str(registry.resolve(model_name, site))
+    except ValueError as e:
+      raise errors.UserError(f"config field 'sae'='shipped': {e}") from e
   if path.startswith("REQUIRED"):
     raise errors.UserError(f"config field 'sae': {path}")
   if not os.path.exists(path):

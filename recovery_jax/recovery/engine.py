@@ -43,6 +43,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from recovery_jax import intervene
 from recovery_jax.intervene import Clamp
+from recovery_jax.models import sharding as sharding_lib
 from recovery_jax.models import sites as sites_lib
 from recovery_jax.models import transformer
 from recovery_jax.recovery import objectives as obj_lib
@@ -178,7 +179,7 @@ def prepare(spec: RecoverySpec, params, clamps: Sequence[Clamp], pb: Problem) ->
             cache=transformer.init_cache(cfg, b, tp) if (s_len is not None and ref_is_setup) else None)
   _, rows_def = _readout(spec, params, pb, ref.resid, pb.readout_cols)
   refs = tuple(features(i, ref.captures[clamps[i].site]) for i in mon)
-  masks = tuple(pb.monitor_valid[:, :, None] & clamps[i].mask[None, None] for i in mon)
+  masks = monitor_masks(clamps, pb)
   h_def = jnp.stack([gather_cols(ref.captures[s], pb.delta_cols) for s in spec.delta_sites])
 
   # the delta-free run: clamps live everywhere, plus the fixed delta of an earlier stage
@@ -295,8 +296,23 @@ def encoder_projector(d_model: int, delta_sites: Sequence[str], clamps: Sequence
   return proj_lib.ridge_projector(a, ridge)
 
 
-def monitor_of(clamps: Sequence[Clamp], prep: Prepared) -> Monitor:
-  return Monitor(prep.refs, prep.masks, tuple(clamps[i].decoder_rows() for i in monitored(clamps)))
+def monitor_masks(clamps: Sequence[Clamp], pb: Problem) -> tuple:
+  """Valid entries of the monitored features: per monitored clamp [B, M, K] bool (monitor column
+  valid and feature real)."""
+  return tuple(pb.monitor_valid[:, :, None] & clamps[i].mask[None, None] for i in monitored(clamps))
+
+
+def monitor_of(clamps: Sequence[Clamp], refs: tuple, masks: tuple) -> Monitor:
+  """The drift monitor: references, masks and the clamps' effective decoder rows [K, d]."""
+  return Monitor(refs, masks, tuple(clamps[i].decoder_rows() for i in monitored(clamps)))
+
+
+def refs_from_start(pb: Problem, delta0: Array | None) -> bool:
+  """Whether the first step's own features can serve as drift references: the first evaluated
+  state is the defended one (no initial delta, no fixed earlier-stage delta). c - r is then exactly
+  0 where delta has no effect (as in the reference, whose refs and steps run the same kernels),
+  not float noise between two compiled paths that Adam would turn into O(lr) moves."""
+  return delta0 is None and pb.fixed_delta is None
 
 
 def _delta_shape(spec: RecoverySpec, pb: Problem) -> tuple[int, int, int]:
@@ -315,14 +331,11 @@ def recover(spec: RecoverySpec, params, clamps: Sequence[Clamp], pb: Problem, hp
   if cfg.projection in ("encoder", "encoder_exact"):
     enc = encoder_projector(spec.model_cfg.d_model, spec.delta_sites, clamps, hp.ridge,
                             cfg.projection == "encoder_exact", cfg.exact_rtol)
-  # Without an initial or fixed delta the first step's features *are* the references; taking them
-  # from that step makes c - r exactly 0 where delta has no effect (as in the reference, whose refs
-  # and steps run the same kernels) instead of float noise that Adam would turn into O(lr) moves.
-  refs_from_start = delta0 is None and pb.fixed_delta is None
+  from_start = refs_from_start(pb, delta0)
   if delta0 is None:
     delta0 = jnp.zeros(_delta_shape(spec, pb), jnp.float32)
-  res = opt_lib.optimize(f, delta0.astype(jnp.float32), monitor_of(clamps, prep), cfg, hp, key, enc,
-                         refs_from_start=refs_from_start)
+  res = opt_lib.optimize(f, delta0.astype(jnp.float32), monitor_of(clamps, prep.refs, prep.masks), cfg, hp, key,
+                         enc, refs_from_start=from_start)
   return output_of(res, prep.rows_base, prep.rows_defended, prep.masks, prep.h_def, pb.row_weight)
 
 
@@ -368,6 +381,28 @@ def _grid_program(spec: RecoverySpec, mesh: Mesh | None):
   return jax.jit(fn, out_shardings=NamedSharding(mesh, P("data")))
 
 
+def _model_axis(mesh: Mesh | None) -> int:
+  return 1 if mesh is None else int(dict(mesh.shape).get(sharding_lib.MODEL, 1))
+
+
+def grid_shardings(spec: RecoverySpec, mesh: Mesh, params, clamps: Sequence[Clamp], problems: Problem, hp: HParams,
+                   key_data: Array) -> tuple:
+  """Placement of ``recover_grid``'s inputs on ``mesh``, as a tuple of sharding pytrees matching
+  (params, clamps, problems, hp, key_data).
+
+  Points (ClampParams, hp, keys: leading axis G) go over ``data``; problems are replicated. With a
+  ``model`` axis > 1 the model params are tensor-parallel (``models.sharding.param_shardings``) and
+  the SAE params are split over their latents (``sae_param_shardings``: the SAE is the second-largest
+  weight, and the sparse clamp reads only K of its columns); otherwise both are replicated."""
+  repl, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+  like = lambda tree, s: jax.tree.map(lambda _: s, tree)
+  tp = _model_axis(mesh) > 1
+  p_s = sharding_lib.param_shardings(params, spec.model_cfg, mesh) if tp else like(params, repl)
+  c_s = tuple(c.replace(sae=sharding_lib.sae_param_shardings(c.sae, mesh) if tp else like(c.sae, repl),
+                        params=like(c.params, data)) for c in clamps)
+  return p_s, c_s, like(problems, repl), like(hp, data), data
+
+
 def recover_grid(spec: RecoverySpec, params, clamps: Sequence[Clamp], problems: Problem, hp: HParams,
                  keys: Array, mesh: Mesh | None = None) -> RecoveryOutput:
   """A grid of G sweep points x N problems in one compiled program.
@@ -375,21 +410,26 @@ def recover_grid(spec: RecoverySpec, params, clamps: Sequence[Clamp], problems: 
   clamps: tuple of Clamps whose ``params`` are stacked over G (``intervene.stack_clamps``; SAE
   params shared); hp: HParams with leaves [G]; keys: [G] typed PRNG keys (point g's problems use
   ``fold_in(keys[g], i)``). With a ``mesh`` the points are sharded over its ``data`` axis (G must
-  be a multiple of its size; ``sweep.pad_to_multiple``), model params, SAEs and problems are
-  replicated. Outputs have leading axes [G, N]. Compiled once per canonical spec, mesh, the
-  clamps' specs and array shapes.
+  be a multiple of its size; ``sweep.pad_to_multiple``) and problems are replicated; model params
+  and SAEs are replicated, or tensor-parallel over a ``model`` axis > 1 (``grid_shardings``; the
+  program is then traced under ``jax.set_mesh(mesh)`` so the forward's sharding constraints apply).
+  Outputs have leading axes [G, N], sharded over ``data`` with a mesh (on several processes they
+  are not fully addressable: ``multihost_utils.process_allgather`` them). Compiled once per
+  canonical spec, mesh, the clamps' specs and array shapes.
   """
   clamps = tuple(clamps)
   check_problems(spec, clamps, problems)
   typed = jax.dtypes.issubdtype(keys.dtype, jax.dtypes.prng_key)
   key_data = jax.random.key_data(keys) if typed else jnp.asarray(keys)
-  if mesh is not None:
-    g, n_data = key_data.shape[0], mesh.shape["data"]
-    if g % n_data:
-      raise ValueError(f"recover_grid: {g} points do not split over the mesh's data axis of {n_data}")
-    repl, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-    put = lambda tree, s: jax.tree.map(lambda a: jax.device_put(a, s), tree)
-    params, problems = put(params, repl), put(problems, repl)
-    clamps = tuple(c.replace(sae=put(c.sae, repl), params=put(c.params, data)) for c in clamps)
-    hp, key_data = put(hp, data), put(key_data, data)
-  return _grid_program(spec.canonical(), mesh)(params, clamps, problems, hp, key_data)
+  program = _grid_program(spec.canonical(), mesh)
+  if mesh is None:
+    return program(params, clamps, problems, hp, key_data)
+  g, n_data = key_data.shape[0], mesh.shape["data"]
+  if g % n_data:
+    raise ValueError(f"recover_grid: {g} points do not split over the mesh's data axis of {n_data}")
+  args = (params, clamps, problems, hp, key_data)
+  args = jax.device_put(args, grid_shardings(spec, mesh, *args))
+  if _model_axis(mesh) == 1:
+    return program(*args)
+  with jax.set_mesh(mesh):
+    return program(*args)

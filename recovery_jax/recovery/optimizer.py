@@ -299,7 +299,8 @@ class OptState(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class Stepper:
-  """Everything one recovery step needs besides its state (closed over, not traced as a carry).
+  """Everything one recovery step needs besides its state (closed over, not traced as a carry; it
+  holds a function, so it is not a jit argument: build it inside the jitted function).
 
   f: delta -> Eval (pure; traced once per linearisation). mon: defended references for drift.
   enc_proj: per-site row projector for the encoder modes. refs_from_start: take the drift
