@@ -33,6 +33,9 @@ and every edit's output are cast back to ``cfg.dtype``. With ``cfg.dtype == "flo
 is a no-op. Tensor parallelism: traced under ``jax.set_mesh(mesh)`` with a ``model`` axis, the
 forward adds sharding constraints on heads, MLP hidden units and logits (``models/sharding.py``);
 without a mesh it is unchanged.
+
+Size: one forward for four families (llama, gemma2, gemma3, gpt2) with hooks, caches and
+precision; the family differences are small branches of the same block.
 """
 
 from __future__ import annotations

@@ -17,6 +17,9 @@ reference's extra no-grad pass), so checkpointing costs no extra forward.
 Everything is a pure function of arrays: ``optimize`` runs inside jit/vmap. Numeric knobs that a
 sweep varies (lr, budget, ridge, lambdas, correction lr, checkpoint threshold/weight) are traced
 ``HParams``; the rest of ``RecoveryConfig`` is static.
+
+Size: the config, the optax chain, the scanned step and its checkpoint bookkeeping are one
+algorithm read top to bottom (the reference's step order); splitting it would scatter that order.
 """
 
 from __future__ import annotations

@@ -12,6 +12,9 @@ optional shuffle buffer.
 [N, d_in] (float16 or bfloat16) and is resumable (``state.json`` records the windows consumed, rows
 per site and each site's exclusion rule); ``harvest_to_store`` is its one-site case;
 ``stream_activations`` yields shuffled batches without a store.
+
+Size: the one-pass multi-site capture, the exclusion rules and the resumable on-disk stores are
+one pipeline stage.
 """
 
 from __future__ import annotations

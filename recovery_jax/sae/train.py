@@ -22,6 +22,9 @@ that site, SAELens' ``expected_average_only_in``); ``export_params`` folds it in
 takes raw activations and has ``normalize_activations='none'``.
 
 Shapes: x [B, d_in]; params use SAELens names (W_enc [d_in, d_sae], W_dec [d_sae, d_in], ...).
+
+Size: the stacked N-SAE state, the three architectures' losses and the one vmapped update are
+kept together so that a single SAE is visibly the N = 1 case of the same program.
 """
 
 from __future__ import annotations
