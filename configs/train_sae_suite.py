@@ -1,9 +1,9 @@
 """The JumpReLU SAE suite for SmolLM2-135M-Instruct: one SAE per ``blocks.L.hook_resid_post``, all
 sites harvested in one truncated forward pass and all SAEs trained in one vmapped program.
 
-  python -m recovery_jax.train_sae --config=configs/train_sae_suite.py --workdir=runs/sae_suite
-  python -m recovery_jax.train_sae --config=configs/train_sae_suite.py:pilot --workdir=runs/sae_pilot
-  python -m recovery_jax.train_sae --config=configs/train_sae_suite.py:layers=3-6-9,tokens=300000 ...
+  python -m recovery_jax.main --config=configs/train_sae_suite.py --workdir=runs/sae_suite
+  python -m recovery_jax.main --config=configs/train_sae_suite.py:pilot --workdir=runs/sae_pilot
+  python -m recovery_jax.main --config=configs/train_sae_suite.py:layers=3-6-9,tokens=300000 ...
 
 Arguments (``file.py:key=value,...``; a bare word sets that boolean to True):
   pilot      layers 3 and 12, 160k train tokens, 4 epochs: the ~20-minute CPU check of the recipe

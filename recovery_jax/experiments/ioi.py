@@ -99,7 +99,7 @@ def setup(config) -> runner.Setting:
 
   problems = {v: ioi_task.problems(batch, v) for v in config.recovery.variants}
   where = "" if delta_site == config.site else f", delta at {delta_site}"
-  header = (f"model {config.model}, SAE {config.sae} at {config.site}{where}, {len(batch)} prompts, clamp "
+  header = (f"model {config.model}, SAE {scfg.source or config.sae} at {config.site}{where}, {len(batch)} prompts, clamp "
             f"{config.clamp.mode} (positive_only={config.clamp.positive_only}, error term "
             f"{config.clamp.error_term}), {config.recovery.steps} steps, lr {config.recovery.lr}")
   return runner.Setting(
@@ -113,14 +113,14 @@ def setup(config) -> runner.Setting:
 def _preflight(params, mcfg, make, tokens, mask, objective, base_ld, config) -> dict:
   """Defended logit differences per (n_features, clamp_value): the valid-flip counts, before recovery."""
   @jax.jit
-  def defended_ld(clamp):
+  def defended_ld(params, clamp):  # params as an argument: not folded into the program as constants
     out = intervene.clamp(transformer.forward, clamp)(params, mcfg, tokens, attention_mask=mask)
     return objective(out.logits[:, -1])
 
   counts = {}
   for k in sorted({int(k) for k in config.sweep.n_features}):
     for v in sorted({float(v) for v in config.sweep.clamp_value}):
-      ld = np.asarray(defended_ld(make({"n_features": k, "clamp_value": v})))
+      ld = np.asarray(defended_ld(params, make({"n_features": k, "clamp_value": v})))
       counts[(k, v)] = int(((base_ld > 0) & (ld <= 0)).sum())
       runner.log(f"preflight K={k} clamp={v}: defended logit diff mean {ld.mean():.3f}; valid flips "
                  f"{counts[(k, v)]}/{len(ld)}")

@@ -4,7 +4,7 @@ Modules: ``config`` (SAEConfig), ``core`` (encode/decode/error and the sparse fo
 ``formats`` (SAELens / Gemma Scope / sparsify / Llama Scope / dictionary_learning files,
 ``check_compatible``), ``registry`` (the SAEs shipped in ``assets/`` by model and site), ``validate``
 (load-time fit check), ``metrics``, ``harvest`` (activations from text), ``train`` (optax trainer),
-``pipeline`` (the end-to-end run behind ``recovery_jax.train_sae``), ``cards`` (feature cards),
+``pipeline`` (the end-to-end run behind the ``train_sae`` experiment), ``cards`` (feature cards),
 ``testing`` (tiny model).
 """
 

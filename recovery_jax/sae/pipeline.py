@@ -1,4 +1,4 @@
-"""End-to-end SAE training run (what ``python -m recovery_jax.train_sae`` does), resumable.
+"""End-to-end SAE training run (what ``python -m recovery_jax.main --config=configs/train_sae.py`` runs), resumable.
 
 Workdir layout:
   config.json                 the config snapshot
