@@ -99,8 +99,8 @@ def setup(config) -> runner.Setting:
 
   problems = {v: ioi_task.problems(batch, v) for v in config.recovery.variants}
   where = "" if delta_site == config.site else f", delta at {delta_site}"
-  header = (f"model {config.model}, SAE {scfg.source or config.sae} at {config.site}{where}, {len(batch)} prompts, clamp "
-            f"{config.clamp.mode} (positive_only={config.clamp.positive_only}, error term "
+  header = (f"model {config.model}, SAE {scfg.source or config.sae} at {config.site}{where}, {len(batch)} prompts, "
+            f"clamp {config.clamp.mode} (positive_only={config.clamp.positive_only}, error term "
             f"{config.clamp.error_term}), {config.recovery.steps} steps, lr {config.recovery.lr}")
   return runner.Setting(
       title="IOI post-intervention recovery", header=header, params=params, problems=problems.__getitem__,
