@@ -70,9 +70,45 @@ def quiet_library_logging(verbosity: int) -> None:
       handler.addFilter(OwnRecordsOnly())
 
 
+DISTRIBUTED_ENV = ("RECOVERY_JAX_COORDINATOR", "RECOVERY_JAX_NUM_PROCESSES", "RECOVERY_JAX_PROCESS_ID")
+
+
+def distributed_settings(env) -> dict | None:
+  """``jax.distributed.initialize`` kwargs from ``RECOVERY_JAX_COORDINATOR`` (host:port),
+  ``RECOVERY_JAX_NUM_PROCESSES``, ``RECOVERY_JAX_PROCESS_ID`` and optional
+  ``RECOVERY_JAX_INIT_TIMEOUT`` (seconds, default 300); None when none of the three is set. A partial
+  or malformed set is a UserError naming the variable."""
+  given = {k: env.get(k, "") for k in DISTRIBUTED_ENV}
+  if not any(given.values()):
+    return None
+  missing = [k for k, v in given.items() if not v]
+  if missing:
+    raise errors.UserError(f"multi-process run: set all of {', '.join(DISTRIBUTED_ENV)} (missing {', '.join(missing)})")
+  ints = {}
+  for k in DISTRIBUTED_ENV[1:] + ("RECOVERY_JAX_INIT_TIMEOUT",):
+    try:
+      ints[k] = int(env.get(k, "300"))
+    except ValueError as e:
+      raise errors.UserError(f"{k}={env.get(k)!r}: expected an integer") from e
+  n, i = ints["RECOVERY_JAX_NUM_PROCESSES"], ints["RECOVERY_JAX_PROCESS_ID"]
+  if n < 1 or not 0 <= i < n:
+    raise errors.UserError(f"RECOVERY_JAX_PROCESS_ID={i} with RECOVERY_JAX_NUM_PROCESSES={n}: expected 0 <= id < n")
+  return {"coordinator_address": given["RECOVERY_JAX_COORDINATOR"], "num_processes": n, "process_id": i,
+          "initialization_timeout": ints["RECOVERY_JAX_INIT_TIMEOUT"]}
+
+
 def _maybe_initialize_distributed():
-  """Multi-host runs (TPU pods, multi-node GPU) call jax.distributed.initialize()."""
+  """Multi-process runs call ``jax.distributed.initialize``: with the explicit settings of
+  ``distributed_settings`` (a failure is fatal: running on alone would duplicate the work and the
+  writes), or auto-detected on TPU pods / with RECOVERY_JAX_DISTRIBUTED=1 (a failure falls back to
+  single-host with a warning)."""
   import jax  # pylint: disable=import-outside-toplevel
+  explicit = distributed_settings(os.environ)
+  if explicit is not None:
+    jax.distributed.initialize(**explicit)
+    logging.info("process %d of %d, %d local of %d devices", jax.process_index(), jax.process_count(),
+                 jax.local_device_count(), jax.device_count())
+    return
   if os.environ.get("RECOVERY_JAX_DISTRIBUTED", "") == "1" or "TPU_WORKER_HOSTNAMES" in os.environ:
     try:
       jax.distributed.initialize()

@@ -93,13 +93,34 @@ def replicate(tree, mesh: Mesh):
   return jax.tree.map(lambda a: jax.device_put(a, NamedSharding(mesh, P())), tree)
 
 
+BARRIER_TIMEOUT_S = 900
+
+
+def barrier(name: str, timeout_s: int = BARRIER_TIMEOUT_S) -> None:
+  """Every process waits here until all arrive (no-op on one process). It uses the coordination
+  service, not a device collective: a process minutes behind (still compiling) would otherwise trip
+  Gloo's 30 s connect timeout at the next cross-process collective. A process that never arrives
+  (killed, hung) makes the others fail after ``timeout_s``. ``name`` must be unique per run."""
+  if jax.process_count() == 1:
+    return
+  from jax._src import distributed  # pylint: disable=import-outside-toplevel
+  distributed.global_state.client.wait_at_barrier(f"recovery_jax/{name}", timeout_in_ms=timeout_s * 1000)
+
+
 class UnitStore:
-  """Finished work units on disk (orbax), keyed by unit id; writes are atomic."""
+  """Finished work units on disk (orbax), keyed by unit id; writes are atomic.
+
+  Multi-process (one directory on a filesystem every process sees): every process constructs the
+  store and calls ``save`` for every unit with the same (host, fully gathered) values; orbax's
+  CheckpointManager runs its saves as collectives: process 0 writes numpy leaves and finalises the
+  step (atomic rename of its temp directory), the others wait at its barriers. ``finished`` and
+  ``load`` read the shared directory on every process."""
 
   def __init__(self, directory: str):
     import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
     self._ocp = ocp
     self.directory = os.path.abspath(directory)
+    barrier(f"unit_store:{self.directory}")  # orbax's own barriers are Gloo collectives: align first
     os.makedirs(self.directory, exist_ok=True)
     self._mngr = ocp.CheckpointManager(
         self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=None, create=True))

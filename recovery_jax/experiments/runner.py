@@ -104,7 +104,26 @@ def snapshot_config(config, workdir: str) -> None:
         raise errors.UserError(f"{path}: the workdir holds a run of a different config; use a new --workdir "
                                "(resuming needs the same config)")
     return
-  report.atomic_write(path, text)
+  if is_writer():
+    report.atomic_write(path, text)
+
+
+def is_writer() -> bool:
+  """Whether this process writes the run's outputs: process 0 of a multi-process run (the others
+  compute their share of every unit and join orbax's collective saves, but write nothing)."""
+  return jax.process_index() == 0
+
+
+def gather(tree, name: str):
+  """``tree`` made readable on this host: arrays sharded over devices of several processes are not
+  fully addressable, so they are gathered to numpy (``process_allgather``, after a ``sweep.barrier``
+  called ``name``); on one process ``tree`` is returned as it is."""
+  if jax.process_count() == 1:
+    return tree
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  tree = jax.block_until_ready(tree)
+  sweep.barrier(name)
+  return multihost_utils.process_allgather(tree, tiled=True)
 
 
 def grid_points(config) -> list[dict]:
@@ -143,7 +162,7 @@ def compute_unit(setting: Setting, config, mesh, u: sweep.WorkUnit) -> dict[str,
                                                       mesh.shape["data"])
   clamps = tuple(c.replace(params=cp) for c, cp in zip(clamps, cparams))
   problems = setting.problems(variant)
-  out = engine.recover_grid(spec, setting.params, clamps, problems, hp, keys, mesh=mesh)
+  out = gather(engine.recover_grid(spec, setting.params, clamps, problems, hp, keys, mesh=mesh), f"unit:{u.unit_id}")
   res = {"rows_base": out.rows_base, "rows_defended": out.rows_defended, "rows": out.rows,
          "feats": _keyed(out.feats), "refs": _keyed(out.refs), "masks": _keyed(out.masks), "delta": out.delta,
          "h_def": out.h_def,
@@ -297,6 +316,8 @@ def run(config, workdir: str, setup: Callable[[Any], Setting], variants: Sequenc
                     "'diverged' in results.jsonl and never count as recovered", n_div, len(rows))
     print(f"warning: {n_div} of {len(rows)} examples diverged (non-finite objective, gradient or delta); "
           "flagged in results.jsonl and the summary, never counted as recovered", flush=True)
+  if not is_writer():
+    return {"summary": summary_lib.summarize(rows), "rows": rows}
   report.write_jsonl(os.path.join(workdir, "results.jsonl"), rows)
   report.atomic_write(os.path.join(workdir, "curves.json"), json.dumps(curves))
   report.atomic_write(os.path.join(workdir, "run.json"), json.dumps(
