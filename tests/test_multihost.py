@@ -152,6 +152,20 @@ def test_two_processes_equal_one_write_once_and_resume_after_a_kill(tmp_path):
   assert _writes(logs2, 1) == set()
 
 
+def test_distributed_settings_from_env():
+  from recovery_jax import errors, main  # pylint: disable=import-outside-toplevel
+  assert main.distributed_settings({}) is None
+  env = {"RECOVERY_JAX_COORDINATOR": "127.0.0.1:1234", "RECOVERY_JAX_NUM_PROCESSES": "2",
+         "RECOVERY_JAX_PROCESS_ID": "1"}
+  assert main.distributed_settings(env) == {"coordinator_address": "127.0.0.1:1234", "num_processes": 2,
+                                             "process_id": 1, "initialization_timeout": 300}
+  for bad, word in (({**env, "RECOVERY_JAX_PROCESS_ID": ""}, "missing RECOVERY_JAX_PROCESS_ID"),
+                    ({**env, "RECOVERY_JAX_PROCESS_ID": "2"}, "0 <= id < n"),
+                    ({**env, "RECOVERY_JAX_NUM_PROCESSES": "two"}, "expected an integer")):
+    with pytest.raises(errors.UserError, match=word):
+      main.distributed_settings(bad)
+
+
 def _record_writes(workdir: str, log_path: str) -> None:
   """Wraps ``open`` and ``os.replace`` to append every write-mode path under ``workdir`` (outside
   ``units/``) to ``log_path``."""
