@@ -16,7 +16,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import pathlib
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp

@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import jax
 import numpy as np
 from absl import logging
 
