@@ -121,19 +121,8 @@ def logit_diff(logits, io_ids, s_ids):
 def problems(batch: IOIBatch, variant: str):
   """Stacked engine problems with the delta, readout and monitor at the last column:
   ``shared`` -> 1 problem of n rows (the reference's one delta for all prompts); ``per_prompt`` ->
-  n problems of 1 row."""
-  import jax  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  from recovery_jax.models import transformer  # pylint: disable=import-outside-toplevel
-  from recovery_jax.recovery import engine  # pylint: disable=import-outside-toplevel
-  n, t = batch.tokens.shape
-  mask = jnp.asarray(batch.attention_mask, bool)
-  last = jnp.full((n, 1), t - 1, jnp.int32)
-  pb = engine.Problem(
-      tokens=jnp.asarray(batch.tokens), attention_mask=mask, positions=transformer.default_positions(mask, n, t),
-      delta_cols=last, delta_valid=jnp.ones((n, 1), bool), readout_cols=last, monitor_cols=last,
-      monitor_valid=jnp.ones((n, 1), bool), targets={"pos": jnp.asarray(batch.io_ids), "neg": jnp.asarray(batch.s_ids)},
-      row_weight=jnp.ones((n,), jnp.float32))
-  if variant == "shared":
-    return jax.tree.map(lambda a: a[None], pb)
-  return jax.tree.map(lambda a: a[:, None], pb)
+  n problems of 1 row (``recovery.api.site_problems``)."""
+  from recovery_jax.recovery import api  # pylint: disable=import-outside-toplevel
+  end = batch.tokens.shape[1] - 1
+  return api.site_problems(batch.tokens, batch.attention_mask, end, end, {"pos": batch.io_ids, "neg": batch.s_ids},
+                           shared=variant == "shared")
