@@ -56,6 +56,7 @@ def get_config(arg=None):
       l0_coeff=a.l0_coeff, sparsity_warmup_steps=100, jumprelu_bandwidth=a.bandwidth, jumprelu_init_l0=a.init_l0,
       jumprelu_init_threshold=0.1, dead_tokens=500_000, grad_clip=1.0))
   c.site_sparsity_coeffs = ()  # one L0 coefficient per site (same order as hook_names); () = sae.l0_coeff
+  c.site_axis = "auto"  # "vmap" | "map" | "auto" (map on CPU, vmap on accelerators)
   c.total_steps = 0
   c.epochs = a.epochs
   c.log_every = 25
