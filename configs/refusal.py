@@ -1,0 +1,89 @@
+"""Refusal steering: refusal features, the defence and its preflight (paper-method section 6).
+
+Run (on the embedded default SmolLM2-135M-Instruct + the project's JumpReLU resid_post suite):
+  python -m recovery_jax.main --config=configs/refusal.py --workdir=runs/refusal_default
+
+Variants (``configs/refusal.py:<variant>,key=value``):
+  default  SmolLM2-135M-Instruct; the shipped JumpReLU SAEs at blocks.{9,12,15,18}.hook_resid_post
+           (assets/smollm2-135m-instruct-res{L}-post-jumprelu, found by name); 64 shipped benign
+           prompts; features from the teacher-forced openings contrast on 16 other shipped prompts,
+           10 candidates per site, global top 20; defence multiply, m in (3, 6, 10) (the paper's 3 and
+           a sweep, since x3 may induce too few refusals on SmolLM2)
+  paper    gemma-2-2b-it + Gemma Scope resid_post SAEs (user folders) at the circuit layers, a user
+           feature list ``features=L:f,L:f,...`` and prompt file ``prompts=...`` (AdvBench/HarmBench
+           rows), multiply x3, 128 new tokens (needs model_path, sae_path, prompts, features)
+  tiny     a random-weight tiny llama + random SAEs at blocks.{1,2}.hook_resid_post (CI; seconds)
+Any field can also be overridden with --config.<field>=<value>.
+"""
+
+import ml_collections
+
+from recovery_jax.config_utils import parse_arg
+
+
+def get_config(arg=None):
+  a = parse_arg(arg, variant="default", model_path="", sae_path="", prompts="", features="", n_prompts=0)
+  c = ml_collections.ConfigDict()
+  c.experiment = "refusal"
+  c.variant = a.variant
+  c.seed = 0
+
+  c.model = "smollm2-135m-instruct"
+  # one SAE per circuit site: "shipped" (the project's SAE for model and site, by name), a folder
+  # (with {site} or {layer} filled in per site), or "random" (smoke runs)
+  c.sae = "shipped"
+  # the circuit: the defence multiplies the chosen features at each of these sites, all positions
+  c.sites = tuple(f"blocks.{l}.hook_resid_post" for l in (9, 12, 15, 18))
+
+  c.task = ml_collections.ConfigDict()
+  c.task.prompts_file = ""  # "": the shipped benign instructions (recovery_jax/data/refusal_prompts.jsonl)
+  c.task.n_prompts = 64  # the first n rows; 0: all
+  c.task.system = ""  # "": the template's default system turn
+
+  c.features = ml_collections.ConfigDict()
+  c.features.list = ""  # "L:f,L:f,...": a user feature list (skips the contrast)
+  c.features.contrast = "openings"  # openings, system or files (harmful_file vs harmless_file, the paper's)
+  c.features.contrast_file = ""  # rows for the openings/system contrast ("": the shipped file's last rows)
+  c.features.harmful_file = ""
+  c.features.harmless_file = ""
+  c.features.n_contrast = 16
+  c.features.n_candidates = 10  # per site, by decoder cosine
+  c.features.vector_site = ""  # "": each site's own contrast vector; else that site's for all (paper: layer 15)
+  c.features.k = 20  # global top K (site, feature) pairs
+
+  c.defence = ml_collections.ConfigDict()
+  c.defence.kind = "multiply"  # multiply (the paper), set (active or not), add (SAELens steering)
+  c.defence.strengths = (3.0, 6.0, 10.0)
+  c.defence.error_term = "keep"  # keep (the paper) or drop (the SAE as a full bottleneck)
+
+  c.generation = ml_collections.ConfigDict()
+  c.generation.max_new_tokens = 128
+  c.generation.batch_size = 16
+
+  c.save_text = False  # write base/defended texts into preflight.jsonl (off: labels, lengths, scores)
+
+  if a.variant == "paper":
+    c.model = a.model_path or "REQUIRED: model_path=<gemma-2-2b-it HF folder>"
+    c.sae = a.sae_path or "REQUIRED: sae_path=<Gemma Scope resid_post folder with {layer}>"
+    c.sites = tuple(f"blocks.{l}.hook_resid_post" for l in range(26))
+    c.task.prompts_file = a.prompts or "REQUIRED: prompts=<AdvBench/HarmBench JSONL or CSV>"
+    c.task.n_prompts = 0
+    c.features.list = a.features or "REQUIRED: features=L:f,L:f,... (the paper's 20 pairs)"
+    c.defence.strengths = (3.0,)
+  elif a.variant == "tiny":
+    c.model = "tiny-random-llama"
+    c.sae = "random"
+    c.sites = ("blocks.1.hook_resid_post", "blocks.2.hook_resid_post")
+    c.task.n_prompts = 6
+    c.features.n_contrast = 4
+    c.features.n_candidates = 4
+    c.features.k = 6
+    c.defence.kind = "set"
+    c.defence.strengths = (4.0, 8.0)
+    c.generation.max_new_tokens = 8
+    c.generation.batch_size = 4
+  elif a.variant != "default":
+    raise ValueError(f"configs/refusal.py: unknown variant {a.variant!r}; expected default, paper or tiny")
+  if a.n_prompts:
+    c.task.n_prompts = a.n_prompts
+  return c
