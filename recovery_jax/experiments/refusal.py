@@ -39,8 +39,9 @@ def validate(config) -> None:
   if not config.sites:
     raise errors.UserError("config field 'sites' is empty: expected blocks.L.hook_resid_post sites")
   for s in config.sites:
-    if not s.endswith(".hook_resid_post"):
-      raise errors.UserError(f"config field 'sites' has {s!r}: the defence acts at blocks.L.hook_resid_post sites")
+    if not s.endswith((".hook_resid_post", ".hook_resid_pre")):
+      raise errors.UserError(f"config field 'sites' has {s!r}: the defence acts at blocks.L.hook_resid_post (the "
+                             "paper) or blocks.L.hook_resid_pre sites")
   if config.defence.kind not in defence_lib.DEFENCES:
     raise errors.UserError(f"config field 'defence.kind'={config.defence.kind!r}: expected one of "
                            f"{defence_lib.DEFENCES}")
@@ -175,6 +176,7 @@ def run(config, workdir: str) -> dict[str, Any]:
   os.makedirs(workdir, exist_ok=True)
   runner.snapshot_config(config, workdir)
   t0 = time.time()
+  rows_in = task.load_prompts(config.task.prompts_file, config.task.n_prompts)  # a bad file fails before loading
   params, mcfg, tok = setup_lib.load_model(config.model, seed=config.seed)
   sites = tuple(config.sites)
   for s in sites:
@@ -197,7 +199,6 @@ def run(config, workdir: str) -> dict[str, Any]:
   report.atomic_write(os.path.join(workdir, "features.json"), json.dumps(record, indent=1))
   log(f"defended features: {sum(len(v) for v in feats.values())} over {len(feats)} sites")
 
-  rows_in = task.load_prompts(config.task.prompts_file, config.task.n_prompts)
   system = config.task.system or None
   prompts = [task.format_prompt(tmpl, r.text, system) for r in rows_in]
   g = config.generation
