@@ -27,9 +27,15 @@ Array = jax.Array
 
 @dataclasses.dataclass(frozen=True)
 class ProbeSpec:
-  """Static structure of a probe recovery (the clamp's own spec travels with the Clamp)."""
+  """Static structure of a probe recovery (the clamp's own spec travels with the Clamp).
+
+  broadcast: False: one delta row per delta column (the default scope: the last non-pad position);
+  True: a single delta row added at every delta column of each row (paper-method 3.3's "delta
+  broadcast to all positions"; delta [1, 1, d]).
+  """
 
   config: RecoveryConfig
+  broadcast: bool = False
 
   def canonical(self) -> "ProbeSpec":
     return dataclasses.replace(self, config=self.config.canonical())
@@ -63,6 +69,9 @@ def recover_probe(spec: ProbeSpec, clamp: Clamp, pb: ProbeProblem, hp: HParams, 
   """TPP recovery: maximise the probe logit of the pooled ``h_def + delta`` (frozen reference)."""
   h_def = clamp(pb.h.astype(jnp.float32), pb.positions)
   place = intervene.placement(pb.delta_cols, pb.delta_valid, 0, pb.h.shape[1])
+  n_rows = pb.delta_cols.shape[1]
+  if spec.broadcast:
+    place, n_rows = place.sum(-1, keepdims=True), 1
   feats_of = lambda x: (clamp.features(engine.gather_cols(x, pb.monitor_cols)),)
   masks = (pb.monitor_valid[:, :, None] & clamp.mask[None, None],)
 
@@ -75,7 +84,7 @@ def recover_probe(spec: ProbeSpec, clamp: Clamp, pb: ProbeProblem, hp: HParams, 
   if spec.config.projection in ("encoder", "encoder_exact"):
     enc = engine.encoder_projector(pb.h.shape[-1], (clamp.site,), (clamp,), hp.ridge,
                                    spec.config.projection == "encoder_exact", spec.config.exact_rtol)
-  delta0 = jnp.zeros((1, pb.delta_cols.shape[1], pb.h.shape[-1]), jnp.float32)
+  delta0 = jnp.zeros((1, n_rows, pb.h.shape[-1]), jnp.float32)
   res = opt_lib.optimize(f, delta0, Monitor(feats_of(h_def), masks, (clamp.decoder_rows(),)), spec.config, hp, key,
                          enc, refs_from_start=True)
   return engine.output_of(res, probe_logit(pb.h, pb.pool_mask, pb.probe_w, pb.probe_b),
@@ -92,3 +101,23 @@ def _recover_probe_examples(spec, clamp, pbs, hp, key):
 def recover_probe_examples(spec: ProbeSpec, clamp: Clamp, problems: ProbeProblem, hp: HParams, key: Array):
   """TPP recovery of a stack of problems (leading axis N), one compiled program."""
   return _recover_probe_examples(spec.canonical(), clamp, problems, hp, key)
+
+
+@functools.partial(jax.jit, static_argnames=("spec",))
+def _recover_probe_grid(spec, clamps, pbs, hp, keys):
+  n = pbs.h.shape[0]
+  axes = intervene.clamp_axes((clamps,))[0]
+
+  def point(c, hp, key):
+    one = lambda cc, pb, i: recover_probe(spec, cc, pb, hp, jax.random.fold_in(key, i))
+    return jax.vmap(one, in_axes=(axes, 0, 0))(c, pbs, jnp.arange(n))
+
+  return jax.vmap(point, in_axes=(axes, 0, 0))(clamps, hp, keys)
+
+
+def recover_probe_grid(spec: ProbeSpec, clamps: Clamp, problems: ProbeProblem, hp: HParams, keys: Array):
+  """TPP recovery over G grid points x N problems in one compiled program, a clamp per (point,
+  problem): each problem may have its own target class (its probe in ``problems``, its latents in
+  ``clamps``). clamps: ClampParams [G, N, K_max] (SAE shared); problems [N, ...]; hp leaves [G];
+  keys [G] (problem i of point g uses ``fold_in(keys[g], i)``). Outputs gain leading axes [G, N]."""
+  return _recover_probe_grid(spec.canonical(), clamps, problems, hp, keys)
