@@ -54,6 +54,8 @@ class Setting:
   clamps: grid points -> tuple of Clamps whose params are stacked over the points.
   valid: (rows_base [E], rows_defended [E]) -> bool [E]; recovered: rows [E] -> bool [E].
   examples: one dict of static per-example fields (prompt text, template, ...) per example.
+  compute: None (units run on the transformer engine, ``compute_unit``), or a task's own
+    ``(setting, config, mesh, unit) -> result dict`` with ``compute_unit``'s keys (TPP's probe path).
   """
 
   title: str
@@ -66,6 +68,7 @@ class Setting:
   recovered: Callable[[np.ndarray], np.ndarray]
   examples: list[dict]
   objective_name: str = "objective"
+  compute: Callable | None = None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -270,6 +273,8 @@ def point_rows(setting: Setting, p: dict, res: dict, j: int) -> tuple[list[dict]
       r["decode_drift_l2"] = ex["decode_drift_l2"][e]
     if "pre_drift" in res:
       r["pre_act_drift_l2"] = e_of(res["pre_drift"])[e]
+    if "decode_drift" in res:  # a task's own decode drift (per-example decoder rows)
+      r["decode_drift_l2"] = float(e_of(res["decode_drift"])[e])
     if "attr_rows" in res:
       rows_c, energy_c = np.asarray(res["attr_rows"][j]), np.asarray(res["attr_energy"][j])  # [N, C]
       for c, name in enumerate(attribution.COMPONENTS):
@@ -299,7 +304,8 @@ def run(config, workdir: str, setup: Callable[[Any], Setting], variants: Sequenc
   log(f"{len(points)} grid points in {len(units)} work units on a {dict(mesh.shape)} mesh")
   store = sweep.UnitStore(os.path.join(workdir, "units"))
   try:
-    results = sweep.run_units(units, lambda u: compute_unit(setting, config, mesh, u), store, log=log,
+    compute = setting.compute or compute_unit
+    results = sweep.run_units(units, lambda u: compute(setting, config, mesh, u), store, log=log,
                               progress=config.get("progress", True))
   finally:
     store.close()
