@@ -283,15 +283,17 @@ def margin(cl: np.ndarray, gold: np.ndarray) -> np.ndarray:
   """The recovery objective ``choice_margin``: l[gold] - mean(other three) -> [...]. Its sign is *not*
   the success criterion (gold can trail one choice while beating the mean of three)."""
   cl = np.asarray(cl, np.float64)
-  g = np.take_along_axis(cl, np.asarray(gold)[..., None], axis=-1)[..., 0]
+  gold = np.broadcast_to(np.asarray(gold), cl.shape[:-1])
+  g = np.take_along_axis(cl, gold[..., None], axis=-1)[..., 0]
   return g - (cl.sum(-1) - g) / (cl.shape[-1] - 1)
 
 
 def argmax_margin(cl: np.ndarray, gold: np.ndarray) -> np.ndarray:
   """l[gold] - max(other choices): > 0 exactly when the argmax is gold (ties count as wrong)."""
   cl = np.asarray(cl, np.float64)
-  g = np.take_along_axis(cl, np.asarray(gold)[..., None], axis=-1)[..., 0]
-  others = np.where(np.arange(cl.shape[-1]) == np.asarray(gold)[..., None], -np.inf, cl)
+  gold = np.broadcast_to(np.asarray(gold), cl.shape[:-1])
+  g = np.take_along_axis(cl, gold[..., None], axis=-1)[..., 0]
+  others = np.where(np.arange(cl.shape[-1]) == gold[..., None], -np.inf, cl)
   return g - others.max(-1)
 
 

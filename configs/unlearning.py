@@ -1,0 +1,152 @@
+"""Output-level unlearning recovery (multiple choice / cloze; paper-method section 4).
+
+Run (the embedded default: SmolLM2-135M-Instruct + the project's JumpReLU SAE at layer 3):
+  python -m recovery_jax.main --config=configs/unlearning.py --workdir=runs/unlearning_default
+
+Variants (``configs/unlearning.py:<variant>,key=value``):
+  default  SmolLM2-135M-Instruct, the suite's JumpReLU SAE at blocks.3.hook_resid_post ("shipped"),
+           the shipped benign science / geography questions in the cloze format (the model answers
+           lettered questions at chance), features by the SAEBench rule on offline corpora, set
+           positives to -10 on 50 features, 150 steps, lr 0.08, budget 20, modes none / encoder /
+           encoder_exact, retain check, budget diagnostic, soft-suffix baseline
+  paper    gemma-2-2b-it + Gemma Scope L3 16k resid_post with the paper's 50 public feature ids, the
+           lettered 24-order format with the strict filter, modes none / encoder (needs
+           model_path=<HF folder>, sae_path=<Gemma Scope folder>, questions=<your .jsonl/.csv, e.g.
+           WMDP-bio rows in this project's question format>)
+  tiny     a random-weight tiny llama + random JumpReLU SAE (CI smoke test; seconds)
+Further args: questions=<file>, format=mc|cloze|cloze_listed, steps=<n>, max_flips=<n>.
+Any field can also be overridden with --config.<field>=<value>.
+"""
+
+import ml_collections
+
+from recovery_jax.config_utils import parse_arg
+
+# paper-method 4.1: the 50 clamped Gemma Scope L3 16k feature ids, in order
+PAPER_FEATURE_IDS = (
+    3025, 8786, 11913, 14227, 679, 10793, 1082, 8803, 6691, 9839, 616, 8934, 16064, 10238, 16169, 13219, 8396, 2659,
+    11380, 3061, 8845, 7695, 13535, 570, 1676, 9870, 2411, 16239, 15638, 1820, 16218, 5587, 6989, 6958, 831, 8346,
+    2555, 10860, 10999, 14593, 1508, 7331, 7514, 4930, 3844, 7190, 9421, 8700, 1705, 3204)
+
+
+def get_config(arg=None):
+  a = parse_arg(arg, variant="default", model_path="", sae_path="", questions="", format="", steps=0, max_flips=0)
+  c = ml_collections.ConfigDict()
+  c.experiment = "unlearning"
+  c.variant = a.variant
+  c.seed = 0
+
+  c.model = "smollm2-135m-instruct"
+  c.model_processing = ""
+  c.sae = "shipped"  # the suite's SAE at this site (assets/smollm2-135m-instruct-res3-post-jumprelu)
+  c.sae_override_checks = False
+  c.site = "blocks.3.hook_resid_post"
+
+  c.task = ml_collections.ConfigDict()
+  c.task.questions_file = ""  # "": recovery_jax/data/unlearning_questions.jsonl (128 benign facts)
+  c.task.retain_file = ""  # "": recovery_jax/data/retain_questions.jsonl (40 general questions)
+  c.task.format = "cloze"  # mc (the paper's lettered prompt, 24 orders), cloze, cloze_listed (24 orders)
+  c.task.strict = True  # keep a question only if the base model is correct in every order
+  c.task.bos = "auto"  # auto (BOS for Gemma, as the reference), always, never
+  c.task.max_questions = 0
+  c.task.max_flips = 0  # 0: every valid flip
+
+  c.features = ml_collections.ConfigDict()
+  c.features.feature_ids = ()  # a given list replaces the SAEBench rule (the paper preset)
+  c.features.retain_threshold = 0.01
+  c.features.forget_sources = ("questions", "topic_glosses")
+  c.features.retain_sources = ("shakespeare", "fortunes", "python_doc", "retain_questions")
+  c.features.corpus_dir = ".cache/corpus"
+  c.features.max_docs = 400  # per source
+  c.features.seq_len = 64
+  c.features.batch_size = 16
+
+  c.clamp = ml_collections.ConfigDict()
+  c.clamp.mode = "set"
+  c.clamp.positive_only = True
+  c.clamp.semantics = "frozen"
+  c.clamp.error_term = "keep"
+
+  c.recovery = ml_collections.ConfigDict()
+  c.recovery.steps = 150
+  c.recovery.lr = 0.08
+  c.recovery.ridge = 1e-4
+  c.recovery.objective = "choice_margin"  # or choice_ce
+  c.recovery.modes = ("none", "encoder", "encoder_exact")
+  c.recovery.variants = ("per_example",)
+  c.recovery.attribution_top_k = 0
+
+  c.sweep = ml_collections.ConfigDict()
+  c.sweep.n_features = (50,)
+  c.sweep.clamp_value = (-10.0,)  # set to -m, m = 10 (the reference script default; paper-method Q5)
+  c.sweep.budget = (20.0,)
+  c.sweep.seed = (0,)
+  c.unit_size = 0
+
+  c.retain_check = True
+  c.diagnostic = ml_collections.ConfigDict()
+  c.diagnostic.enabled = True
+  c.diagnostic.budgets = (0.0, 1.0, 2.0, 5.0, 10.0, 20.0)
+  c.diagnostic.n_flips = 6
+  c.diagnostic.modes = ("none", "encoder")
+
+  c.soft_suffix = ml_collections.ConfigDict()
+  c.soft_suffix.enabled = True
+  c.soft_suffix.variants = ("faithful", "corrected")
+  c.soft_suffix.suffix_len = 16
+  c.soft_suffix.steps = 300
+  c.soft_suffix.lr = 5e-4
+  c.soft_suffix.budget = 20.0
+  c.soft_suffix.noise = 0.01
+  c.soft_suffix.init_text = " !"
+  c.soft_suffix.objective = "choice_ce"
+  c.soft_suffix.max_flips = 32
+
+  c.eval_batch_size = 32
+  c.mesh = ml_collections.ConfigDict({"data": -1, "model": 1})
+  c.plots = True
+  c.progress = True
+
+  if a.variant == "paper":
+    c.model = a.model_path or "REQUIRED: model_path=<HF folder of gemma-2-2b-it>"
+    c.sae = a.sae_path or "REQUIRED: sae_path=<Gemma Scope folder, layer_3/width_16k resid_post>"
+    c.task.questions_file = a.questions or "REQUIRED: questions=<.jsonl/.csv question file, e.g. WMDP-bio rows>"
+    c.task.format = "mc"
+    c.features.feature_ids = PAPER_FEATURE_IDS
+    c.recovery.modes = ("none", "encoder")
+    c.retain_check = False
+  elif a.variant == "tiny":
+    c.model = "tiny-random-llama"
+    c.sae = "random"
+    c.site = "blocks.1.hook_resid_post"
+    c.task.strict = False
+    c.task.max_questions = 24
+    c.task.max_flips = 6
+    c.features.forget_sources = ("questions",)
+    c.features.retain_sources = ("retain_questions",)
+    c.features.retain_threshold = 0.5
+    c.features.seq_len = 24
+    c.recovery.steps = 10
+    c.recovery.modes = ("none", "encoder")
+    c.sweep.n_features = (16,)
+    c.sweep.clamp_value = (-20.0,)
+    c.diagnostic.budgets = (0.0, 5.0, 20.0)
+    c.diagnostic.n_flips = 2
+    c.diagnostic.modes = ("encoder",)
+    c.soft_suffix.steps = 5
+    c.soft_suffix.suffix_len = 4
+    c.soft_suffix.max_flips = 2
+    c.soft_suffix.lr = 0.05
+    c.plots = False
+    c.progress = False
+  elif a.variant != "default":
+    raise ValueError(f"configs/unlearning.py: unknown variant {a.variant!r}; expected default, paper or tiny")
+  if a.questions and a.variant != "paper":
+    c.task.questions_file = a.questions
+  if a.format:
+    c.task.format = a.format
+  if a.steps:
+    c.recovery.steps = a.steps
+  if a.max_flips:
+    c.task.max_flips = a.max_flips
+  return c
