@@ -12,6 +12,7 @@ from recovery_jax.sae.testing import random_sae
 from recovery_jax import intervene
 from recovery_jax.intervene import ClampSpec
 from recovery_jax.recovery import api, engine, probe
+from recovery_jax.recovery import optimizer as opt_lib
 from recovery_jax.recovery.objectives import Objective
 from recovery_jax.recovery.optimizer import RecoveryConfig
 from recovery_jax.sae import core as sae_core
@@ -141,12 +142,12 @@ def test_encoder_exact_keeps_preactivations(setting):
 MSITES = ("blocks.0.hook_resid_post", "blocks.1.hook_resid_post")
 
 
-def _multi(setting, semantics, projection, suffix_len, **rc_kw):
+def _multi_problem(setting, semantics, projection, suffix_len, monitor_last=True, **rc_kw):
   params, cfg, sae, scfg, toks, mask, targets = setting
   sae2, scfg2 = random_sae(cfg.d_model, 40, seed=9, site=MSITES[1])
   clamps = (intervene.make_clamp(ClampSpec(MSITES[0], scfg, mode="multiply", positive_only=False), sae, [1, 4, 6], 3.0),
-            intervene.make_clamp(ClampSpec(MSITES[1], scfg2, mode="multiply", positive_only=False), sae2, [2, 3, 5],
-                                 3.0))
+            intervene.make_clamp(ClampSpec(MSITES[1], scfg2, mode="multiply", positive_only=False,
+                                           monitor=monitor_last), sae2, [2, 3, 5], 3.0))
   rc = RecoveryConfig(projection=projection, **rc_kw)
   spec = engine.RecoverySpec(cfg, MSITES, Objective("logit_diff"), rc, suffix_len=suffix_len, semantics=semantics)
   d = cfg.d_model
@@ -157,8 +158,44 @@ def _multi(setting, semantics, projection, suffix_len, **rc_kw):
       targets={"pos": jnp.asarray([3]), "neg": jnp.asarray([40])}, row_weight=jnp.ones((1,)),
       fixed_delta=0.3 * jax.random.normal(jax.random.PRNGKey(5), (2, 1, d)), fixed_cols=jnp.asarray([[4]]),
       fixed_valid=jnp.asarray([[True]]))
-  out = jax.jit(engine.recover, static_argnums=0)(spec, params, clamps, pb, rc.hparams(), jax.random.PRNGKey(1))
+  return spec, clamps, pb
+
+
+def _multi(setting, semantics, projection, suffix_len, **rc_kw):
+  spec, clamps, pb = _multi_problem(setting, semantics, projection, suffix_len, **rc_kw)
+  out = jax.jit(engine.recover, static_argnums=0)(spec, setting[0], clamps, pb, spec.config.hparams(),
+                                                  jax.random.PRNGKey(1))
   return out, spec, clamps, pb
+
+
+@pytest.mark.parametrize("projection", ["jacobian", "jacobian_exact"])
+@pytest.mark.parametrize("suffix_len", [4, None])
+def test_split_evaluator_step_equals_one_piece(setting, projection, suffix_len):
+  """The Jacobian step cuts the evaluator after the last monitored site (probe and penalty
+  cotangents through the head only, the objective's once through the tail): the trajectory equals
+  the uncut evaluator's. Layer 1 (clamp not monitored, a delta site) lies in the tail. No drift probe:
+  its on/off threshold (||c - r|| > 1e-8) turns float noise into different bases."""
+  params = setting[0]
+  spec, clamps, pb = _multi_problem(setting, "live", projection, suffix_len, monitor_last=False, steps=5, lr=0.1,
+                                    budget=1.5, lambda_act=50.0, drift_penalty="relative_mse", jacobian_probes=2,
+                                    jacobian_drift_probe=False,
+                                    correction_steps=1)
+  pb = pb._replace(readout_cols=jnp.asarray([[6]]))  # a delta column: layer 1's delta reaches the readout
+  rc = spec.config
+
+  @jax.jit
+  def run(key):
+    prep = engine.prepare(spec, params, clamps, pb)
+    f = engine.make_evaluator(spec, params, clamps, pb, prep)
+    assert isinstance(f, opt_lib.SplitEval)
+    mon = engine.monitor_of(clamps, prep.refs, prep.masks)
+    d0 = jnp.zeros((2, 2, spec.model_cfg.d_model))
+    return [opt_lib.optimize(g, d0, mon, rc, rc.hparams(), key) for g in (f, lambda d: f(d))]
+
+  split, whole = run(jax.random.PRNGKey(3))
+  np.testing.assert_allclose(np.asarray(split.history["loss"]), np.asarray(whole.history["loss"]), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(split.delta_last), np.asarray(whole.delta_last), atol=1e-5)
+  assert float(jnp.abs(split.delta_last[1]).max()) > 1e-3  # the tail's delta site moved
 
 
 def test_two_sites_live_cached_equals_full_and_checkpoint_rule(setting):

@@ -222,9 +222,23 @@ def prepare(spec: RecoverySpec, params, clamps: Sequence[Clamp], pb: Problem) ->
 # evaluators
 
 
+def _split_layer(spec: RecoverySpec, clamps: Sequence[Clamp], low: int) -> int:
+  """First layer after the last monitored site (the head's ``stop_layer``); at least ``low``."""
+  layers = [sites_lib.parse_site(clamps[i].site, spec.model_cfg.n_layers).layer for i in monitored(clamps)]
+  return max([low] + [l + 1 for l in layers if l is not None and l + 1 > low])
+
+
+def _split_edits(spec: RecoverySpec, edits: dict, split: int) -> tuple[dict, dict]:
+  """Edits visited before layer ``split`` (embeddings included: head) and from it on (tail)."""
+  head = {k: e for k, e in edits.items() if spec.key_of(k)[0] < split}
+  return head, {k: e for k, e in edits.items() if k not in head}
+
+
 def make_evaluator(spec: RecoverySpec, params, clamps: Sequence[Clamp], pb: Problem,
-                   prep: Prepared) -> Callable[[Array], Eval]:
-  """f(delta [n_sites, P, d]) -> Eval(objective, rows [B], monitored features)."""
+                   prep: Prepared) -> opt_lib.SplitEval:
+  """f(delta [n_sites, P, d]) -> Eval(objective, rows [B], monitored features), cut after the last
+  monitored site (``optimizer.SplitEval``): the head runs the layers up to it and returns the
+  features and the residual there, the tail runs the later layers and the readout."""
   cfg = spec.model_cfg
   mon = monitored(clamps)
   s0 = spec.delta_sites[0]
@@ -235,17 +249,24 @@ def make_evaluator(spec: RecoverySpec, params, clamps: Sequence[Clamp], pb: Prob
     place = intervene.placement(pb.delta_cols, pb.delta_valid, 0, t)
     fplace = None if pb.fixed_delta is None else intervene.placement(pb.fixed_cols, pb.fixed_valid, 0, t)
     cap = tuple(dict.fromkeys(clamps[i].site for i in mon))
+    split = _split_layer(spec, clamps, 0)
+    run = functools.partial(transformer.forward, params, cfg, positions=prep.chunk_positions,
+                            attention_mask=prep.chunk_mask, compute_logits=False)
 
-    def f_full(delta):
-      edits = _site_edits(spec, clamps, delta=delta, fixed=pb.fixed_delta, place=place, fixed_place=fplace,
-                          offsets=prep.offsets)
-      out = transformer.forward(params, cfg, pb.tokens, positions=prep.chunk_positions,
-                                attention_mask=prep.chunk_mask, edits=edits, capture=cap, compute_logits=False)
-      objective, rows = _readout(spec, params, pb, out.resid, pb.readout_cols)
+    def edits_of(delta):
+      return _split_edits(spec, _site_edits(spec, clamps, delta=delta, fixed=pb.fixed_delta, place=place,
+                                            fixed_place=fplace, offsets=prep.offsets), split)
+
+    def head_full(delta):
+      out = run(pb.tokens, stop_layer=split, edits=edits_of(delta)[0], capture=cap)
       feats = tuple(clamps[i].features(gather_cols(out.captures[clamps[i].site], pb.monitor_cols)) for i in mon)
-      return Eval(objective, rows, feats)
+      return feats, out.resid
 
-    return f_full
+    def tail_full(h, delta):
+      out = run(resid=h, start_layer=split, edits=edits_of(delta)[1])
+      return _readout(spec, params, pb, out.resid, pb.readout_cols)
+
+    return opt_lib.SplitEval(head_full, tail_full)
 
   s_len = spec.suffix_len
   p0 = prep.start
@@ -254,15 +275,17 @@ def make_evaluator(spec: RecoverySpec, params, clamps: Sequence[Clamp], pb: Prob
   later = [i for i in mon if spec.key_of(clamps[i].site) > k0]
   cap = tuple(dict.fromkeys(clamps[i].site for i in later))
   mon_rel = pb.monitor_cols - p0
+  split = _split_layer(spec, clamps, spec.start_layer)
+  run = functools.partial(transformer.forward, params, cfg, cache=prep.cache, positions=prep.chunk_positions,
+                          attention_mask=prep.chunk_mask, compute_logits=False)
 
-  def f_cached(delta):
+  def edits_of(delta):
+    return _split_edits(spec, _site_edits(spec, clamps, delta=delta, fixed=pb.fixed_delta, place=place,
+                                          fixed_place=fplace, offsets=prep.offsets, after=s0), split)
+
+  def head_cached(delta):
     x0 = intervene.add_rows(prep.h0, place, delta[0])
-    edits = _site_edits(spec, clamps, delta=delta, fixed=pb.fixed_delta, place=place, fixed_place=fplace,
-                        offsets=prep.offsets, after=s0)
-    out = transformer.forward(params, cfg, resid=x0, start_layer=spec.start_layer, cache=prep.cache,
-                              positions=prep.chunk_positions, attention_mask=prep.chunk_mask, edits=edits,
-                              capture=cap, compute_logits=False)
-    objective, rows = _readout(spec, params, pb, out.resid, pb.readout_cols - p0)
+    out = run(resid=x0, start_layer=spec.start_layer, stop_layer=split, edits=edits_of(delta)[0], capture=cap)
     feats = []
     for j, i in enumerate(mon):
       kk = spec.key_of(clamps[i].site)
@@ -271,9 +294,13 @@ def make_evaluator(spec: RecoverySpec, params, clamps: Sequence[Clamp], pb: Prob
         continue
       x = x0 if kk == k0 else out.captures[clamps[i].site]
       feats.append(clamps[i].features(gather_cols(x, mon_rel)))
-    return Eval(objective, rows, tuple(feats))
+    return tuple(feats), out.resid
 
-  return f_cached
+  def tail_cached(h, delta):
+    out = run(resid=h, start_layer=split, edits=edits_of(delta)[1])
+    return _readout(spec, params, pb, out.resid, pb.readout_cols - p0)
+
+  return opt_lib.SplitEval(head_cached, tail_cached)
 
 
 # ----------------------------------------------------------------------------------------------

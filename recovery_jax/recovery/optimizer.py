@@ -145,6 +145,28 @@ class Eval(NamedTuple):
   feats: tuple
 
 
+@dataclasses.dataclass(frozen=True)
+class SplitEval:
+  """An evaluator cut after the last monitored site: ``head(delta) -> (feats, mid)`` runs the layers
+  up to it, ``tail(mid, delta) -> (objective, rows)`` the rest and the readout. Calling it composes
+  the two (``Eval``). The Jacobian modes send the probe and penalty cotangents back through ``head``
+  only (never through the later layers or the unembedding) and the objective's once through ``tail``;
+  the correction steps run ``head`` only."""
+
+  head: Callable
+  tail: Callable
+
+  def __call__(self, delta: Array) -> Eval:
+    feats, mid = self.head(delta)
+    objective, rows = self.tail(mid, delta)
+    return Eval(objective, rows, tuple(feats))
+
+
+def features_of(f: Callable[[Array], Eval], delta: Array) -> tuple:
+  """The monitored features of ``f(delta)``, without the tail of a ``SplitEval``."""
+  return tuple(f.head(delta)[0]) if isinstance(f, SplitEval) else f(delta).feats
+
+
 class Monitor(NamedTuple):
   """What the drift terms compare against: refs (tuple of [B, M, K]), masks (bool, same shapes),
   dec (tuple of [K, d] masked W_dec[S] rows, for lambda_decode)."""
@@ -355,11 +377,21 @@ def _grad_step(st: Stepper, delta, key, refs, first):
     gp = st.enc if mode in ("encoder", "encoder_exact") else None
     return ev, act, loss, g, gp, None, jnp.zeros((), jnp.int32), refs
 
-  def fc(d):
-    ev = st.f(d)
-    return (ev.objective, flat_features(ev.feats)), ev
+  if isinstance(st.f, SplitEval):
+    def fh(d):
+      feats, mid = st.f.head(d)
+      return (flat_features(feats), mid), tuple(feats)
 
-  (objective, c_flat), vjp, ev = jax.vjp(fc, delta, has_aux=True)
+    (c_flat, mid), vjp_head, feats = jax.vjp(fh, delta, has_aux=True)
+    (objective, rows), vjp_tail = jax.vjp(st.f.tail, mid, delta)
+    ct_mid, g_tail = vjp_tail((-jnp.ones_like(objective), jnp.zeros_like(rows)))
+    ev = Eval(objective, rows, feats)
+  else:
+    def fc(d):
+      ev = st.f(d)
+      return (ev.objective, flat_features(ev.feats)), ev
+
+    (objective, c_flat), vjp, ev = jax.vjp(fc, delta, has_aux=True)
   refs = _refs_for(st, ev.feats, refs, first)
   m = mon._replace(refs=refs)
   pen_of_flat = lambda cf: penalties(cfg, hp, unflat_features(cf, ev.feats), m)
@@ -373,9 +405,14 @@ def _grad_step(st: Stepper, delta, key, refs, first):
   else:
     probes = jnp.eye(n_c, dtype=jnp.float32) * masks_flat[None].astype(jnp.float32)
   n_p = probes.shape[0]
-  cts_obj = jnp.concatenate([jnp.array([-1.0, 0.0], jnp.float32), jnp.zeros((n_p,), jnp.float32)])
   cts_c = jnp.concatenate([jnp.zeros((1, n_c), jnp.float32), pen_ct[None], probes], axis=0)
-  (grads,) = jax.vmap(lambda a, b: vjp((a, b)))(cts_obj, cts_c)
+  if isinstance(st.f, SplitEval):  # row 0: the objective's cotangent entering the head at ``mid``
+    cts_mid = jax.tree.map(lambda m: jnp.zeros((n_p + 2,) + m.shape, m.dtype).at[0].set(m), ct_mid)
+    (grads,) = jax.vmap(lambda a, b: vjp_head((a, b)))(cts_c, cts_mid)
+    grads = grads.at[0].add(g_tail)
+  else:
+    cts_obj = jnp.concatenate([jnp.array([-1.0, 0.0], jnp.float32), jnp.zeros((n_p,), jnp.float32)])
+    (grads,) = jax.vmap(lambda a, b: vjp((a, b)))(cts_obj, cts_c)
   g_obj, g_pen, q = grads[0], grads[1], grads[2:].reshape(n_p, -1)
   if mode == "jacobian":
     basis = proj_lib.gram_schmidt(q, cfg.jacobian_tol)
@@ -396,8 +433,7 @@ def _correction(st: Stepper, delta, refs):
   cfg, hp = st.cfg, st.hp
 
   def act_loss(d):
-    ev = st.f(d)
-    return obj_lib.drift_penalty(cfg.drift_penalty, ev.feats, refs, st.mon.masks, cfg.act_loss_eps)
+    return obj_lib.drift_penalty(cfg.drift_penalty, features_of(st.f, d), refs, st.mon.masks, cfg.act_loss_eps)
 
   def body(_, d):
     return clip(d - hp.correction_lr * jax.grad(act_loss)(d), hp.budget)
