@@ -50,7 +50,10 @@ def get_config(arg=None):
   c.task.probe_epochs = 20
   c.task.probe_batch = 16
   c.task.tpp_ns = (2, 5, 10, 20, 50, 100, 500)
-  c.task.monitor = "pooled"  # drift / reactivation over every pooled position, or "delta": the delta's
+  # drift / reactivation entries: "delta" (the delta columns: with the last-position scope nothing else
+  # changes, so other positions only add never-reactivated eligible entries) or "pooled" (every pooled
+  # position, paper-method Q3; costly for TopK SAEs: a full encode of every position per step)
+  c.task.monitor = "delta"
   c.task.activation_batch = 32
   c.task.recover_chunk = 128  # problems per compiled recovery call (0: all at once)
 

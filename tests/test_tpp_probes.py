@@ -115,3 +115,27 @@ def test_ablated_pooling_equals_full_sae_zeroing_per_example():
           sae_core.decode(sae, cfg, jnp.asarray(z), x))
       want = x2[mask[e]].mean(0)
       np.testing.assert_allclose(got[c, e], want, rtol=1e-4, atol=1e-5)
+
+
+def test_tpp_table_equals_one_n_and_class_at_a_time():
+  rng = np.random.default_rng(4)
+  d, f, t, c = 8, 32, 5, 3
+  sae, cfg = sae_testing.random_sae(d, f, seed=5)
+  h = rng.normal(size=(12, t, d)).astype(np.float32)
+  mask = np.ones((12, t), bool)
+  mask[:, 0] = False
+  labels = np.repeat(np.arange(c), 4)
+  idx, y = tp.ovr_sets(labels, c, seed=1)
+  probes = tp.ProbeSet(jnp.asarray(rng.normal(size=(c, d)), jnp.float32), jnp.zeros((c,)))
+  effects = np.abs(rng.normal(size=(c, f))) * (rng.random((c, f)) > 0.4)
+  spec = intervene.ClampSpec(site="blocks.0.hook_resid_post", sae_cfg=cfg, mode="zero")
+  acc, rows = tp.tpp_table(spec, sae, effects, probes, h, mask, idx, y, ns=(2, 6, 30), batch_size=5)
+  pooled = np.asarray(tp.mean_pool(jnp.asarray(h), jnp.asarray(mask)))
+  np.testing.assert_allclose(acc, tp.accuracies(pooled, idx, y, probes))
+  for row, n in zip(rows, (2, 6, 30)):
+    abl = tp.ablated_pooled(tp.class_clamps(spec, sae, effects, n, k_max=n), h, mask)
+    want = tp.tpp_metric(n, acc, np.stack([tp.accuracies(abl[i], idx, y, probes) for i in range(c)]))
+    assert row.n == n and row.total == pytest.approx(want.total)
+    np.testing.assert_allclose(row.intended, want.intended)
+    np.testing.assert_allclose(row.unintended, want.unintended)
+  assert any(r.total != 0 for r in rows)

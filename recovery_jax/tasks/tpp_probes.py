@@ -175,18 +175,31 @@ def class_clamps(spec: intervene.ClampSpec, sae, effects: np.ndarray, n: int, k_
                                  for c in range(effects.shape[0])])
 
 
-@jax.jit
-def _ablated_pooled(clamps, h, mask):
-  pos = jnp.broadcast_to(jnp.arange(h.shape[1]), h.shape[:2])
-  return jax.vmap(lambda c: mean_pool(c(h.astype(jnp.float32), pos), mask),
-                  in_axes=(intervene.clamp_axes((clamps,))[0],))(clamps)
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _ablated_pooled(sae, cfg, idx, keep, h, mask):
+  """idx / keep [S, K] latent sets; h [b, T, d] -> [S, b, d]. One full SAE encode serves every set
+  (TopK needs the full encode anyway): x' = x + decode_delta(-z_S where z_S > 0)."""
+  x = h.astype(jnp.float32)
+  z = sae_core.encode(sae, cfg, x)  # [b, T, F]
+
+  def one(i, k):
+    zs = jnp.take(z, i, axis=-1)
+    dz = jnp.where(k & (zs > 0), -zs, 0.0)
+    return mean_pool(x + sae_core.decode_delta(sae, cfg, dz, i, x).astype(jnp.float32), mask)
+
+  return jax.lax.map(lambda a: one(*a), (idx, keep))
 
 
 def ablated_pooled(clamps: intervene.Clamp, h: np.ndarray, mask: np.ndarray, batch_size: int = 32) -> np.ndarray:
-  """[C, n, d]: pooled residual with class c's clamp applied at every position (h [n, T, d])."""
+  """[C, n, d]: pooled residual with each stacked zero-ablation clamp (ClampParams [C, K]) applied at
+  every position, error kept (h [n, T, d])."""
+  if clamps.spec.mode != "zero" or clamps.spec.error_term != "keep":
+    raise ValueError("ablated_pooled: TPP ablation is a zero clamp with the error term kept")
+  idx, keep = clamps.params.feature_idx, clamps.params.feature_mask
   out = []
   for s in range(0, h.shape[0], batch_size):
-    out.append(np.asarray(_ablated_pooled(clamps, jnp.asarray(h[s:s + batch_size]), jnp.asarray(mask[s:s + batch_size]))))
+    out.append(np.asarray(_ablated_pooled(clamps.sae, clamps.sae_cfg, idx, keep, jnp.asarray(h[s:s + batch_size]),
+                                          jnp.asarray(mask[s:s + batch_size]))))
   return np.concatenate(out, axis=1)
 
 
@@ -214,10 +227,16 @@ def tpp_table(spec: intervene.ClampSpec, sae, effects: np.ndarray, probes: Probe
   """(clean accuracies [C], one TPPRow per N) on the test sets; h_test [n, T, d] indexed by idx_test."""
   pooled = np.asarray(mean_pool(jnp.asarray(h_test), jnp.asarray(mask_test)))
   acc_clean = accuracies(pooled, idx_test, y_test, probes)
+  sets = [tp_set for n in ns for tp_set in zip(*top_latents(effects, n))]  # (idx, keep) per (N, class)
+  k = max(ns)
+  pad = lambda a, v: np.concatenate([a, np.full(k - len(a), v, a.dtype)])
+  clamps = intervene.Clamp(spec, sae, intervene.ClampParams(
+      jnp.asarray(np.stack([pad(i, 0) for i, _ in sets])), jnp.asarray(np.stack([pad(m, False) for _, m in sets])),
+      jnp.zeros((len(sets),), jnp.float32)))
+  abl = ablated_pooled(clamps, h_test, mask_test, batch_size)  # [len(ns) * C, n_ex, d]
+  c = effects.shape[0]
   rows = []
-  for n in ns:
-    clamps = class_clamps(spec, sae, effects, n, k_max=n)
-    abl = ablated_pooled(clamps, h_test, mask_test, batch_size)  # [C, n_ex, d]
-    acc = np.stack([accuracies(abl[i], idx_test, y_test, probes) for i in range(abl.shape[0])])
+  for j, n in enumerate(ns):
+    acc = np.stack([accuracies(abl[j * c + i], idx_test, y_test, probes) for i in range(c)])
     rows.append(tpp_metric(n, acc_clean, acc))
   return acc_clean, rows
