@@ -13,6 +13,8 @@ Variants (``configs/unlearning.py:<variant>,key=value``):
            lettered 24-order format with the strict filter, modes none / encoder (needs
            model_path=<HF folder>, sae_path=<Gemma Scope folder>, questions=<your .jsonl/.csv, e.g.
            WMDP-bio rows in this project's question format>)
+  topk12   the default with the shipped TopK SAE at blocks.12.hook_resid_pre: a stand-in (a mid
+           layer, TopK) while the suite's layer-3 JumpReLU SAE is not trained yet
   tiny     a random-weight tiny llama + random JumpReLU SAE (CI smoke test; seconds)
 Further args: questions=<file>, format=mc|cloze|cloze_listed, steps=<n>, max_flips=<n>.
 Any field can also be overridden with --config.<field>=<value>.
@@ -115,6 +117,8 @@ def get_config(arg=None):
     c.features.feature_ids = PAPER_FEATURE_IDS
     c.recovery.modes = ("none", "encoder")
     c.retain_check = False
+  elif a.variant == "topk12":  # stand-in until the suite's layer-3 SAE exists: NOT the paper's early layer
+    c.site = "blocks.12.hook_resid_pre"
   elif a.variant == "tiny":
     c.model = "tiny-random-llama"
     c.sae = "random"
@@ -140,7 +144,7 @@ def get_config(arg=None):
     c.plots = False
     c.progress = False
   elif a.variant != "default":
-    raise ValueError(f"configs/unlearning.py: unknown variant {a.variant!r}; expected default, paper or tiny")
+    raise ValueError(f"configs/unlearning.py: unknown variant {a.variant!r}; expected default, paper, topk12 or tiny")
   if a.questions and a.variant != "paper":
     c.task.questions_file = a.questions
   if a.format:

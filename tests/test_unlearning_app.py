@@ -83,3 +83,15 @@ def test_bad_question_file_names_file_and_row(tmp_path):
   c.task.format = "letters"
   with pytest.raises(errors.UserError, match="task.format"):
     unlearning.run(c, str(tmp_path / "wd2"))
+
+
+def test_config_variants():
+  d, p, t = _config("default"), _config("paper,questions=/w/wmdp.jsonl"), _config("tiny")
+  assert d.site == "blocks.3.hook_resid_post" and d.sae == "shipped" and d.task.format == "cloze"
+  assert (d.recovery.steps, d.recovery.lr, d.sweep.budget, d.recovery.objective) == (150, 0.08, (20.0,),
+                                                                                      "choice_margin")
+  assert p.task.format == "mc" and len(p.features.feature_ids) == 50 and p.task.questions_file == "/w/wmdp.jsonl"
+  assert _config("topk12").site == "blocks.12.hook_resid_pre"
+  assert t.model == "tiny-random-llama"
+  with pytest.raises(ValueError, match="unknown variant"):
+    _config("nope")
