@@ -103,6 +103,7 @@ def get_config(arg=None):
   c.soft_suffix.init_text = " !"
   c.soft_suffix.objective = "choice_ce"
   c.soft_suffix.max_flips = 32
+  c.soft_suffix.batch_size = 8  # flips optimised together (independent rows)
 
   c.eval_batch_size = 32
   c.mesh = ml_collections.ConfigDict({"data": -1, "model": 1})
@@ -140,6 +141,7 @@ def get_config(arg=None):
     c.soft_suffix.steps = 5
     c.soft_suffix.suffix_len = 4
     c.soft_suffix.max_flips = 2
+    c.soft_suffix.batch_size = 2
     c.soft_suffix.lr = 0.05
     c.plots = False
     c.progress = False

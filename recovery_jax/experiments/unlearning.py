@@ -451,7 +451,7 @@ def soft_suffix_rows(config, ctx: Context) -> list[dict]:
   for variant in sc.variants:
     cfg = soft_suffix.SuffixConfig(variant=variant, suffix_len=sc.suffix_len, steps=sc.steps, lr=sc.lr,
                                    budget=sc.budget, noise=sc.noise, init_text=sc.init_text,
-                                   objective=sc.objective)
+                                   objective=sc.objective, batch_size=sc.batch_size)
     res = soft_suffix.run(ctx.params, ctx.mcfg, ctx.tok, clamp0, b.take(idx), cfg, seed=config.seed)
     for i, e in enumerate(idx):
       rows.append({"variant": variant, "example": int(e), "question": ctx.questions[int(b.question[e])].qid,
