@@ -11,8 +11,11 @@ cached test activations, no transformer forward), vmapped over grid points and p
 problem carries its own clamp (the zero-ablation of its class's top-N latents at every position,
 error kept). Valid flip: clean probe logit > 0 and ablated <= 0; recovered: the probe logit of the
 pooled ``h_def + delta`` > 0. Variants are the delta scope: ``last`` (one row at the last non-pad
-position) and ``all`` (one row broadcast to every pooled position). Drift and reactivation are over
-the clamped latents at every pooled position (paper-method Q3).
+position) and ``all`` (one row broadcast to every pooled position; its relative delta norm compares
+the one row with the defended residual at all those positions). Drift and reactivation are over the
+clamped latents at the delta columns (``task.monitor="delta"``: with the ``last`` scope no other
+position changes) or at every pooled position (``"pooled"``, paper-method Q3: the same reactivated
+entries over a larger eligible set).
 
 Beside the runner's summary the app writes ``tpp.md`` / ``tpp.json``: probe accuracies, the TPP
 metric table, and summaries per target and per dataset (unweighted: mean of per-target means;
