@@ -108,3 +108,23 @@ def test_bad_data_and_config_end_with_a_clear_message(tmp_path, flags, message):
   assert proc.returncode == 2, proc.stderr[-2000:]
   assert "error:" in proc.stderr and message in proc.stderr, proc.stderr[-2000:]
   assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_topk12_preset_on_real_smollm2_and_corpus(tmp_path):
+  """The real path, shortened: SmolLM2-135M-Instruct + the shipped TopK SAE, corpus classes (needs
+  .cache/corpus), probes that separate the topics, the TPP table and some valid flips."""
+  if not os.path.isdir(os.path.join(ROOT, ".cache/corpus/wordnet")):
+    pytest.skip("offline corpus not built (python -m recovery_jax.data.corpus --out .cache/corpus)")
+  wd = tmp_path / "real"
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+  cmd = [sys.executable, "-m", "recovery_jax.main", "--config=configs/tpp.py:topk12,n_train=24,n_test=6,steps=5",
+         f"--workdir={wd}", "--config.recovery.modes=('none',)", "--config.sweep.n_features=(100,)",
+         "--config.task.tpp_ns=(10, 100)", "--config.plots=False"]
+  proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  info = json.loads((wd / "tpp.json").read_text())
+  assert min(info["probe_acc_test"]) > 0.7
+  assert info["tpp"][1]["total"] > 0.05  # ablating 100 latents hurts the class's own probe
+  summary = [json.loads(l) for l in open(wd / "summary.jsonl")]
+  assert summary[0]["n_valid"] >= 5
