@@ -91,8 +91,9 @@ def _step(wl: Workload, n_q: int, n_k: int, n_unembed: int, dense_vjps: bool = T
 
   dense_vjps: the Jacobian sketch's stacked VJPs (``vmap`` of one VJP over [objective, penalty,
   probes] cotangents) each run the whole backward, although only the objective row reaches the
-  layers after the last site and the unembedding (JAX). Without it (PyTorch ``autograd.grad`` per
-  cotangent) only the objective gradient runs the whole backward; the others stop at the sites."""
+  layers after the last site and the unembedding (an uncut evaluator: variant (a)). Without it
+  (PyTorch ``autograd.grad`` per cotangent; the engine's ``SplitEval``) only the objective gradient
+  runs the whole backward; the others stop at the last monitored site."""
   cfg, first = wl.spec.model_cfg, wl.spec.start_layer
   layers = cfg.n_layers - first
   upto = last_site_layer(wl) + 1 - first
@@ -118,9 +119,10 @@ def reference_step(wl: Workload, dense_vjps: bool = True) -> int:
 
 def engine_step(wl: Workload) -> int:
   """Variant (b), one example: the suffix columns from the first delta site over the cached prefix
-  (T + suffix key slots: the engine pads the sequence by the suffix length), readout logits only."""
+  (T + suffix key slots: the engine pads the sequence by the suffix length), readout logits only;
+  the Jacobian sketch's probe VJPs stop at the last monitored site (``optimizer.SplitEval``)."""
   s = suffix_len(wl)
-  return _step(wl, s, wl.seq_len + s, n_readout(wl), vocab=engine_vocab(wl))
+  return _step(wl, s, wl.seq_len + s, n_readout(wl), dense_vjps=False, vocab=engine_vocab(wl))
 
 
 def engine_prepare(wl: Workload) -> int:

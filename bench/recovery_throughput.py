@@ -38,9 +38,9 @@ import numpy as np
 from bench import engine_batched, flops, problems, reference_loop
 
 # --quick: the documented CPU run (BENCHMARKS.md). Without --quick: the larger grid (GPU hosts).
-QUICK = dict(models="smollm2-135m,gpt2-small-random", workloads="ioi,refusal", refusal_models="gpt2-small-random",
-             ioi_batches="1,64", refusal_batches="2", k_max="64", ioi_steps=10, refusal_steps=2,
-             ref_examples=2, refusal_ref_examples=1, torch_examples=2)
+QUICK = dict(models="smollm2-135m,gpt2-small-random", workloads="ioi,refusal",
+             refusal_models="smollm2-135m,gpt2-small-random", ioi_batches="1,64", refusal_batches="8", k_max="64",
+             ioi_steps=10, refusal_steps=2, ref_examples=2, refusal_ref_examples=1, torch_examples=2)
 FULL = dict(models="smollm2-135m,gpt2-small-random", workloads="ioi,refusal", refusal_models=None,
             ioi_batches="1,8,64,256", refusal_batches="1,8,64", k_max="16,64,256", ioi_steps=100,
             refusal_steps=20, ref_examples=4, refusal_ref_examples=2, torch_examples=4)
