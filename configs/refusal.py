@@ -12,6 +12,9 @@ Variants (``configs/refusal.py:<variant>,key=value``):
   paper    gemma-2-2b-it + Gemma Scope resid_post SAEs (user folders) at the circuit layers, a user
            feature list ``features=L:f,L:f,...`` and prompt file ``prompts=...`` (AdvBench/HarmBench
            rows), multiply x3, 128 new tokens (needs model_path, sae_path, prompts, features)
+  topk12   SmolLM2 + the shipped TopK SAE at blocks.12.hook_resid_pre (the stand-in until the suite
+           exists): SAELens additive steering (``add``) of the 8 features best aligned with the openings
+           contrast (20 candidates), strengths (2, 3, 4), 64 prompts, 64 new tokens
   tiny     a random-weight tiny llama + random SAEs at blocks.{1,2}.hook_resid_post (CI; seconds)
 Any field can also be overridden with --config.<field>=<value>.
 """
@@ -70,6 +73,15 @@ def get_config(arg=None):
     c.task.n_prompts = 0
     c.features.list = a.features or "REQUIRED: features=L:f,L:f,... (the paper's 20 pairs)"
     c.defence.strengths = (3.0,)
+  elif a.variant == "topk12":  # the shipped TopK SAE (the only SAE until the suite is trained): SAELens steering
+    c.sae = "shipped"
+    c.sites = ("blocks.12.hook_resid_pre",)
+    c.features.n_candidates = 20
+    c.features.k = 8
+    c.defence.kind = "add"
+    c.defence.strengths = (2.0, 3.0, 4.0)
+    c.generation.max_new_tokens = 64
+    c.generation.batch_size = 32
   elif a.variant == "tiny":
     c.model = "tiny-random-llama"
     c.sae = "random"
@@ -83,7 +95,7 @@ def get_config(arg=None):
     c.generation.max_new_tokens = 8
     c.generation.batch_size = 4
   elif a.variant != "default":
-    raise ValueError(f"configs/refusal.py: unknown variant {a.variant!r}; expected default, paper or tiny")
+    raise ValueError(f"configs/refusal.py: unknown variant {a.variant!r}; expected default, topk12, paper or tiny")
   if a.n_prompts:
     c.task.n_prompts = a.n_prompts
   return c
