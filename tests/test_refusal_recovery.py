@@ -77,7 +77,7 @@ def test_two_stage_equals_per_example(setup, two_stage):
   key = jax.random.key(3)
   out = two_stage
   run = jax.jit(engine.recover, static_argnums=0)
-  for i in (0, 2):  # the longest case and a left-padded one
+  for i in (2,):  # a left-padded case (one per-example compile per stage: CI time)
     p, ans = PROMPTS[i], ANSWERS[i]
     k = jax.random.fold_in(key, i)
     spec1 = engine.RecoverySpec(cfg, SITES, CFG.objective(1), CFG.recovery_config(1), suffix_len=None, semantics="live")
