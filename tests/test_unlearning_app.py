@@ -2,10 +2,8 @@
 against the engine, argmax validity / success, the retain check, the budget diagnostic, the
 soft-suffix rows; bad question files fail before any model is loaded."""
 
-import json
 import os
 
-import numpy as np
 import pytest
 
 from recovery_jax import errors
