@@ -165,8 +165,16 @@ def prepare(spec: RecoverySpec, params, clamps: Sequence[Clamp], pb: Problem) ->
     last = jnp.max(positions, axis=1, keepdims=True)
     positions = jnp.concatenate([positions, last + 1 + jnp.arange(s_len, dtype=jnp.int32)[None]], axis=1)
   tp = tokens.shape[1]
-  run = functools.partial(transformer.forward, params, cfg, tokens, positions=positions, attention_mask=mask,
-                          compute_logits=False)
+  # The layers below the first edited site are the same in every run here: run them once. Their
+  # cache slots stay empty: the steps start at ``spec.start_layer`` >= ``low`` and never read them.
+  low = max(0, min(spec.key_of(s)[0] for s in {c.site for c in clamps} | set(spec.delta_sites)))
+  cache0 = transformer.init_cache(cfg, b, tp) if s_len is not None else None
+  stem = functools.partial(transformer.forward, params, cfg, positions=positions, attention_mask=mask,
+                           compute_logits=False)
+  if low > 0:
+    run = functools.partial(stem, resid=stem(tokens, stop_layer=low).resid, start_layer=low)
+  else:
+    run = functools.partial(stem, tokens)
 
   _, rows_base = _readout(spec, params, pb, run().resid, pb.readout_cols)
 
@@ -176,7 +184,7 @@ def prepare(spec: RecoverySpec, params, clamps: Sequence[Clamp], pb: Problem) ->
   offset_sites = _offset_sites(spec, clamps)
   ref_is_setup = pb.fixed_delta is None
   ref = run(edits=intervene.clamp_edits(clamps), capture=cap, capture_inputs=offset_sites if ref_is_setup else (),
-            cache=transformer.init_cache(cfg, b, tp) if (s_len is not None and ref_is_setup) else None)
+            cache=cache0 if ref_is_setup else None)
   _, rows_def = _readout(spec, params, pb, ref.resid, pb.readout_cols)
   refs = tuple(features(i, ref.captures[clamps[i].site]) for i in mon)
   masks = monitor_masks(clamps, pb)
@@ -189,8 +197,7 @@ def prepare(spec: RecoverySpec, params, clamps: Sequence[Clamp], pb: Problem) ->
   else:
     edits = _site_edits(spec, clamps, delta=None, fixed=pb.fixed_delta, place=None, fixed_place=fplace,
                         offsets=None, live=True)
-    setup = run(edits=edits, capture=cap, capture_inputs=offset_sites,
-                cache=transformer.init_cache(cfg, b, tp) if s_len is not None else None)
+    setup = run(edits=edits, capture=cap, capture_inputs=offset_sites, cache=cache0)
     c_base = tuple(features(i, setup.captures[clamps[i].site]) for i in mon)
   # frozen offsets: the clamps' change at later delta sites in the delta-free run (site output minus
   # input, less the fixed delta added there after the clamps)
