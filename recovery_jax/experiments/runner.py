@@ -290,21 +290,19 @@ def point_rows(setting: Setting, p: dict, res: dict, j: int) -> tuple[list[dict]
 # run
 
 
-def run(config, workdir: str, setup: Callable[[Any], Setting], variants: Sequence[str]) -> dict[str, Any]:
-  """Runs an experiment: ``setup(config) -> Setting``, the grid in work units, rows, render."""
-  t_start = time.time()
-  validate(config, variants)
-  os.makedirs(workdir, exist_ok=True)
-  snapshot_config(config, workdir)
-  setting = setup(config)
-
+def grid_rows(config, workdir: str, setting: Setting, compute: Callable | None = None,
+              extra_fields: Callable[[dict, int], list[dict]] | None = None) -> tuple[list[dict], list[dict]]:
+  """The grid of ``config`` in work units (resumable under ``workdir/units``) -> (rows, curves).
+  compute: ``(setting, config, mesh, unit) -> result`` (default ``setting.compute`` or
+  ``compute_unit``); extra_fields: ``(result, j) -> one dict per example`` merged into point j's rows.
+  Diverged examples are reported (they are flagged in their rows and never count as recovered)."""
   mesh = sweep.make_mesh(config.mesh.data, config.mesh.model)
   points = grid_points(config)
   units = sweep.make_units(points, STATIC_KEYS, config.unit_size or len(points))
   log(f"{len(points)} grid points in {len(units)} work units on a {dict(mesh.shape)} mesh")
   store = sweep.UnitStore(os.path.join(workdir, "units"))
+  compute = compute or setting.compute or compute_unit
   try:
-    compute = setting.compute or compute_unit
     results = sweep.run_units(units, lambda u: compute(setting, config, mesh, u), store, log=log,
                               progress=config.get("progress", True))
   finally:
@@ -314,6 +312,9 @@ def run(config, workdir: str, setup: Callable[[Any], Setting], variants: Sequenc
   for u in units:
     for j, p in enumerate(u.points):
       r, c = point_rows(setting, p, results[u.unit_id], j)
+      if extra_fields is not None:
+        for row, extra in zip(r, extra_fields(results[u.unit_id], j)):
+          row.update(extra)
       rows += r
       curves.append(c)
   n_div = sum(1 for r in rows if r["diverged"])
@@ -322,6 +323,17 @@ def run(config, workdir: str, setup: Callable[[Any], Setting], variants: Sequenc
                     "'diverged' in results.jsonl and never count as recovered", n_div, len(rows))
     print(f"warning: {n_div} of {len(rows)} examples diverged (non-finite objective, gradient or delta); "
           "flagged in results.jsonl and the summary, never counted as recovered", flush=True)
+  return rows, curves
+
+
+def run(config, workdir: str, setup: Callable[[Any], Setting], variants: Sequence[str]) -> dict[str, Any]:
+  """Runs an experiment: ``setup(config) -> Setting``, the grid in work units, rows, render."""
+  t_start = time.time()
+  validate(config, variants)
+  os.makedirs(workdir, exist_ok=True)
+  snapshot_config(config, workdir)
+  setting = setup(config)
+  rows, curves = grid_rows(config, workdir, setting)
   if not is_writer():
     return {"summary": summary_lib.summarize(rows), "rows": rows}
   report.write_jsonl(os.path.join(workdir, "results.jsonl"), rows)

@@ -474,24 +474,9 @@ def run(config, workdir: str) -> dict[str, Any]:
   ctx = prepare(config)
   setting = make_setting(config, ctx)
 
-  mesh = sweep.make_mesh(config.mesh.data, config.mesh.model)
-  points = runner.grid_points(config)
-  units = sweep.make_units(points, runner.STATIC_KEYS, config.unit_size or len(points))
-  runner.log(f"{len(points)} grid points in {len(units)} work units on a {dict(mesh.shape)} mesh")
-  store = sweep.UnitStore(os.path.join(workdir, "units"))
-  try:
-    results = sweep.run_units(units, lambda u: compute_unit(setting, ctx, config, mesh, u), store, log=runner.log,
-                              progress=config.get("progress", True))
-  finally:
-    store.close()
-  rows, curves = [], []
-  for u in units:
-    for j, p in enumerate(u.points):
-      r, c = runner.point_rows(setting, p, results[u.unit_id], j)
-      for row, extra in zip(r, extra_fields(results[u.unit_id], j, ctx.batch)):
-        row.update(extra)
-      rows += r
-      curves.append(c)
+  rows, curves = runner.grid_rows(config, workdir, setting,
+                                  compute=lambda s, c, mesh, u: compute_unit(s, ctx, c, mesh, u),
+                                  extra_fields=lambda res, j: extra_fields(res, j, ctx.batch))
 
   extras = {"preflight": ctx.preflight, "features": ctx.features.tolist(), "feature_info": ctx.feature_info,
             "posthoc": posthoc_summary(rows)}
