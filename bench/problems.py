@@ -99,11 +99,13 @@ def _workload(kind: str, cfg: ModelConfig, clamps: tuple[Clamp, ...], problems: 
 # models and SAEs
 
 
-def load_bench_model(name: str, seed: int = 0):
-  """(params, cfg, tokenizer or None) for a benchmark model name."""
+def load_bench_model(name: str, seed: int = 0, dtype: str = "float32"):
+  """(params, cfg, tokenizer or None) for a benchmark model name; ``dtype`` ("float32" or "bfloat16")
+  is both the parameters' and the activations' dtype (``ModelConfig.dtype``)."""
   if name == "smollm2-135m":
     from recovery_jax.models.loading import load_model  # pylint: disable=import-outside-toplevel
-    return load_model("smollm2-135m-instruct")
+    params, cfg, tok = load_model("smollm2-135m-instruct", dtype=jnp.dtype(dtype))
+    return params, dataclasses.replace(cfg, dtype=dtype), tok
   key = jax.random.PRNGKey(seed)
   if name == "gpt2-small-random":
     cfg = random_init.gpt2_small_config()
@@ -113,7 +115,8 @@ def load_bench_model(name: str, seed: int = 0):
     cfg = random_init.tiny_config("gpt2", vocab_size=256, d_model=64, n_layers=4, n_heads=4, d_mlp=128)
   else:
     raise ValueError(f"unknown benchmark model {name!r}: expected one of {MODELS}")
-  return random_init.init_params(cfg, key), cfg, None
+  cfg = dataclasses.replace(cfg, dtype=dtype)
+  return random_init.init_params(cfg, key, jnp.dtype(dtype)), cfg, None
 
 
 def bench_sae(d_in: int, d_sae: int, seed: int):

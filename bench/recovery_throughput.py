@@ -68,6 +68,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   ap.add_argument("--torch_threads", default="", help="torch thread counts to calibrate over (default: 1 and all)")
   ap.add_argument("--d_sae", type=int, default=None, help="SAE width (default 16 x d_model)")
   ap.add_argument("--peak_sizes", default="512,1024,2048", help="matmul sizes of the peak measurement")
+  ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                  help="parameters and activations (bfloat16: bf16 weights and residual, f32 norms/softmax/logits)")
   ap.add_argument("--out_dir", default="bench/results")
   args = ap.parse_args(argv)
   defaults = dict(QUICK if args.quick else FULL)
@@ -359,7 +361,7 @@ def run(args, log=print) -> dict:
   peak = result["peak"]["start"]["flops_per_s"]
   models = list(dict.fromkeys(_strs(args.models) + (_strs(args.refusal_models) if "refusal" in args.workloads else [])))
   for model in models:
-    params, cfg, tok = problems.load_bench_model(model)
+    params, cfg, tok = problems.load_bench_model(model, dtype=args.dtype)
     for kind in _strs(args.workloads):
       if (kind == "refusal" and model not in _strs(args.refusal_models)) or (
           kind != "refusal" and model not in _strs(args.models)):
