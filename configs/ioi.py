@@ -64,6 +64,7 @@ def get_config(arg=None):
   c.sweep.seed = (0,)
   c.unit_size = 0  # points per work unit; 0: one unit per (mode, variant) group
 
+  c.cards = 8  # feature cards of the top-N clamped features (by attribution), linked from the summary; 0: none
   c.mesh = ml_collections.ConfigDict({"data": -1, "model": 1})
   c.plots = True
   c.progress = True
@@ -92,6 +93,7 @@ def get_config(arg=None):
     c.recovery.variants = ("shared",)
     c.sweep.n_features = (8,)
     c.sweep.clamp_value = (-5.0,)
+    c.cards = 2
     c.plots = False
   elif a.variant != "default":
     raise ValueError(f"configs/ioi.py: unknown variant {a.variant!r}; expected default, paper, sweep or tiny")

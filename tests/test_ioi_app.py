@@ -62,6 +62,11 @@ def test_app_runs_and_writes_outputs(tmp_path, cache_dir):
   assert len(rows) == 4 * 16
   assert all(r["delta_norm"] <= 20.0 + 1e-3 for r in rows)
   assert "| none" in proc.stdout and "| encoder" in proc.stdout
+  # feature cards of the top clamped features, written and linked from the summary
+  cards = json.loads((wd / "cards" / "cards.json").read_text())
+  assert len(cards) == 2 and all(c["site"] == "blocks.2.hook_resid_pre" and c["n_tokens"] > 0 for c in cards)
+  assert "[cards/cards.md](cards/cards.md)" in (wd / "summary.md").read_text()
+  assert (wd / "cards" / "cards.html").read_text().lstrip().lower().startswith("<!doctype html")
 
 
 def test_sharded_on_8_devices_equals_unsharded(tmp_path, cache_dir):

@@ -13,6 +13,7 @@ clamp at ``blocks.L.hook_resid_pre``), so that delta must pass through the SAE.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import jax
@@ -26,6 +27,7 @@ from recovery_jax.models import sites as sites_lib
 from recovery_jax.models import transformer
 from recovery_jax.recovery import engine
 from recovery_jax.recovery.objectives import Objective
+from recovery_jax.sae import cards as cards_lib
 from recovery_jax.tasks import ioi as ioi_task
 
 VARIANTS = ("shared", "per_prompt")
@@ -107,7 +109,22 @@ def setup(config) -> runner.Setting:
       spec=spec, clamps=lambda points: (intervene.stack_clamps([make(p) for p in points]),),
       valid=lambda rb, rd: (rb > 0) & (rd <= 0), recovered=lambda rr: rr > 0,
       examples=[{"prompt": i, "text": batch.texts[i], "template": batch.templates[i]} for i in range(len(batch))],
-      objective_name="LD")
+      objective_name="LD", annotate=lambda workdir: feature_card_links(
+          params, mcfg, tok, sae, scfg, config.site, ranking[:int(config.get("cards", 0))], workdir))
+
+
+def feature_card_links(params, mcfg, tok, sae, scfg, site: str, feature_ids, workdir: str) -> list[str]:
+  """Feature cards (held-out contexts, logit lens, frequency) of the top clamped features, written to
+  ``workdir/cards/cards.{md,html,json}``; the summary line that links them ([] when no ids)."""
+  feature_ids = [int(f) for f in feature_ids]
+  if not feature_ids:
+    return []
+  windows = cards_lib.heldout_windows(mcfg, tok, n_windows=64, seq_len=64, batch=16)
+  made = cards_lib.feature_cards(params, mcfg, tok, sae, scfg, site, feature_ids, windows)
+  cards_lib.write_cards(made, os.path.join(workdir, "cards"))
+  top = ", ".join(f"{c.feature} (freq {c.frequency:.3f})" for c in made)
+  return [f"Feature cards of the {len(made)} top clamped features by attribution at {site}: "
+          f"[cards/cards.md](cards/cards.md), [cards/cards.html](cards/cards.html) ({top})."]
 
 
 def _preflight(params, mcfg, make, tokens, mask, objective, base_ld, config) -> dict:

@@ -56,6 +56,8 @@ class Setting:
   examples: one dict of static per-example fields (prompt text, template, ...) per example.
   compute: None (units run on the transformer engine, ``compute_unit``), or a task's own
     ``(setting, config, mesh, unit) -> result dict`` with ``compute_unit``'s keys (TPP's probe path).
+  annotate: None, or ``workdir -> markdown lines`` run once by the writing process after the grid
+    (e.g. feature cards of the clamped features); the lines go under the summary's tables.
   """
 
   title: str
@@ -69,6 +71,7 @@ class Setting:
   examples: list[dict]
   objective_name: str = "objective"
   compute: Callable | None = None
+  annotate: Callable[[str], list[str]] | None = None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -338,9 +341,10 @@ def run(config, workdir: str, setup: Callable[[Any], Setting], variants: Sequenc
     return {"summary": summary_lib.summarize(rows), "rows": rows}
   report.write_jsonl(os.path.join(workdir, "results.jsonl"), rows)
   report.atomic_write(os.path.join(workdir, "curves.json"), json.dumps(curves))
+  links = setting.annotate(workdir) if setting.annotate is not None else []
   report.atomic_write(os.path.join(workdir, "run.json"), json.dumps(
       {"title": setting.title, "header": setting.header, "objective_name": setting.objective_name,
-       "attribution_top_k": int(config.recovery.get("attribution_top_k", 0)),
+       "attribution_top_k": int(config.recovery.get("attribution_top_k", 0)), "links": list(links),
        "wall_s": time.time() - t_start}))
   text, summary = summary_lib.render(workdir, plots=config.plots)
   print(text, flush=True)

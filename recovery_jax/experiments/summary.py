@@ -110,8 +110,10 @@ def render(workdir: str, plots: bool = True) -> tuple[str, list[dict]]:
     notes += (f"**{n_div} example-points diverged** (a non-finite objective, gradient or delta norm); they count "
               "as not recovered and their drifts are void (column 'diverged'; field 'diverged' in results.jsonl)."
               "\n\n")
+  links = "".join(f"{line}\n" for line in meta.get("links", ()))
   text = (f"# {meta['title']}\n\n{meta['header']}\n\n{_table(summary, meta['objective_name'])}\n\n{notes}"
-          f"{_attribution_table(summary, meta['attribution_top_k'])}(wall time {meta['wall_s']:.0f} s)\n")
+          f"{_attribution_table(summary, meta['attribution_top_k'])}{links + chr(10) if links else ''}"
+          f"(wall time {meta['wall_s']:.0f} s)\n")
   report.atomic_write(os.path.join(workdir, "summary.md"), text)
   report.write_jsonl(os.path.join(workdir, "summary.jsonl"), summary)
   if plots:
