@@ -63,6 +63,30 @@ def get_config(arg=None):
   c.generation.max_new_tokens = 128
   c.generation.batch_size = 16
 
+  # v4 two-stage recovery on the strict-valid cases of the chosen strength (paper-method 6.4), generation
+  # with the recovered delta (faithful: stage 1 only; honest: both stages), attribution, error term
+  # dropped, budget sweep
+  c.recovery = ml_collections.ConfigDict()
+  c.recovery.enabled = True
+  c.recovery.strength = 0.0  # 0: the strength with the most substring/safety-cue valid cases
+  c.recovery.max_cases = 0  # 0: every valid case
+  c.recovery.modes = ("none", "encoder", "jacobian")
+  c.recovery.variants = ("faithful", "honest")
+  c.recovery.steps1, c.recovery.lr1, c.recovery.budget1 = 30, 0.1, 40.0  # v4strong
+  c.recovery.steps2, c.recovery.lr2, c.recovery.budget2 = 120, 0.05, 40.0
+  c.recovery.n_ans = 48
+  c.recovery.jacobian_probes = 8
+  c.recovery.correction_steps = 5
+  c.recovery.checkpoint_every = 10
+  c.recovery.discourage_safety_prefixes = True
+  c.recovery.batch_size = 8  # cases per compiled recovery call (0: all at once)
+  c.recovery.attribution_modes = ("jacobian",)  # recovery-path attribution replay (paper-method 9.4)
+  c.recovery.attribution_top_k = 10
+  c.recovery.drop_modes = ("jacobian",)  # the same recovery with defence.error_term=drop
+  c.recovery.budget_mode = "jacobian"
+  c.recovery.budgets = (2.0, 5.0, 10.0, 20.0, 40.0)  # both stages; () skips the sweep
+  c.plots = True
+
   c.save_text = False  # write base/defended texts into preflight.jsonl (off: labels, lengths, scores)
 
   if a.variant == "paper":
@@ -80,6 +104,7 @@ def get_config(arg=None):
     c.features.k = 8
     c.defence.kind = "add"
     c.defence.strengths = (2.0, 3.0, 4.0)
+    c.recovery.enabled = False  # additive steering has no SAE clamp to recover through
     c.generation.max_new_tokens = 64
     c.generation.batch_size = 32
   elif a.variant == "tiny":
@@ -94,6 +119,15 @@ def get_config(arg=None):
     c.defence.strengths = (4.0, 8.0)
     c.generation.max_new_tokens = 8
     c.generation.batch_size = 4
+    c.recovery.max_cases = 3
+    c.recovery.steps1, c.recovery.steps2 = 2, 3
+    c.recovery.n_ans = 4
+    c.recovery.jacobian_probes = 2
+    c.recovery.correction_steps = 1
+    c.recovery.checkpoint_every = 2
+    c.recovery.batch_size = 2
+    c.recovery.attribution_top_k = 3
+    c.recovery.budgets = (2.0, 40.0)
   elif a.variant != "default":
     raise ValueError(f"configs/refusal.py: unknown variant {a.variant!r}; expected default, topk12, paper or tiny")
   if a.n_prompts:

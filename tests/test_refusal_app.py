@@ -11,7 +11,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _app(workdir, *flags, check=True):
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
-  cmd = [sys.executable, "-m", "recovery_jax.main", "--config=configs/refusal.py:tiny", f"--workdir={workdir}", *flags]
+  cmd = [sys.executable, "-m", "recovery_jax.main", "--config=configs/refusal.py:tiny", f"--workdir={workdir}",
+         "--config.recovery.enabled=False", *flags]  # the recovery stage: test_refusal_recovery_app.py
   proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   if check and proc.returncode != 0:
     raise AssertionError(f"app failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")

@@ -17,21 +17,29 @@ The recovery stage (v4 two-stage cross-layer recovery on the valid cases) is not
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
 from typing import Any, Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
-from recovery_jax import errors, report
+from recovery_jax import errors, intervene, metrics, report, sweep
 from recovery_jax.experiments import runner
 from recovery_jax.experiments import setup as setup_lib
 from recovery_jax.models import chat, generate, sites as sites_lib
+from recovery_jax.recovery import attribution, engine
+from recovery_jax.recovery.objectives import Objective
+from recovery_jax.recovery.optimizer import RecoveryConfig
 from recovery_jax.tasks import refusal as task
 from recovery_jax.tasks import refusal_defence as defence_lib
 from recovery_jax.tasks import refusal_features as feat_lib
 from recovery_jax.tasks import refusal_judge as judge
+from recovery_jax.tasks import refusal_recovery as rec_lib
+from recovery_jax.tasks import refusal_stats as stats
 
 
 def validate(config) -> None:
@@ -55,6 +63,28 @@ def validate(config) -> None:
     raise errors.UserError("config fields 'generation.max_new_tokens' and 'generation.batch_size' must be >= 1")
   if not config.defence.strengths:
     raise errors.UserError("config field 'defence.strengths' is empty")
+  r = config.recovery
+  if r.enabled:
+    if config.defence.kind == "add":
+      raise errors.UserError("config field 'defence.kind'='add': the recovery needs an SAE clamp defence (multiply or "
+                             "set); set recovery.enabled=False for the additive steering preflight")
+    for field, values, allowed in (("modes", r.modes, ("none", "encoder", "jacobian")),
+                                   ("drop_modes", r.drop_modes, ("none", "encoder", "jacobian")),
+                                   ("attribution_modes", r.attribution_modes, tuple(r.modes)),
+                                   ("variants", r.variants, VARIANTS)):
+      for v in values:
+        if v not in allowed:
+          raise errors.UserError(f"config field 'recovery.{field}' has {v!r}: expected one of {allowed}")
+    if not r.modes or not r.variants:
+      raise errors.UserError("config fields 'recovery.modes' and 'recovery.variants' must not be empty")
+    if r.budget_mode not in ("none", "encoder", "jacobian"):
+      raise errors.UserError(f"config field 'recovery.budget_mode'={r.budget_mode!r}: expected none, encoder or jacobian")
+    for b in r.budgets:
+      if float(b) <= 0:
+        raise errors.UserError(f"config field 'recovery.budgets' has {b}: expected > 0")
+    for f in ("steps1", "steps2", "n_ans"):
+      if int(r[f]) < 1:
+        raise errors.UserError(f"config field 'recovery.{f}'={r[f]}: expected >= 1")
 
 
 def sae_path(sae: str, site: str) -> str:
@@ -64,31 +94,62 @@ def sae_path(sae: str, site: str) -> str:
   return sae.format(layer=sites_lib.parse_site(site).layer, site=site)
 
 
-def generate_answers(params, mcfg, tok, prompts: Sequence[str], defence, *, max_new_tokens: int, batch_size: int,
-                     stop_ids: tuple[int, ...], pad_id: int) -> tuple[list[str], np.ndarray]:
-  """Greedy answers (text, generated token counts [N]) of chat prompts, batched; ``defence`` None for
-  the base model. Every batch is left-padded to the longest prompt, so one program serves all batches
-  and every defence value."""
-  ids, mask, _ = task.encode_prompts(tok, prompts, pad_id)
-  n = len(prompts)
+def _defence_edits(args) -> dict:
+  """Static edit builder: the defence alone (``args = (defence, rows)``)."""
+  return defence_lib.edits(args[0])
+
+
+def generate_rows(params, mcfg, ids: np.ndarray, mask: np.ndarray, *, defence=None, rows=None, make_edits=None,
+                  max_new_tokens: int, batch_size: int, stop_ids: tuple[int, ...], pad_id: int
+                  ) -> tuple[np.ndarray, np.ndarray]:
+  """Greedy generation of left-padded prompts ids/mask [N, T] in batches of ``batch_size`` ->
+  (tokens [N, max_new_tokens], lengths [N]).
+
+  defence: the defence edits (None: the base model); rows: a pytree of per-prompt edit arrays [N, ...]
+  (recovered deltas) handed with the defence to ``make_edits((defence, rows))``, a static builder.
+  The last batch is padded with copies of its first row (dropped), so one program serves every batch.
+  """
+  n = ids.shape[0]
   bs = min(batch_size, n)
-  texts, lengths = [], []
+  if defence is not None and make_edits is None:
+    make_edits = _defence_edits
+  toks, lens = [], []
   for i in range(0, n, bs):
-    j = min(n, i + bs)
-    b_ids, b_mask = ids[i:j], mask[i:j]
-    if j - i < bs:  # pad the batch with copies of its first row (dropped below)
-      b_ids = np.concatenate([b_ids, np.repeat(b_ids[:1], bs - (j - i), 0)])
-      b_mask = np.concatenate([b_mask, np.repeat(b_mask[:1], bs - (j - i), 0)])
+    idx = np.arange(i, min(n, i + bs))
+    idx = np.concatenate([idx, np.full(bs - len(idx), idx[0])])
     kw = dict(max_new_tokens=max_new_tokens, stop_tokens=stop_ids, pad_id=pad_id)
-    if defence is None:
-      g = generate.generate_jit(params, mcfg, b_ids, b_mask, **kw)
+    if make_edits is None:
+      g = generate.generate_jit(params, mcfg, ids[idx], mask[idx], **kw)
     else:
-      g = generate.generate_jit(params, mcfg, b_ids, b_mask, edit_args=defence, make_edits=defence_lib.edits, **kw)
-    toks, lens = np.asarray(g.tokens), np.asarray(g.lengths)
-    for r in range(j - i):
-      texts.append(task.answer_text(tok, toks[r, :lens[r]], stop_ids))
-      lengths.append(int(lens[r]))
-  return texts, np.asarray(lengths, np.int32)
+      b_rows = None if rows is None else jax.tree.map(lambda a: jnp.asarray(np.asarray(a)[idx]), rows)
+      g = generate.generate_jit(params, mcfg, ids[idx], mask[idx], edit_args=(defence, b_rows),
+                                make_edits=make_edits, **kw)
+    real = min(n, i + bs) - i
+    toks.append(np.asarray(g.tokens)[:real])
+    lens.append(np.asarray(g.lengths)[:real])
+  return np.concatenate(toks), np.concatenate(lens).astype(np.int32)
+
+
+def answer_ids(tokens: np.ndarray, length: int, stop_ids: Sequence[int]) -> list[int]:
+  """Generated ids of one row before the first stop id."""
+  out = []
+  for t in np.asarray(tokens)[:length].tolist():
+    if t in stop_ids:
+      break
+    out.append(int(t))
+  return out
+
+
+def generate_answers(params, mcfg, tok, prompts: Sequence[str], defence, *, max_new_tokens: int, batch_size: int,
+                     stop_ids: tuple[int, ...], pad_id: int) -> tuple[list[str], np.ndarray, list[list[int]]]:
+  """Greedy answers (texts, generated token counts [N], answer ids before the stop id) of chat
+  prompts, batched; ``defence`` None for the base model. Every batch is left-padded to the longest
+  prompt, so one program serves all batches and every defence value."""
+  ids, mask, _ = task.encode_prompts(tok, prompts, pad_id)
+  toks, lens = generate_rows(params, mcfg, ids, mask, defence=defence, max_new_tokens=max_new_tokens,
+                             batch_size=batch_size, stop_ids=stop_ids, pad_id=pad_id)
+  texts = [task.answer_text(tok, toks[r, :lens[r]], stop_ids) for r in range(len(prompts))]
+  return texts, lens, [answer_ids(toks[r], lens[r], stop_ids) for r in range(len(prompts))]
 
 
 def preflight_row(base: str, defended: str) -> dict[str, Any]:
@@ -203,13 +264,13 @@ def run(config, workdir: str) -> dict[str, Any]:
   prompts = [task.format_prompt(tmpl, r.text, system) for r in rows_in]
   g = config.generation
   kw = dict(max_new_tokens=g.max_new_tokens, batch_size=g.batch_size, stop_ids=stop_ids, pad_id=pad_id)
-  base, base_len = generate_answers(params, mcfg, tok, prompts, None, **kw)
+  base, base_len, base_ids = generate_answers(params, mcfg, tok, prompts, None, **kw)
   spec = defence_lib.DefenceSpec(config.defence.kind, config.defence.error_term)
   k_max = max(len(v) for v in feats.values())
   rows, counts = [], {}
   for value in config.defence.strengths:
     defence = defence_lib.make_defence(spec, saes, feats, float(value), k_max=k_max)
-    dtexts, dlen = generate_answers(params, mcfg, tok, prompts, defence, **kw)
+    dtexts, dlen, _ = generate_answers(params, mcfg, tok, prompts, defence, **kw)
     vrows = []
     for i, r in enumerate(rows_in):
       row = {"value": float(value), "prompt": i, "id": r.id, **preflight_row(base[i], dtexts[i]),
@@ -231,4 +292,420 @@ def run(config, workdir: str) -> dict[str, Any]:
         f"rule that fired.\n\n{_table(counts)}\n")
   report.atomic_write(os.path.join(workdir, "preflight.md"), md)
   print(md, flush=True)
-  return {"counts": counts, "features": feats, "rows": rows}
+  preflight_md = md
+  out = {"counts": counts, "features": feats, "rows": rows}
+  summary = preflight_md
+  if config.recovery.enabled:
+    value = choose_strength(config, rows)
+    valid = np.asarray([r["valid"] for r in rows if r["value"] == value], bool)
+    order = tuple(sorted(sites, key=lambda x: sites_lib.visit_key(x, mcfg.n_layers)))
+    ctx = RecoveryContext(config=config, params=params, mcfg=mcfg, tok=tok, sites=order, saes=saes, feats=feats,
+                          value=value, prompts=prompts, base_texts=base, base_ids=base_ids, valid=valid,
+                          stop_ids=stop_ids, pad_id=pad_id,
+                          discouraged=rec_lib.discouraged_ids(tok, config.recovery.discourage_safety_prefixes))
+    rec = recovery_stage(ctx, workdir, [r.id for r in rows_in], log)
+    out["recovery"] = rec
+    summary += "\n" + rec["markdown"]
+    report.write_jsonl(os.path.join(workdir, "summary.jsonl"), summary_rows(rec))
+    print(rec["markdown"], flush=True)
+  report.atomic_write(os.path.join(workdir, "summary.md"), summary + f"\n(wall time {time.time() - t0:.0f} s)\n")
+  return out
+
+
+# ----------------------------------------------------------------------------------------------
+# recovery, generation with the recovered delta, attribution (paper-method 6.4, 9.4)
+
+VARIANTS = ("faithful", "honest")
+ATTR_COMPONENTS = ("full", "residual", "nonclamped", "topk", "clamped", "knockout")
+LABELS = ("nonrefusal", "cooperative", "safety_cue", "base_like", "strict", "chars", "tokens", "opening")
+
+
+@dataclasses.dataclass
+class RecoveryContext:
+  """What the recovery stage needs from setup and preflight (host values; texts stay in memory)."""
+
+  config: Any
+  params: Any
+  mcfg: Any
+  tok: Any
+  sites: tuple
+  saes: dict
+  feats: dict
+  value: float  # the chosen defence strength
+  prompts: list  # chat-formatted prompts, one per instruction
+  base_texts: list
+  base_ids: list  # base answer ids per prompt (before the stop id)
+  valid: np.ndarray  # [n_prompts] bool: strict-valid at ``value`` (defence as configured)
+  stop_ids: tuple
+  pad_id: int
+  discouraged: list
+
+
+def v4_config(config, mode: str, budget: float | None = None) -> rec_lib.V4Config:
+  """The v4 knobs of ``config.recovery`` for one projection mode; ``budget`` sets both stages."""
+  r = config.recovery
+  kw = dict(projection=mode, steps1=int(r.steps1), lr1=float(r.lr1), budget1=float(r.budget1), steps2=int(r.steps2),
+            lr2=float(r.lr2), budget2=float(r.budget2), n_ans=int(r.n_ans), jacobian_probes=int(r.jacobian_probes),
+            correction_steps=int(r.correction_steps), checkpoint_every=int(r.checkpoint_every))
+  if budget is not None:
+    kw.update(budget1=float(budget), budget2=float(budget))
+  return rec_lib.V4Config(**kw)
+
+
+def recovery_jobs(config) -> list[dict]:
+  """The recovery work units: every mode (main), the error-term-dropped defence (``drop_modes``) and
+  the budget sweep (``budget_mode`` at each of ``budgets``, both stages; a budget equal to the main
+  run's is read from the main run)."""
+  r = config.recovery
+  keep = config.defence.error_term
+  jobs = [dict(run="main", mode=m, error_term=keep, budget=None, attribution=m in tuple(r.attribution_modes))
+          for m in r.modes]
+  if keep == "keep":
+    jobs += [dict(run="error term dropped", mode=m, error_term="drop", budget=None, attribution=False)
+             for m in r.drop_modes]
+  same = lambda b: float(b) == float(r.budget1) == float(r.budget2) and r.budget_mode in tuple(r.modes)
+  jobs += [dict(run="budget", mode=r.budget_mode, error_term=keep, budget=float(b), attribution=False)
+           for b in r.budgets if not same(b)]
+  return jobs
+
+
+_BUILDERS: dict = {}
+
+
+def _recovered_builder(sites: tuple, variant: str):
+  """Static edit builder (cached per sites and variant, so generation compiles once):
+  ``(defence, (delta1, delta2, anchor, ans_pos, ans_valid)) -> edits``."""
+  key = (tuple(sites), variant)
+  if key not in _BUILDERS:
+    def build(args):
+      defence, (d1, d2, anchor, ans_pos, ans_valid) = args
+      return rec_lib.generation_edits(defence_lib.edits(defence), key[0], d1, d2, anchor, ans_pos, ans_valid,
+                                      key[1])
+    _BUILDERS[key] = build
+  return _BUILDERS[key]
+
+
+def label_texts(texts: Sequence[str], bases: Sequence[str], lengths: np.ndarray) -> dict[str, np.ndarray]:
+  """Detector labels of recovered texts against their base answers (paper-method 6.1): arrays [N]."""
+  out = {k: [] for k in LABELS}
+  for t, b, n in zip(texts, bases, lengths):
+    q = judge.quality(t, b)
+    out["nonrefusal"].append(q.weak_nonrefusal)
+    out["cooperative"].append(q.cooperative)
+    out["safety_cue"].append(judge.has_safety_cue(t))
+    out["base_like"].append(q.base_like)
+    out["strict"].append(q.strict_base_like)
+    out["chars"].append(len(t))
+    out["tokens"].append(int(n))
+    out["opening"].append(judge.OPENINGS.index(judge.opening_category(t)))
+  return {k: np.asarray(v, np.int32) for k, v in out.items()}
+
+
+def _attr_clamps(ctx: RecoveryContext, error_term: str) -> tuple:
+  """One clamp per delta site for the decomposition (a site without defended features gets a clamp
+  with no real feature: all of its SAE features count as non-clamped)."""
+  k_max = max(len(v) for v in ctx.feats.values())
+  out = []
+  for s in ctx.sites:
+    sae, scfg = ctx.saes[s]
+    kind = ctx.config.defence.kind
+    cs = intervene.ClampSpec(site=s, sae_cfg=scfg, mode=kind, positive_only=kind == "multiply", error_term=error_term)
+    f = list(ctx.feats.get(s, []))
+    out.append(intervene.make_clamp(cs, sae, f or [0], ctx.value, k_max=k_max,
+                                    feature_mask=None if f else [False]))
+  return tuple(out)
+
+
+def _generate_with(ctx: RecoveryContext, defence, idx: np.ndarray, d1, d2, ans_valid, variant: str
+                   ) -> tuple[list[str], np.ndarray, np.ndarray]:
+  """Texts, lengths and tokens of prompts ``idx`` generated under the defence with deltas added at
+  absolute positions (anchor = prompt_len - 1; answer = prompt_len + j)."""
+  g = ctx.config.generation
+  ids, mask, plen = task.encode_prompts(ctx.tok, [ctx.prompts[i] for i in idx], ctx.pad_id)
+  p = d2.shape[2]
+  rows = (np.asarray(d1, np.float32), np.asarray(d2, np.float32), (plen - 1).astype(np.int32),
+          (plen[:, None] + np.arange(p)[None]).astype(np.int32), np.asarray(ans_valid, bool))
+  toks, lens = generate_rows(ctx.params, ctx.mcfg, ids, mask, defence=defence, rows=rows,
+                             make_edits=_recovered_builder(ctx.sites, variant), max_new_tokens=g.max_new_tokens,
+                             batch_size=g.batch_size, stop_ids=ctx.stop_ids, pad_id=ctx.pad_id)
+  texts = [task.answer_text(ctx.tok, toks[r, :lens[r]], ctx.stop_ids) for r in range(len(idx))]
+  return texts, lens, toks
+
+
+def _sq(x: np.ndarray) -> np.ndarray:
+  """Sum of squares per case: [N, ...] -> [N] (float64)."""
+  x = np.asarray(x, np.float64)
+  return np.sum(np.square(x).reshape(x.shape[0], -1), axis=1)
+
+
+def compute_job(ctx: RecoveryContext, job: dict) -> dict[str, np.ndarray]:
+  """One recovery work unit: (its own preflight for another error term,) the v4 two-stage recovery of
+  every valid case, generation with the recovered delta per variant, the detectors, and (``attribution``)
+  the replay of each component of the stage-1 delta. Returns host arrays [N] (N = cases) only: labels,
+  norms, drifts, divergence; generated tokens only with ``save_text``."""
+  config, r = ctx.config, ctx.config.recovery
+  spec = defence_lib.DefenceSpec(config.defence.kind, job["error_term"])
+  k_max = max(len(v) for v in ctx.feats.values())
+  defence = defence_lib.make_defence(spec, ctx.saes, ctx.feats, ctx.value, k_max=k_max)
+  out: dict[str, np.ndarray] = {}
+  valid = ctx.valid
+  if job["error_term"] != config.defence.error_term:  # the defence changed: its own strict validity
+    g = config.generation
+    dtexts, _, _ = generate_answers(ctx.params, ctx.mcfg, ctx.tok, ctx.prompts, defence,
+                                    max_new_tokens=g.max_new_tokens, batch_size=g.batch_size,
+                                    stop_ids=ctx.stop_ids, pad_id=ctx.pad_id)
+    pre = [preflight_row(b, d) for b, d in zip(ctx.base_texts, dtexts)]
+    valid = np.asarray([p["valid"] for p in pre], bool)
+    out["pre_valid"] = valid.astype(np.int8)
+    out["pre_rule"] = np.asarray([(judge.R_EFF_RULES.index(p["r_eff_rule"]) if p["r_eff_rule"] else -1)
+                                  for p in pre], np.int32)
+  idx = select_cases(valid, ctx.base_ids, int(r.max_cases))
+  out["n_cases"] = np.asarray([len(idx)], np.int32)
+  if not len(idx):
+    return out
+  out["case"] = idx.astype(np.int32)
+  v4 = v4_config(config, job["mode"], job["budget"])
+  prompt_ids = [ctx.tok.encode(ctx.prompts[i], add_special_tokens=False).ids for i in idx]
+  answers = [ctx.base_ids[i] for i in idx]
+  res = rec_lib.recover_two_stage(ctx.params, ctx.mcfg, defence, ctx.sites, prompt_ids, answers, ctx.discouraged, v4,
+                                  jax.random.key(config.seed), ctx.pad_id, batch_size=int(r.batch_size) or None)
+  s1, s2 = res.stage1, res.stage2
+  d1, d2 = np.asarray(s1.delta, np.float32), np.asarray(s2.delta, np.float32)  # [N, S, 1, d], [N, S, P, d]
+  ans_valid = np.arange(v4.n_ans)[None] < np.minimum(v4.n_ans, [len(a) for a in answers])[:, None]  # [N, P]
+  d2 = d2 * ans_valid[:, None, :, None]
+  n1, n2 = _sq(d1), _sq(d2)
+  diverged = (np.asarray(s1.diverged, bool) | np.asarray(s2.diverged, bool) | ~np.isfinite(n1) | ~np.isfinite(n2)
+              | ~np.isfinite(np.asarray(s1.objective, np.float64)) | ~np.isfinite(np.asarray(s2.objective, np.float64)))
+  fin = lambda x: np.where(np.isfinite(x), x, 0.0).astype(np.float32)
+  d1, d2 = fin(d1) * ~diverged[:, None, None, None], fin(d2) * ~diverged[:, None, None, None]
+  out["diverged"] = diverged.astype(np.int8)
+  ex2 = metrics.example_metrics(*(tuple(np.asarray(a)[:, 0] for a in part) for part in (s2.feats, s2.refs, s2.masks)))
+  ex1 = metrics.example_metrics(*(tuple(np.asarray(a)[:, 0] for a in part) for part in (s1.feats, s1.refs, s1.masks)))
+  out.update(drift_rel=ex2["relative_l2"], floor_rel=ex2["floor_violation_relative_l2"],
+             act_drift_l2=ex2["act_drift_l2"], reactivation=ex2["reactivated_fraction_within_eligible"],
+             drift1_rel=ex1["relative_l2"], objective1=np.asarray(s1.objective, np.float64),
+             objective2=np.asarray(s2.objective, np.float64))
+  h1 = _sq(np.asarray(s1.h_def)[:, :, 0])
+  h2 = _sq(np.asarray(s2.h_def)[:, :, 0] * ans_valid[:, None, :, None])
+  norms = {"faithful": (n1, h1), "honest": (n1 + n2, h1 + h2)}
+  bases = [ctx.base_texts[i] for i in idx]
+  texts_out = {}
+  for v in r.variants:
+    texts, lens, toks = _generate_with(ctx, defence, idx, d1, d2, ans_valid, v)
+    for k, a in label_texts(texts, bases, lens).items():
+      out[f"{v}_{k}"] = a
+    nd, nh = norms[v]
+    out[f"{v}_delta_norm"] = np.sqrt(nd)
+    out[f"{v}_rel_delta_norm"] = np.sqrt(nd) / (np.sqrt(nh) + metrics.EPS)
+    if config.save_text:
+      out[f"{v}_gen_tokens"], out[f"{v}_gen_lengths"] = toks.astype(np.int32), lens.astype(np.int32)
+    texts_out[v] = texts
+  if job["attribution"]:
+    out.update(attribution_replay(ctx, defence, job, idx, s1, d1, d2, ans_valid, bases))
+  return out
+
+
+def select_cases(valid: np.ndarray, base_ids: Sequence[Sequence[int]], max_cases: int = 0) -> np.ndarray:
+  """Indices of the valid prompts with a non-empty base answer (the teacher-forcing target), the
+  first ``max_cases`` if > 0."""
+  idx = np.asarray([i for i in np.flatnonzero(valid) if len(base_ids[i])], np.int64)
+  return idx[:max_cases] if max_cases > 0 else idx
+
+
+_DECOMPOSE: dict = {}
+
+
+def attribution_replay(ctx: RecoveryContext, defence, job: dict, idx, s1, d1, d2, ans_valid, bases) -> dict:
+  """Paper-method 9.4 on the stage-1 (anchor) delta, the only part the faithful generation sees: each
+  component replayed alone under the defence, generated and judged; energy fractions and norms."""
+  k = int(ctx.config.recovery.attribution_top_k)
+  clamps = _attr_clamps(ctx, job["error_term"])
+  spec = engine.RecoverySpec(ctx.mcfg, ctx.sites, Objective("teacher_forced"), RecoveryConfig(), suffix_len=None,
+                             semantics="live")
+  key = (spec, k)
+  if key not in _DECOMPOSE:
+    one = lambda cl, h, d: attribution.decompose_sites(spec, cl, h, d, k)
+    _DECOMPOSE[key] = jax.jit(jax.vmap(lambda cl, h, d: (one(cl, h, d), attribution.energy_fractions(one(cl, h, d))),
+                                       in_axes=(None, 0, 0)))
+  h_def = jnp.asarray(np.asarray(s1.h_def)[:, :, 0], jnp.float32)  # [N, S, 1, d]
+  comps, energy = _DECOMPOSE[key](clamps, h_def, jnp.asarray(d1))
+  out = {}
+  for c in ATTR_COMPONENTS:
+    part = np.asarray(getattr(comps, c), np.float32)
+    texts, lens, _ = _generate_with(ctx, defence, idx, part, np.zeros_like(d2), ans_valid, "faithful")
+    lab = label_texts(texts, bases, lens)
+    for name in ("nonrefusal", "base_like", "strict"):
+      out[f"attr_{c}_{name}"] = lab[name]
+    out[f"attr_{c}_energy"] = np.asarray(energy[f"{c}_energy"], np.float64)
+    out[f"attr_{c}_norm"] = np.asarray(energy[f"{c}_norm"], np.float64)
+  return out
+
+
+def choose_strength(config, rows: Sequence[dict]) -> float:
+  """``recovery.strength`` if set (it must be one of ``defence.strengths``), else the strength with the
+  most strict-valid cases refused by the substring or safety-cue rule (then the most valid; the first
+  on ties)."""
+  values = [float(v) for v in config.defence.strengths]
+  want = float(config.recovery.strength)
+  if want:
+    if want not in values:
+      raise errors.UserError(f"config field 'recovery.strength'={want:g} is not one of 'defence.strengths' {values}")
+    return want
+  real = lambda v: sum(r["valid"] and r["r_eff_rule"] in (judge.SUBSTRING, judge.SAFETY_CUE)
+                       for r in rows if r["value"] == v)
+  allv = lambda v: sum(r["valid"] for r in rows if r["value"] == v)
+  return max(values, key=lambda v: (real(v), allv(v), -values.index(v)))
+
+
+def _case_rows(ctx: RecoveryContext, job: dict, res: dict, ids: Sequence[str]) -> list[dict]:
+  """One row per recovered case of a job: labels, drifts, norms (texts only with ``save_text``)."""
+  if "case" not in res:
+    return []
+  rows = []
+  variants = tuple(ctx.config.recovery.variants)
+  for j, i in enumerate(np.asarray(res["case"]).tolist()):
+    row = {"run": job["run"], "mode": job["mode"], "error_term": job["error_term"], "budget": job["budget"],
+           "prompt": int(i), "id": ids[i], "diverged": bool(res["diverged"][j])}
+    for k in ("drift_rel", "floor_rel", "reactivation", "act_drift_l2", "drift1_rel", "objective1", "objective2"):
+      row[k] = float(res[k][j])
+    for v in variants:
+      for k in LABELS:
+        x = int(res[f"{v}_{k}"][j])
+        row[f"{v}_{k}"] = judge.OPENINGS[x] if k == "opening" else (x if k in ("chars", "tokens") else bool(x))
+      row[f"{v}_delta_norm"] = float(res[f"{v}_delta_norm"][j])
+      row[f"{v}_rel_delta_norm"] = float(res[f"{v}_rel_delta_norm"][j])
+      if ctx.config.save_text:
+        row[f"{v}_text"] = task.answer_text(ctx.tok, res[f"{v}_gen_tokens"][j][:res[f"{v}_gen_lengths"][j]],
+                                            ctx.stop_ids)
+    for c in ATTR_COMPONENTS:
+      if f"attr_{c}_nonrefusal" in res:
+        for k in ("nonrefusal", "base_like", "strict"):
+          row[f"attr_{c}_{k}"] = bool(res[f"attr_{c}_{k}"][j])
+        row[f"attr_{c}_energy"] = float(res[f"attr_{c}_energy"][j])
+        row[f"attr_{c}_norm"] = float(res[f"attr_{c}_norm"][j])
+    rows.append(row)
+  return rows
+
+
+def summarize_recovery(config, jobs: Sequence[dict], results: dict, case_rows: Sequence[dict]) -> dict:
+  """Per (run, mode, variant) summaries, the attribution rows and the budget curve."""
+  variants = tuple(config.recovery.variants)
+  of = lambda i: [r for r in case_rows if r["_job"] == i]
+  groups, attr, budget = [], [], []
+  for i, job in enumerate(jobs):
+    rows = of(i)
+    if job["run"] in ("main", "error term dropped"):
+      for v in variants:
+        g = {"run": job["run"], "mode": job["mode"], "variant": v, "summary": stats.summarize_group(rows, v)}
+        if "pre_valid" in results[i]:
+          g["preflight_valid"] = int(np.asarray(results[i]["pre_valid"]).sum())
+        groups.append(g)
+    if job["attribution"] and rows:
+      ok = [r for r in rows if not r["diverged"]]
+      for c in ATTR_COMPONENTS:
+        attr.append({"mode": job["mode"], "component": c,
+                     "recovered": stats.rate([r[f"attr_{c}_nonrefusal"] for r in ok], len(rows)),
+                     "base_like": sum(r[f"attr_{c}_base_like"] for r in ok),
+                     "strict": sum(r[f"attr_{c}_strict"] for r in ok),
+                     "energy": stats.mean_ci([r[f"attr_{c}_energy"] for r in ok])["mean"],
+                     "norm": stats.mean_ci([r[f"attr_{c}_norm"] for r in ok])["mean"]})
+    r_ = config.recovery
+    b = job["budget"]
+    if job["run"] == "budget" or (job["run"] == "main" and job["mode"] == r_.budget_mode
+                                  and float(r_.budget1) == float(r_.budget2)
+                                  and float(r_.budget1) in [float(x) for x in r_.budgets]):
+      b = float(r_.budget1) if b is None else b
+      for v in variants:
+        s = stats.summarize_group(rows, v)
+        budget.append({"budget": b, "variant": v, "recovered": s["recovered"], "base_like": s["base_like"]["k"],
+                       "strict": s["strict"]["k"], "drift_rel": s["drift_rel"]["mean"],
+                       "delta_norm": s["delta_norm"]["mean"]})
+  budget.sort(key=lambda x: (x["variant"], x["budget"]))
+  return {"groups": groups, "attribution": attr, "budget": budget}
+
+
+def render_recovery(config, value: float, n_valid: int, n_prompts: int, summ: dict, wall_s: float) -> str:
+  """recovery.md: the recovery, attribution and budget tables."""
+  r = config.recovery
+  v4 = v4_config(config, "jacobian")
+  drop = [g for g in summ["groups"] if g["run"] == "error term dropped"]
+  out = [f"# Refusal recovery (v4 two-stage)\n",
+         f"defence {config.defence.kind} x{value:g} (error term {config.defence.error_term}); {n_valid} strict-valid "
+         f"cases of {n_prompts} prompts"
+         + (f" (first {r.max_cases} recovered)" if r.max_cases else "") +
+         f"; stage 1 {v4.steps1} steps lr {v4.lr1} budget {v4.budget1}, stage 2 {v4.steps2} steps lr {v4.lr2} budget "
+         f"{v4.budget2} on {v4.n_ans} answer positions; lambda_act {v4.lambda_act}, jacobian probes "
+         f"{v4.jacobian_probes}, corrections {v4.correction_steps}; greedy generation, "
+         f"{config.generation.max_new_tokens} new tokens, the defence live; {wall_s:.0f} s.\n",
+         "recovered = not R(recovered text) (substring judge only, as the reference); cooperative also not S; "
+         "diverged cases (non-finite objective or delta) count as not recovered and are left out of the means. "
+         "`faithful` generates with the stage-1 (anchor) delta only (the reference, Q12); `honest` adds stage 2's "
+         "delta at its absolute answer positions. Drift (relative L2 of the defended features over sites x the "
+         "first answer positions x S, post-defence) is the stage-2 teacher-forced state for both variants; the "
+         "relative delta norm is exact, ||delta|| / ||h_def|| over the variant's delta positions. Intervals: "
+         "Wilson 95% (W) and the reference's bootstrap (B, 2000 resamples); means with bootstrap intervals.\n",
+         stats.recovery_table(summ["groups"]), ""]
+  if drop:
+    out.append(f"Error term dropped (each SAE a full bottleneck, x' = D(z')): its own preflight at x{value:g} gives "
+               f"{drop[0].get('preflight_valid', '-')} strict-valid of {n_prompts}; recovered on those.\n")
+  if summ["attribution"]:
+    out += ["## Recovery-path attribution (stage-1 delta; each component replayed alone under the defence, "
+            f"faithful generation; top-k = {r.attribution_top_k})\n", stats.attribution_table(summ["attribution"]), ""]
+  if summ["budget"]:
+    out += [f"## Budget sweep ({r.budget_mode}; both stage budgets = b)\n", stats.budget_table(summ["budget"]), "",
+            "![recovery vs budget](recovery_vs_budget.png)\n"]
+  return "\n".join(out) + "\n"
+
+
+def _job_name(j: dict) -> str:
+  return f"{j['run']}:{j['mode']}" + ("" if j["budget"] is None else f"@{j['budget']:g}")
+
+
+def recovery_stage(ctx: RecoveryContext, workdir: str, ids: Sequence[str], log) -> dict:
+  """Every recovery job as a resumable work unit (``workdir/units``), then rows, summaries and files."""
+  t0 = time.time()
+  jobs = recovery_jobs(ctx.config)
+  units = [sweep.WorkUnit(i, (j["run"], j["mode"], j["budget"]), (j,)) for i, j in enumerate(jobs)]
+  log(f"recovery: {int(ctx.valid.sum())} strict-valid cases at x{ctx.value:g}; {len(units)} work units "
+      f"({', '.join(_job_name(j) for j in jobs)})")
+  store = sweep.UnitStore(os.path.join(workdir, "units"))
+  try:
+    results = sweep.run_units(units, lambda u: compute_job(ctx, u.points[0]), store, log=log,
+                              progress=ctx.config.get("progress", False))
+  finally:
+    store.close()
+  case_rows = []
+  for i, job in enumerate(jobs):
+    for row in _case_rows(ctx, job, results[i], ids):
+      row["_job"] = i
+      case_rows.append(row)
+  summ = summarize_recovery(ctx.config, jobs, results, case_rows)
+  for row in case_rows:
+    del row["_job"]
+  n_div = sum(r["diverged"] for r in case_rows)
+  if n_div:
+    log(f"warning: {n_div} of {len(case_rows)} recovered cases diverged (non-finite objective or delta); reported "
+        "in recovery.jsonl and the tables, never counted as recovered")
+  report.write_jsonl(os.path.join(workdir, "recovery.jsonl"), case_rows)
+  report.atomic_write(os.path.join(workdir, "recovery.json"), json.dumps(
+      {"strength": ctx.value, "n_valid": int(ctx.valid.sum()), "jobs": jobs, **summ}, indent=1, default=float))
+  md = render_recovery(ctx.config, ctx.value, int(ctx.valid.sum()), len(ctx.prompts), summ, time.time() - t0)
+  report.atomic_write(os.path.join(workdir, "recovery.md"), md)
+  if ctx.config.plots and summ["budget"]:
+    stats.plot_budget(os.path.join(workdir, "recovery_vs_budget.png"), summ["budget"],
+                      f"refusal recovery vs budget ({ctx.config.recovery.budget_mode})")
+  return {"markdown": md, **summ, "rows": case_rows}
+
+
+def summary_rows(summ: dict) -> list[dict]:
+  """summary.jsonl rows (one per run x mode x variant) in the runner's vocabulary."""
+  out = []
+  for g in summ["groups"]:
+    s = g["summary"]
+    rec = s["recovered"]
+    out.append({"setting": "refusal", "run": g["run"], "mode": g["mode"], "variant": g["variant"],
+                "n_valid": s["valid"], "n_recovered": rec["k"], "rate": rec["rate"], "ci": rec["wilson"],
+                "bootstrap_ci": rec["bootstrap"], "n_base_like": s["base_like"]["k"], "n_strict": s["strict"]["k"],
+                "rel_delta_norm_valid": s["rel_delta_norm"]["mean"], "act_drift_rel_valid": s["drift_rel"]["mean"],
+                "reactivation_valid": s["reactivation"]["mean"], "n_diverged": s["diverged"]})
+  return out

@@ -92,16 +92,21 @@ def discouraged_ids(tok, safety: bool = True) -> list[list[int]]:
 
 
 def build_problems(prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[int]], discouraged: Sequence[Sequence[int]],
-                   cfg: V4Config, pad_id: int = 0) -> tuple[engine.Problem, engine.Problem]:
+                   cfg: V4Config, pad_id: int = 0, length: int | None = None
+                   ) -> tuple[engine.Problem, engine.Problem]:
   """(stage-1 problems, stage-2 problems without their fixed delta), stacked [N, 1, ...].
 
   prompts / answers: token ids per case (each answer non-empty). The stage-2 problems get
-  ``fixed_delta`` from ``with_fixed``.
+  ``fixed_delta`` from ``with_fixed``. length: the padded sequence length T (default: the longest case).
   """
   n = len(prompts)
   if any(len(a) == 0 for a in answers):
     raise ValueError("build_problems: every case needs a non-empty base answer")
   t = max(len(p) + len(a) for p, a in zip(prompts, answers))
+  if length is not None:
+    if length < t:
+      raise ValueError(f"build_problems: length={length} is shorter than the longest case ({t} tokens)")
+    t = length
   r = max(cfg.n_ans, cfg.prefix_len, cfg.anti_len)
   q = len(discouraged)
   lq = max(cfg.anti_len, 1)
@@ -165,19 +170,40 @@ class TwoStage:
   stage2: engine.RecoveryOutput
 
 
+def _take(tree, idx: np.ndarray):
+  """Rows ``idx`` of the leading axis of every leaf."""
+  return jax.tree.map(lambda a: a[jnp.asarray(idx)], tree)
+
+
 def recover_two_stage(params, model_cfg, clamps: Sequence, sites: Sequence[str], prompts, answers, discouraged,
-                      cfg: V4Config, key, pad_id: int = 0) -> TwoStage:
+                      cfg: V4Config, key, pad_id: int = 0, batch_size: int | None = None) -> TwoStage:
   """The v4 two-stage recovery of every case (module docstring). ``clamps``: the defence (multiply/set
-  Clamps at ``sites``, all monitored)."""
+  Clamps at ``sites``, all monitored).
+
+  batch_size: cases per compiled call (None: all at once). Cases are padded to one length and one
+  suffix, and the last chunk with copies of its first case, so one program per stage serves every
+  chunk and every budget (budgets are traced). One chunk uses ``key``; with several, chunk c uses
+  ``fold_in(key, c)`` (case i of a chunk then ``fold_in(that, i)``).
+  """
   p1, p2 = build_problems(prompts, answers, discouraged, cfg, pad_id)
   sites = tuple(sites)
   spec1 = engine.RecoverySpec(model_cfg, sites, cfg.objective(1), cfg.recovery_config(1),
                               suffix_len=engine.suffix_len_for(p1), semantics="live")
-  out1 = engine.recover_examples(spec1, params, tuple(clamps), p1, cfg.recovery_config(1).hparams(), key)
-  p2 = with_fixed(p2, out1.delta)
   spec2 = engine.RecoverySpec(model_cfg, sites, cfg.objective(2), cfg.recovery_config(2),
                               suffix_len=engine.suffix_len_for(p2), semantics="live")
-  out2 = engine.recover_examples(spec2, params, tuple(clamps), p2, cfg.recovery_config(2).hparams(), key)
+  n = len(prompts)
+  bs = n if not batch_size else min(batch_size, n)
+  outs = []
+  for c, i in enumerate(range(0, n, bs)):
+    idx = np.arange(i, min(n, i + bs))
+    idx = np.concatenate([idx, np.full(bs - len(idx), idx[0])])
+    k = key if bs == n else jax.random.fold_in(key, c)
+    out1 = engine.recover_examples(spec1, params, tuple(clamps), _take(p1, idx), cfg.recovery_config(1).hparams(), k)
+    q2 = with_fixed(_take(p2, idx), out1.delta)
+    out2 = engine.recover_examples(spec2, params, tuple(clamps), q2, cfg.recovery_config(2).hparams(), k)
+    real = min(n, i + bs) - i
+    outs.append(jax.tree.map(lambda a: np.asarray(a)[:real], (out1, out2)))
+  out1, out2 = jax.tree.map(lambda *xs: np.concatenate(xs), *outs)
   return TwoStage(out1, out2)
 
 

@@ -1,0 +1,133 @@
+"""Refusal recovery statistics and tables (paper-method sections 6.4, 7, 10.4).
+
+Pure host-side functions over per-case label rows (dicts): binary rates with the Wilson 95% interval
+and the reference's percentile bootstrap (``metrics.wilson``, ``metrics.bootstrap_ci``: 2000
+resamples, ``random.Random(0)``), means with bootstrap intervals, and the markdown tables of
+``recovery.md``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+
+from recovery_jax import metrics, report
+
+
+def rate(flags: Sequence[bool], n: int | None = None) -> dict:
+  """k of n with the Wilson 95% and the bootstrap interval of the 0/1 flags.
+
+  flags: one bool per counted case; ``n`` (default ``len(flags)``) is the denominator: cases not in
+  ``flags`` (e.g. diverged ones) count as failures. Returns {k, n, rate, wilson: [lo, hi],
+  bootstrap: [lo, hi]} (None entries when n = 0).
+  """
+  flags = [bool(f) for f in flags]
+  n = len(flags) if n is None else int(n)
+  if n < len(flags):
+    raise ValueError(f"rate: n={n} is smaller than the {len(flags)} flags")
+  k = sum(flags)
+  if n == 0:
+    return {"k": 0, "n": 0, "rate": None, "wilson": [None, None], "bootstrap": [None, None]}
+  _, lo, hi = metrics.wilson(k, n)
+  _, blo, bhi = metrics.bootstrap_ci([float(f) for f in flags] + [0.0] * (n - len(flags)))
+  return {"k": k, "n": n, "rate": k / n, "wilson": [lo, hi], "bootstrap": [blo, bhi]}
+
+
+def mean_ci(values: Sequence[float]) -> dict:
+  """Mean of the finite values with the reference's bootstrap interval: {mean, lo, hi, n}."""
+  xs = metrics.finite_values(values)
+  m, lo, hi = metrics.bootstrap_ci(xs)
+  return {"mean": m, "lo": lo, "hi": hi, "n": len(xs)}
+
+
+def _f(x, digits: int = 3) -> str:
+  if x is None or (isinstance(x, float) and not math.isfinite(x)):
+    return "-"
+  return f"{x:.{digits}f}"
+
+
+def fmt_rate(r: dict) -> str:
+  """``k/n = 0.96 [W 0.80, 0.99; B 0.88, 1.00]``."""
+  if not r["n"]:
+    return "0/0"
+  w, b = r["wilson"], r["bootstrap"]
+  return f"{r['k']}/{r['n']} = {r['rate']:.2f} [W {w[0]:.2f}, {w[1]:.2f}; B {b[0]:.2f}, {b[1]:.2f}]"
+
+
+def fmt_mean(m: dict) -> str:
+  if m["mean"] is None:
+    return "-"
+  return f"{m['mean']:.3f} [{m['lo']:.3f}, {m['hi']:.3f}]"
+
+
+def summarize_group(cases: Sequence[dict], prefix: str) -> dict:
+  """Rates of one (job, variant) over its cases (dicts with ``diverged`` and ``{prefix}_*`` labels):
+  valid, diverged, recovered (not R), cooperative, base-like, strict base-like; drift and norms.
+
+  Diverged cases stay in the denominator and never count as recovered; their drifts and norms are
+  left out of the means.
+  """
+  n = len(cases)
+  ok = [c for c in cases if not c["diverged"]]
+  flag = lambda key: [bool(c[f"{prefix}_{key}"]) for c in ok]
+  return {
+      "valid": n, "diverged": n - len(ok),
+      "recovered": rate(flag("nonrefusal"), n), "cooperative": rate(flag("cooperative"), n),
+      "base_like": rate(flag("base_like"), n), "strict": rate(flag("strict"), n),
+      "drift_rel": mean_ci([c["drift_rel"] for c in ok]), "floor_rel": mean_ci([c["floor_rel"] for c in ok]),
+      "rel_delta_norm": mean_ci([c[f"{prefix}_rel_delta_norm"] for c in ok]),
+      "delta_norm": mean_ci([c[f"{prefix}_delta_norm"] for c in ok]),
+      "reactivation": mean_ci([c["reactivation"] for c in ok]),
+  }
+
+
+RECOVERY_HEADER = ["run", "mode", "variant", "valid", "diverged", "recovered (not R) [Wilson; bootstrap]",
+                   "cooperative", "base-like", "strict base-like", "rel. delta norm", "||delta||",
+                   "drift rel", "floor rel", "reactivation"]
+
+
+def recovery_table(groups: Sequence[dict]) -> str:
+  """One row per (job, mode, variant) summary (``summarize_group`` plus run/mode/variant keys)."""
+  rows = []
+  for g in groups:
+    s = g["summary"]
+    rows.append([g["run"], g["mode"], g["variant"], s["valid"], s["diverged"], fmt_rate(s["recovered"]),
+                 f"{s['cooperative']['k']}/{s['valid']}", f"{s['base_like']['k']}/{s['valid']}",
+                 f"{s['strict']['k']}/{s['valid']}", fmt_mean(s["rel_delta_norm"]), _f(s["delta_norm"]["mean"], 2),
+                 fmt_mean(s["drift_rel"]), _f(s["floor_rel"]["mean"]), _f(s["reactivation"]["mean"])])
+  return report.format_table(RECOVERY_HEADER, rows)
+
+
+def attribution_table(rows: Sequence[dict]) -> str:
+  """Rows {mode, component, recovered rate dict, base_like k, strict k, energy mean, norm mean}."""
+  body = [[r["mode"], r["component"], fmt_rate(r["recovered"]), f"{r['base_like']}/{r['recovered']['n']}",
+           f"{r['strict']}/{r['recovered']['n']}", _f(r["energy"]), _f(r["norm"], 2)] for r in rows]
+  return report.format_table(["mode", "replayed component", "recovered (not R)", "base-like", "strict",
+                              "energy fraction", "||component||"], body)
+
+
+def budget_table(rows: Sequence[dict]) -> str:
+  body = [[_f(r["budget"], 0), r["variant"], fmt_rate(r["recovered"]), f"{r['base_like']}/{r['recovered']['n']}",
+           f"{r['strict']}/{r['recovered']['n']}", _f(r["drift_rel"]), _f(r["delta_norm"], 2)] for r in rows]
+  return report.format_table(["budget (both stages)", "variant", "recovered (not R)", "base-like", "strict",
+                              "drift rel", "||delta||"], body)
+
+
+def plot_budget(path: str, rows: Sequence[dict], title: str) -> None:
+  """Recovery rate vs budget with Wilson intervals, one line per variant (PNG)."""
+  plt = report._pyplot()  # pylint: disable=protected-access
+  fig, ax = plt.subplots(figsize=(5.5, 4))
+  for v in sorted({r["variant"] for r in rows}):
+    rs = sorted((r for r in rows if r["variant"] == v and r["recovered"]["n"]), key=lambda r: r["budget"])
+    if not rs:
+      continue
+    x = np.asarray([r["budget"] for r in rs])
+    y = np.asarray([r["recovered"]["rate"] for r in rs])
+    lo = y - np.asarray([r["recovered"]["wilson"][0] for r in rs])
+    hi = np.asarray([r["recovered"]["wilson"][1] for r in rs]) - y
+    ax.errorbar(x, y, yerr=[lo, hi], marker="o", capsize=3, label=v)
+  ax.set_xscale("log")
+  ax.set_ylim(-0.02, 1.02)
+  report._finish(fig, ax, path, "budget ||delta|| per stage", "recovery rate (not R), Wilson 95%", title)  # pylint: disable=protected-access

@@ -1,0 +1,141 @@
+"""The refusal app's recovery stage: intervals against hand-computed values, the summaries' treatment of
+diverged cases, strength choice and jobs, and the app end to end on the tiny variant (recovery,
+generation with the recovered delta, attribution, error term dropped, budget sweep, tables, summary rows,
+no text by default) with a resumed rerun that recomputes no work unit."""
+
+import json
+import os
+import subprocess
+import sys
+
+import ml_collections
+import pytest
+
+from recovery_jax.experiments import refusal as app
+from recovery_jax.tasks import refusal_stats as stats
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "configs"))
+
+
+def test_wilson_against_hand_computed():
+  # z = 1.959963984540054; 23/24: center (p + z^2/48) / (1 + z^2/24) = 0.895094, half 0.097512
+  r = stats.rate([True] * 23 + [False])
+  assert r["k"] == 23 and r["n"] == 24 and r["rate"] == pytest.approx(23 / 24)
+  assert r["wilson"] == pytest.approx([0.797582, 0.992607], abs=1e-5)  # paper: [79.8, 99.3]
+  assert stats.rate([True] * 12 + [False] * 12)["wilson"] == pytest.approx([0.314274, 0.685726], abs=1e-5)
+  assert stats.rate([False] * 5)["wilson"] == pytest.approx([0.0, 0.434482], abs=1e-5)
+  assert stats.rate([])["rate"] is None and stats.rate([])["n"] == 0
+
+
+def test_bootstrap_against_hand_computed():
+  # all equal: every resample mean is 1
+  assert stats.rate([True] * 3)["bootstrap"] == [1.0, 1.0]
+  # [0, 1]: resample means are 0 (p 1/4), 0.5, 1 (p 1/4): sorted[49] = 0, sorted[1949] = 1
+  assert stats.rate([True, False])["bootstrap"] == [0.0, 1.0]
+  # one of four: P(mean = 0) = 0.316, P(mean >= 0.75) = 0.051, P(mean = 1) = 0.004 -> [0, 0.75]
+  assert stats.rate([True, False, False, False])["bootstrap"] == [0.0, 0.75]
+  m = stats.mean_ci([1.0, float("nan"), 3.0])  # non-finite values are dropped
+  assert m["mean"] == 2.0 and m["n"] == 2 and 1.0 <= m["lo"] <= m["hi"] <= 3.0
+
+
+def test_rate_counts_missing_as_failures():
+  r = stats.rate([True, True], n=4)  # two diverged cases in the denominator
+  assert r["k"] == 2 and r["n"] == 4 and r["rate"] == 0.5
+  assert r["bootstrap"] == stats.rate([True, True, False, False])["bootstrap"]
+  with pytest.raises(ValueError, match="smaller"):
+    stats.rate([True, True], n=1)
+
+
+def _case(diverged, nonrefusal, drift):
+  out = {"diverged": diverged, "drift_rel": drift, "floor_rel": drift / 2, "reactivation": 0.0}
+  for k, v in (("nonrefusal", nonrefusal), ("cooperative", nonrefusal), ("base_like", False), ("strict", False),
+               ("rel_delta_norm", 0.1), ("delta_norm", 40.0)):
+    out[f"faithful_{k}"] = v
+  return out
+
+
+def test_diverged_cases_not_counted():
+  # a diverged case whose (void) labels say recovered: it stays in the denominator, never recovered, no drift
+  s = stats.summarize_group([_case(False, True, 0.1), _case(False, False, 0.3), _case(True, True, 99.0)],
+                            "faithful")
+  assert s["valid"] == 3 and s["diverged"] == 1 and s["recovered"]["k"] == 1 and s["recovered"]["n"] == 3
+  assert s["drift_rel"]["mean"] == pytest.approx(0.2)
+
+
+def _config(**recovery):
+  import refusal as cfg_mod  # configs/refusal.py
+  c = cfg_mod.get_config("tiny")
+  for k, v in recovery.items():
+    c.recovery[k] = v
+  return c
+
+
+def test_choose_strength_and_jobs():
+  c = _config()
+  rows = [{"value": 4.0, "valid": True, "r_eff_rule": "negative_or_degenerate_opening"}] * 3 + \
+         [{"value": 8.0, "valid": True, "r_eff_rule": "substring_refusal"}]
+  assert app.choose_strength(c, rows) == 8.0  # real refusals first
+  c.recovery.strength = 4.0
+  assert app.choose_strength(c, rows) == 4.0
+  c.recovery.strength = 5.0
+  with pytest.raises(Exception, match="recovery.strength"):
+    app.choose_strength(c, rows)
+  jobs = app.recovery_jobs(_config())
+  names = [app._job_name(j) for j in jobs]  # pylint: disable=protected-access
+  # budget 40 equals the main run's budgets: read from the main jacobian run, not recomputed
+  assert names == ["main:none", "main:encoder", "main:jacobian", "error term dropped:jacobian", "budget:jacobian@2"]
+  assert [j["attribution"] for j in jobs] == [False, False, True, False, False]
+
+
+def _app(workdir, *flags):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+  cmd = [sys.executable, "-m", "recovery_jax.main", "--config=configs/refusal.py:tiny", f"--workdir={workdir}",
+         "--config.recovery.modes=('jacobian',)", "--config.recovery.max_cases=2", *flags]
+  proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+  if proc.returncode != 0:
+    raise AssertionError(f"app failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+  return proc
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+  wd = tmp_path_factory.mktemp("refusal") / "run"
+  return wd, _app(wd)
+
+
+def test_app_recovery_end_to_end(run_dir):
+  wd, proc = run_dir
+  for name in ("recovery.json", "recovery.jsonl", "recovery.md", "summary.md", "summary.jsonl",
+               "recovery_vs_budget.png"):
+    assert (wd / name).exists(), name
+  rec = json.load(open(wd / "recovery.json"))
+  assert [app._job_name(j) for j in rec["jobs"]] == ["main:jacobian", "error term dropped:jacobian",  # pylint: disable=protected-access
+                                                     "budget:jacobian@2"]
+  rows = [json.loads(l) for l in open(wd / "recovery.jsonl")]
+  main = [r for r in rows if r["run"] == "main"]
+  assert len(main) == 2 and all(r["mode"] == "jacobian" for r in main)
+  assert not any("text" in k for r in rows for k in r)  # save_text is off
+  for r in main:
+    assert isinstance(r["faithful_nonrefusal"], bool) and isinstance(r["honest_base_like"], bool)
+    assert r["faithful_delta_norm"] <= r["honest_delta_norm"] + 1e-6  # honest adds stage 2's delta
+    assert 1 <= r["faithful_tokens"] <= 8 and "attr_residual_nonrefusal" in r and "attr_clamped_energy" in r
+  summ = [json.loads(l) for l in open(wd / "summary.jsonl")]
+  assert {(s["run"], s["variant"]) for s in summ} >= {("main", "faithful"), ("main", "honest")}
+  s = next(x for x in summ if x["run"] == "main" and x["variant"] == "faithful")
+  assert s["n_valid"] == 2 and s["n_recovered"] == sum(r["faithful_nonrefusal"] for r in main)
+  assert len(s["ci"]) == 2 and s["ci"][0] <= (s["rate"] or 0) <= s["ci"][1]
+  assert len(rec["attribution"]) == len(app.ATTR_COMPONENTS)
+  assert sorted({b["budget"] for b in rec["budget"]}) == [2.0, 40.0]
+  md = (wd / "summary.md").read_text()
+  assert "Refusal steering preflight" in md and "Recovery-path attribution" in md and "Budget sweep" in md
+  assert "| main" in proc.stdout
+
+
+def test_app_resume_recomputes_nothing(run_dir):
+  wd, _ = run_dir
+  before = (wd / "recovery.jsonl").read_text()
+  proc = _app(wd)
+  assert "resuming: 3 of 3 work units already finished" in proc.stdout
+  assert "finished:" not in proc.stdout  # no "work unit i/3 finished: ..." line
+  assert (wd / "recovery.jsonl").read_text() == before
