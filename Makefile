@@ -1,7 +1,7 @@
 # Two commands: `make demo` (set up + run the main job on the embedded default)
 #               `make test` (set up with the test extra + run the whole test suite)
 PY := .venv/bin/python
-WORKDIR ?= runs/ioi_default
+WORKDIR ?= runs/demo
 
 .PHONY: demo test setup setup-test bench
 
@@ -12,7 +12,7 @@ setup-test:
 	bash scripts/setup.sh --test
 
 demo: setup
-	$(PY) -m recovery_jax.main --config=configs/ioi.py --workdir=$(WORKDIR)
+	$(PY) -m recovery_jax.main --config=configs/demo.py --workdir=$(WORKDIR)
 
 test: setup-test
 	HF_HUB_OFFLINE=1 WANDB_MODE=disabled $(PY) -m pytest -q -p no:cacheprovider tests; rc=$$?; \
