@@ -139,3 +139,29 @@ def test_app_resume_recomputes_nothing(run_dir):
   assert "resuming: 3 of 3 work units already finished" in proc.stdout
   assert "finished:" not in proc.stdout  # no "work unit i/3 finished: ..." line
   assert (wd / "recovery.jsonl").read_text() == before
+
+
+def test_diverging_recovery_flagged_and_not_counted():
+  """A recovery whose optimisation diverges (lr = inf: a non-finite delta) is flagged in every row,
+  never counted as recovered, and its drifts are left out of the means."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from recovery_jax.experiments import setup as setup_lib  # pylint: disable=import-outside-toplevel
+  from recovery_jax.tasks import refusal as task  # pylint: disable=import-outside-toplevel
+  from recovery_jax.tasks import refusal_recovery as rec_lib  # pylint: disable=import-outside-toplevel
+  c = _config(modes=("none",), variants=("faithful",), lr1=float("inf"), steps1=1, steps2=1, n_ans=2)
+  params, mcfg, tok = setup_lib.load_model(c.model, seed=0)
+  sites = tuple(c.sites)
+  saes = {s: setup_lib.load_sae("random", mcfg, s) for s in sites}
+  feats = {sites[0]: [1, 2], sites[1]: [3]}
+  prompts = [task.format_prompt("chatml", t) for t in ("Name a fruit.", "Plan a picnic.")]
+  ctx = app.RecoveryContext(config=c, params=params, mcfg=mcfg, tok=tok, sites=sites, saes=saes, feats=feats,
+                            value=4.0, prompts=prompts, base_texts=["Apples are good.", "Bring a blanket."],
+                            base_ids=[[30, 31, 32], [40, 41]], valid=np.asarray([True, True]), stop_ids=(2,),
+                            pad_id=0, discouraged=rec_lib.discouraged_ids(tok))
+  job = {"run": "main", "mode": "none", "error_term": "keep", "budget": None, "attribution": False}
+  res = app.compute_job(ctx, job)
+  assert res["diverged"].tolist() == [1, 1]
+  rows = app._case_rows(ctx, job, res, ["a", "b"])  # pylint: disable=protected-access
+  assert all(r["diverged"] for r in rows)
+  s = stats.summarize_group(rows, "faithful")
+  assert s["valid"] == 2 and s["diverged"] == 2 and s["recovered"]["k"] == 0 and s["drift_rel"]["mean"] is None

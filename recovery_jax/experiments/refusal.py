@@ -1,4 +1,4 @@
-"""Refusal steering: refusal features, the defence and its preflight (paper-method sections 6.1-6.3).
+"""Refusal steering: refusal features, the defence, its preflight and the v4 recovery (paper-method 6).
 
 Setup: load the model and one SAE per circuit site (``blocks.L.hook_resid_post``) -> instructions
 (``task.prompts_file``; the shipped benign file by default) in the model's chat template -> refusal
@@ -8,11 +8,24 @@ ranking, the global top K; or a user list) -> for every defence value: batched g
 -> strict validity ``not R(base) and not S(base) and R_eff(defended)``, split by the R_eff rule that
 fired.
 
+Recovery (``recovery.enabled``; multiply/set defences): at the chosen strength (``recovery.strength``,
+or the one with the most substring/safety-cue valid cases), the strict-valid cases with a non-empty
+base answer get the v4 two-stage recovery (``tasks.refusal_recovery``; batched, one program per stage
+and mode) for every ``recovery.modes`` projection; then greedy generation with the recovered delta under
+the live defence, ``faithful`` (stage-1 anchor delta only) and ``honest`` (both stages at absolute
+positions), and the detectors on the recovered text. Further work units: the recovery-path attribution
+replay of the stage-1 delta (``attribution_modes``), the same recovery with ``error_term=drop`` (with
+its own preflight), and a budget sweep (both stage budgets = b; budgets are traced, so one program per
+static structure). Every job is one resumable work unit (``workdir/units``, orbax): a rerun with the
+same config recomputes the preflight but no finished unit. Diverged recoveries (non-finite objective or
+delta) are flagged, never counted as recovered.
+
 Outputs in the workdir: ``config.json``, ``features.json`` (sites, candidates, scores, the chosen set),
 ``preflight.jsonl`` (one row per (value, prompt): labels, rule, opening category, lengths; the texts
-only with ``save_text``), ``preflight.md`` (the valid count per value, split by rule).
-
-The recovery stage (v4 two-stage cross-layer recovery on the valid cases) is not part of this app yet.
+only with ``save_text``), ``preflight.md`` (the valid count per value, split by rule),
+``recovery.jsonl`` (one row per (job, case): labels, drifts, norms; texts only with ``save_text``),
+``recovery.json`` / ``recovery.md`` (tables), ``recovery_vs_budget.png``, ``summary.md`` and
+``summary.jsonl`` (one row per run x mode x variant).
 """
 
 from __future__ import annotations
