@@ -213,3 +213,14 @@ def test_quick_check_warns_on_a_bad_fit_and_passes_a_good_one(tiny, tmp_path):
   formats.save_saelens(good, good_cfg, tmp_path / "good")
   p2, c2, rep2 = validate.load_and_check(str(tmp_path / "good"), params, cfg, tok)
   assert rep2["ok"] and c2.source.endswith("good")
+
+
+def test_jumprelu_freeze_holds_thresholds_then_releases_them(store):
+  # jumprelu_init_l0 starts every latent at one threshold: frozen, they stay one value; released, they split
+  kw = dict(architecture="jumprelu", d_in=store.shape[1], d_sae=64, lr=5e-3, batch_size=128, warmup_steps=1,
+            dead_tokens=4_000, l0_coeff=0.05, jumprelu_init_l0=8.0, jumprelu_freeze_steps=5)
+  held, _ = train_lib.train(train_lib.TrainConfig(total_steps=5, **kw), store, seed=0, progress=False)
+  th = np.asarray(held.params["threshold"])
+  assert th.min() == th.max() > 0, th
+  moved, _ = train_lib.train(train_lib.TrainConfig(total_steps=8, **kw), store, seed=0, progress=False)
+  assert np.ptp(np.asarray(moved.params["threshold"])) > 0

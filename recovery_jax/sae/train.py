@@ -71,6 +71,7 @@ class TrainConfig:
   jumprelu_bandwidth: float = 0.05
   jumprelu_init_threshold: float = 0.1
   jumprelu_init_l0: float = 0.0  # > 0: one initial threshold for all latents, set so the init sample's mean L0 is this
+  jumprelu_freeze_steps: int = 0  # thresholds get no gradient for the first N steps (decoder warm-up)
   dec_init_norm: float = 0.1  # standard: decoder row norm at init
 
   def __post_init__(self):
@@ -263,6 +264,8 @@ def site_update(tc: TrainConfig, optimizer: optax.GradientTransformation, state:
   if tc.sparsity_warmup_steps and tc.architecture != "topk":
     coeff = coeff * jnp.minimum(1.0, (state.step + 1) / tc.sparsity_warmup_steps)
   (loss, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, tc, x, dead, coeff)
+  if tc.jumprelu_freeze_steps and "threshold" in grads:  # zero gradient: Adam's moments stay 0, no move
+    grads = {**grads, "threshold": jnp.where(state.step < tc.jumprelu_freeze_steps, 0.0, grads["threshold"])}
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   if tc.unit_norm_decoder:
