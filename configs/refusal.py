@@ -86,6 +86,19 @@ def get_config(arg=None):
   c.recovery.budget_mode = "jacobian"
   c.recovery.budgets = (2.0, 5.0, 10.0, 20.0, 40.0)  # both stages; () skips the sweep
   c.plots = True
+  # OABD-style soft-suffix baseline (paper-method 9.2; paper run values) on the same valid cases
+  c.soft_suffix = ml_collections.ConfigDict()
+  c.soft_suffix.enabled = True
+  c.soft_suffix.variants = ("faithful", "corrected")
+  c.soft_suffix.suffix_len = 16
+  c.soft_suffix.steps = 120
+  c.soft_suffix.lr = 0.01
+  c.soft_suffix.budget = 40.0
+  c.soft_suffix.n_ans = 48
+  c.soft_suffix.n_pref = 16
+  c.soft_suffix.w_pref = 3.0
+  c.soft_suffix.w_anti = 0.3
+  c.soft_suffix.behavior_weight = 0.9
 
   c.save_text = False  # write base/defended texts into preflight.jsonl (off: labels, lengths, scores)
 
@@ -105,6 +118,7 @@ def get_config(arg=None):
     c.defence.kind = "add"
     c.defence.strengths = (2.0, 3.0, 4.0)
     c.recovery.enabled = False  # additive steering has no SAE clamp to recover through
+    c.soft_suffix.enabled = False
     c.generation.max_new_tokens = 64
     c.generation.batch_size = 32
   elif a.variant == "tiny":
@@ -128,6 +142,10 @@ def get_config(arg=None):
     c.recovery.batch_size = 2
     c.recovery.attribution_top_k = 3
     c.recovery.budgets = (2.0, 40.0)
+    c.soft_suffix.suffix_len = 2
+    c.soft_suffix.steps = 2
+    c.soft_suffix.n_ans = 4
+    c.soft_suffix.n_pref = 2
   elif a.variant != "default":
     raise ValueError(f"configs/refusal.py: unknown variant {a.variant!r}; expected default, topk12, paper or tiny")
   if a.n_prompts:

@@ -84,14 +84,16 @@ def test_choose_strength_and_jobs():
   jobs = app.recovery_jobs(_config())
   names = [app._job_name(j) for j in jobs]  # pylint: disable=protected-access
   # budget 40 equals the main run's budgets: read from the main jacobian run, not recomputed
-  assert names == ["main:none", "main:encoder", "main:jacobian", "error term dropped:jacobian", "budget:jacobian@2"]
-  assert [j["attribution"] for j in jobs] == [False, False, True, False, False]
+  assert names == ["main:none", "main:encoder", "main:jacobian", "error term dropped:jacobian", "budget:jacobian@2",
+                   "soft suffix:faithful", "soft suffix:corrected"]
+  assert [j["attribution"] for j in jobs] == [False, False, True, False, False, False, False]
 
 
 def _app(workdir, *flags):
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
   cmd = [sys.executable, "-m", "recovery_jax.main", "--config=configs/refusal.py:tiny", f"--workdir={workdir}",
-         "--config.recovery.modes=('jacobian',)", "--config.recovery.max_cases=2", *flags]
+         "--config.recovery.modes=('jacobian',)", "--config.recovery.max_cases=2",
+         "--config.soft_suffix.variants=('corrected',)", *flags]
   proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
   if proc.returncode != 0:
     raise AssertionError(f"app failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
@@ -111,7 +113,7 @@ def test_app_recovery_end_to_end(run_dir):
     assert (wd / name).exists(), name
   rec = json.load(open(wd / "recovery.json"))
   assert [app._job_name(j) for j in rec["jobs"]] == ["main:jacobian", "error term dropped:jacobian",  # pylint: disable=protected-access
-                                                     "budget:jacobian@2"]
+                                                     "budget:jacobian@2", "soft suffix:corrected"]
   rows = [json.loads(l) for l in open(wd / "recovery.jsonl")]
   main = [r for r in rows if r["run"] == "main"]
   assert len(main) == 2 and all(r["mode"] == "jacobian" for r in main)
@@ -126,6 +128,9 @@ def test_app_recovery_end_to_end(run_dir):
   assert s["n_valid"] == 2 and s["n_recovered"] == sum(r["faithful_nonrefusal"] for r in main)
   assert len(s["ci"]) == 2 and s["ci"][0] <= (s["rate"] or 0) <= s["ci"][1]
   assert len(rec["attribution"]) == len(app.ATTR_COMPONENTS)
+  soft = [r for r in rows if r["run"] == "soft suffix"]
+  assert len(soft) == 2 and all(0 <= r["soft_delta_norm"] <= 40.0 + 1e-3 for r in soft)
+  assert ("soft suffix (OABD)", "corrected") in {(s["run"], s["variant"]) for s in summ}
   assert sorted({b["budget"] for b in rec["budget"]}) == [2.0, 40.0]
   md = (wd / "summary.md").read_text()
   assert "Refusal steering preflight" in md and "Recovery-path attribution" in md and "Budget sweep" in md
@@ -136,7 +141,7 @@ def test_app_resume_recomputes_nothing(run_dir):
   wd, _ = run_dir
   before = (wd / "recovery.jsonl").read_text()
   proc = _app(wd)
-  assert "resuming: 3 of 3 work units already finished" in proc.stdout
+  assert "resuming: 4 of 4 work units already finished" in proc.stdout
   assert "finished:" not in proc.stdout  # no "work unit i/3 finished: ..." line
   assert (wd / "recovery.jsonl").read_text() == before
 

@@ -44,6 +44,7 @@ from recovery_jax import errors, intervene, metrics, report, sweep
 from recovery_jax.experiments import runner
 from recovery_jax.experiments import setup as setup_lib
 from recovery_jax.models import chat, generate, sites as sites_lib
+from recovery_jax.models import transformer
 from recovery_jax.recovery import attribution, engine
 from recovery_jax.recovery.objectives import Objective
 from recovery_jax.recovery.optimizer import RecoveryConfig
@@ -52,6 +53,7 @@ from recovery_jax.tasks import refusal_defence as defence_lib
 from recovery_jax.tasks import refusal_features as feat_lib
 from recovery_jax.tasks import refusal_judge as judge
 from recovery_jax.tasks import refusal_recovery as rec_lib
+from recovery_jax.tasks import refusal_soft_suffix as soft_lib
 from recovery_jax.tasks import refusal_stats as stats
 
 
@@ -90,6 +92,9 @@ def validate(config) -> None:
           raise errors.UserError(f"config field 'recovery.{field}' has {v!r}: expected one of {allowed}")
     if not r.modes or not r.variants:
       raise errors.UserError("config fields 'recovery.modes' and 'recovery.variants' must not be empty")
+    for v in config.soft_suffix.variants if config.soft_suffix.enabled else ():
+      if v not in soft_lib.VARIANTS:
+        raise errors.UserError(f"config field 'soft_suffix.variants' has {v!r}: expected one of {soft_lib.VARIANTS}")
     if r.budget_mode not in ("none", "encoder", "jacobian"):
       raise errors.UserError(f"config field 'recovery.budget_mode'={r.budget_mode!r}: expected none, encoder or jacobian")
     for b in r.budgets:
@@ -379,7 +384,53 @@ def recovery_jobs(config) -> list[dict]:
   same = lambda b: float(b) == float(r.budget1) == float(r.budget2) and r.budget_mode in tuple(r.modes)
   jobs += [dict(run="budget", mode=r.budget_mode, error_term=keep, budget=float(b), attribution=False)
            for b in r.budgets if not same(b)]
+  ss = config.get("soft_suffix")
+  if ss is not None and ss.enabled:
+    jobs += [dict(run="soft suffix", mode=v, error_term=keep, budget=None, attribution=False) for v in ss.variants]
   return jobs
+
+
+def _prefixes(config, job: dict) -> tuple:
+  """Label-key prefixes of a job's rows: the generation variants, or ``soft`` for the soft suffix."""
+  return ("soft",) if job["run"] == "soft suffix" else tuple(config.recovery.variants)
+
+
+def compute_soft(ctx: RecoveryContext, job: dict) -> dict[str, np.ndarray]:
+  """The OABD-style soft-suffix baseline (``tasks.refusal_soft_suffix``) on the valid cases, variant
+  ``job['mode']``: labels of its generations (prefix ``soft``), drift, suffix norms."""
+  config, sc = ctx.config, ctx.config.soft_suffix
+  k_max = max(len(v) for v in ctx.feats.values())
+  defence = defence_lib.make_defence(defence_lib.DefenceSpec(config.defence.kind, job["error_term"]), ctx.saes,
+                                     ctx.feats, ctx.value, k_max=k_max)
+  idx = select_cases(ctx.valid, ctx.base_ids, int(config.recovery.max_cases))
+  out: dict[str, np.ndarray] = {"n_cases": np.asarray([len(idx)], np.int32)}
+  if not len(idx):
+    return out
+  cfg = soft_lib.RefusalSuffixConfig(variant=job["mode"], suffix_len=int(sc.suffix_len), steps=int(sc.steps),
+                                     lr=float(sc.lr), budget=float(sc.budget), n_ans=int(sc.n_ans),
+                                     n_pref=int(sc.n_pref), w_pref=float(sc.w_pref), w_anti=float(sc.w_anti),
+                                     behavior_weight=float(sc.behavior_weight))
+  prompt_ids = [ctx.tok.encode(ctx.prompts[i], add_special_tokens=False).ids for i in idx]
+  res = soft_lib.run(ctx.params, ctx.mcfg, ctx.tok, defence, prompt_ids, [ctx.base_ids[i] for i in idx],
+                     ctx.discouraged, cfg, max_new_tokens=config.generation.max_new_tokens, stop_ids=ctx.stop_ids,
+                     pad_id=ctx.pad_id, seed=config.seed)
+  toks, lens = res["gen_tokens"], res["gen_lengths"]
+  texts = [task.answer_text(ctx.tok, toks[r, :lens[r]], ctx.stop_ids) for r in range(len(idx))]
+  for k, a in label_texts(texts, [ctx.base_texts[i] for i in idx], lens).items():
+    out[f"soft_{k}"] = a
+  init_norm = np.sqrt(cfg.suffix_len) * float(np.linalg.norm(np.asarray(
+      transformer.embed(ctx.params, ctx.mcfg, jnp.asarray([ctx.tok.encode(cfg.init_text, add_special_tokens=False).ids]))
+  )))
+  nan = np.full(len(idx), np.nan)
+  out.update(case=idx.astype(np.int32), diverged=(~np.isfinite(res["suffix_norm"])
+                                                  | ~np.isfinite(res["behaviour_final"])).astype(np.int8),
+             drift_rel=res["drift_rel"], floor_rel=res["floor_rel"], reactivation=nan, act_drift_l2=nan,
+             drift1_rel=nan, objective1=res["behaviour_final"].astype(np.float64), objective2=nan,
+             soft_delta_norm=res["suffix_norm"].astype(np.float64),
+             soft_rel_delta_norm=res["suffix_norm"].astype(np.float64) / (init_norm + metrics.EPS))
+  if config.save_text:
+    out["soft_gen_tokens"], out["soft_gen_lengths"] = toks.astype(np.int32), lens.astype(np.int32)
+  return out
 
 
 _BUILDERS: dict = {}
@@ -456,6 +507,8 @@ def compute_job(ctx: RecoveryContext, job: dict) -> dict[str, np.ndarray]:
   every valid case, generation with the recovered delta per variant, the detectors, and (``attribution``)
   the replay of each component of the stage-1 delta. Returns host arrays [N] (N = cases) only: labels,
   norms, drifts, divergence; generated tokens only with ``save_text``."""
+  if job["run"] == "soft suffix":
+    return compute_soft(ctx, job)
   config, r = ctx.config, ctx.config.recovery
   spec = defence_lib.DefenceSpec(config.defence.kind, job["error_term"])
   k_max = max(len(v) for v in ctx.feats.values())
@@ -575,7 +628,7 @@ def _case_rows(ctx: RecoveryContext, job: dict, res: dict, ids: Sequence[str]) -
   if "case" not in res:
     return []
   rows = []
-  variants = tuple(ctx.config.recovery.variants)
+  variants = _prefixes(ctx.config, job)
   for j, i in enumerate(np.asarray(res["case"]).tolist()):
     row = {"run": job["run"], "mode": job["mode"], "error_term": job["error_term"], "budget": job["budget"],
            "prompt": int(i), "id": ids[i], "diverged": bool(res["diverged"][j])}
@@ -607,6 +660,9 @@ def summarize_recovery(config, jobs: Sequence[dict], results: dict, case_rows: S
   groups, attr, budget = [], [], []
   for i, job in enumerate(jobs):
     rows = of(i)
+    if job["run"] == "soft suffix":
+      groups.append({"run": "soft suffix (OABD)", "mode": "-", "variant": job["mode"],
+                     "summary": stats.summarize_group(rows, "soft")})
     if job["run"] in ("main", "error term dropped"):
       for v in variants:
         g = {"run": job["run"], "mode": job["mode"], "variant": v, "summary": stats.summarize_group(rows, v)}
@@ -661,6 +717,13 @@ def render_recovery(config, value: float, n_valid: int, n_prompts: int, summ: di
   if drop:
     out.append(f"Error term dropped (each SAE a full bottleneck, x' = D(z')): its own preflight at x{value:g} gives "
                f"{drop[0].get('preflight_valid', '-')} strict-valid of {n_prompts}; recovered on those.\n")
+  if any(g["run"].startswith("soft suffix") for g in summ["groups"]):
+    sc = config.soft_suffix
+    out.append(f"Soft suffix (OABD-style, paper-method 9.2): {sc.suffix_len} soft embeddings after the generation "
+               f"prompt, {sc.steps} Adam steps lr {sc.lr}, ||suffix - init|| <= {sc.budget}, the defence live on every "
+               "column; `faithful` detaches the monitor term (the reference), `corrected` keeps it differentiable; "
+               "greedy generation without a KV cache. Its delta norms are ||suffix - init|| (relative: / ||init||) and "
+               "its drift compares the post-defence answer features with the optimised vs the initial suffix.\n")
   if summ["attribution"]:
     out += ["## Recovery-path attribution (stage-1 delta; each component replayed alone under the defence, "
             f"faithful generation; top-k = {r.attribution_top_k})\n", stats.attribution_table(summ["attribution"]), ""]
