@@ -15,7 +15,7 @@ import ml_collections
 from recovery_jax.config_utils import parse_arg
 
 DEMO = {
-    "ioi": ("configs/ioi.py", ("task.n_prompts=32", "recovery.modes=('none', 'encoder_exact')",
+    "ioi": ("configs/ioi.py", ("site=blocks.12.hook_resid_post", "task.n_prompts=32", "recovery.modes=('none', 'encoder_exact')",
                                "recovery.variants=('per_prompt',)", "cards=6")),
     "refusal": ("configs/refusal.py", ()),
     "unlearning": ("configs/unlearning.py", ("task.max_flips=24", "recovery.modes=('none', 'encoder')",
