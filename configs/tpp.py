@@ -5,10 +5,12 @@ five topic classes from the offline corpora):
   python -m recovery_jax.main --config=configs/tpp.py --workdir=runs/tpp_default
 
 Variants (``configs/tpp.py:<variant>,key=value``):
-  default  SmolLM2-135M-Instruct, the suite's JumpReLU SAE at blocks.6.hook_resid_post (the layer-5-ish
-           site of the paper), classes python_doc / stdlib / shakespeare / fortunes / wordnet
-  topk12   the default with the shipped TopK SAE at blocks.12.hook_resid_pre (a stand-in while the suite
-           is not there)
+  default  SmolLM2-135M-Instruct, the suite's JumpReLU SAE at blocks.6.hook_resid_post, classes
+           python_doc / stdlib / shakespeare / fortunes / wordnet. Site by relative depth: the paper's
+           Gemma 2 2B layer 5 resid_post is after 6 of 26 blocks (0.231); blocks.6.hook_resid_post is
+           after 7 of SmolLM2's 30 blocks (0.233), the closest of the suite's sites (3, 6, 9, ...)
+  topk12   the default with the shipped TopK SAE at blocks.12.hook_resid_pre (a named variant: a mid
+           layer, TopK; the figures measured before the suite existed)
   paper    Gemma 2 2B + Gemma Scope layer_5/width_16k at blocks.5.hook_resid_post on a SAEBench-format
            file (bias_in_bios set 1 professions by default; needs model_path=, sae_path=, data_file=);
            N = 500, 4000 train + 1000 test contexts per class

@@ -8,13 +8,16 @@ Variants (``configs/unlearning.py:<variant>,key=value``):
            the shipped benign science / geography questions in the cloze format (the model answers
            lettered questions at chance), features by the SAEBench rule on offline corpora, set
            positives to -10 on 50 features, 150 steps, lr 0.08, budget 20, modes none / encoder /
-           encoder_exact, retain check, budget diagnostic, soft-suffix baseline
+           encoder_exact, retain check, budget diagnostic, soft-suffix baseline. Site by relative
+           depth: the paper's gemma-2-2b-it layer 3 resid_post is after 4 of 26 blocks (0.154);
+           blocks.3.hook_resid_post is after 4 of SmolLM2's 30 (0.133), the suite's closest site
+           (the next, blocks.6, is 0.233)
   paper    gemma-2-2b-it + Gemma Scope L3 16k resid_post with the paper's 50 public feature ids, the
            lettered 24-order format with the strict filter, modes none / encoder (needs
            model_path=<HF folder>, sae_path=<Gemma Scope folder>, questions=<your .jsonl/.csv, e.g.
            WMDP-bio rows in this project's question format>)
-  topk12   the default with the shipped TopK SAE at blocks.12.hook_resid_pre: a stand-in (a mid
-           layer, TopK) while the suite's layer-3 JumpReLU SAE is not trained yet
+  topk12   the default with the shipped TopK SAE at blocks.12.hook_resid_pre: a named variant (a mid
+           layer, TopK; NOT the paper's early layer; the figures measured before the suite existed)
   tiny     a random-weight tiny llama + random JumpReLU SAE (CI smoke test; seconds)
 Further args: questions=<file>, format=mc|cloze|cloze_listed, steps=<n>, max_flips=<n>.
 Any field can also be overridden with --config.<field>=<value>.
@@ -118,7 +121,7 @@ def get_config(arg=None):
     c.features.feature_ids = PAPER_FEATURE_IDS
     c.recovery.modes = ("none", "encoder")
     c.retain_check = False
-  elif a.variant == "topk12":  # stand-in until the suite's layer-3 SAE exists: NOT the paper's early layer
+  elif a.variant == "topk12":  # a mid-layer TopK variant: NOT the paper's early layer
     c.site = "blocks.12.hook_resid_pre"
   elif a.variant == "tiny":
     c.model = "tiny-random-llama"

@@ -128,3 +128,21 @@ def test_topk12_preset_on_real_smollm2_and_corpus(tmp_path):
   assert info["tpp"][1]["total"] > 0.05  # ablating 100 latents hurts the class's own probe
   summary = [json.loads(l) for l in open(wd / "summary.jsonl")]
   assert summary[0]["n_valid"] >= 5
+
+
+def test_default_preset_uses_the_suite_at_layer_6():
+  """The default's "shipped" SAE is the suite's JumpReLU at blocks.6.hook_resid_post (after 7 of 30
+  blocks, as the paper's Gemma 2 2B layer 5 is after 6 of 26); topk12 stays a named TopK variant."""
+  import importlib.util
+  from recovery_jax.sae import registry
+  spec = importlib.util.spec_from_file_location("tpp_cfg", os.path.join(ROOT, "configs", "tpp.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  d, k = mod.get_config("default"), mod.get_config("topk12")
+  assert d.site == "blocks.6.hook_resid_post" and d.sae == "shipped"
+  assert abs((6 + 1) / 30 - (5 + 1) / 26) < 0.01
+  folder = registry.resolve(d.model, d.site)
+  assert folder.name == "smollm2-135m-instruct-res6-post-jumprelu"
+  assert {s.architecture for s in registry.shipped() if s.path == folder} == {"jumprelu"}
+  assert registry.resolve(k.model, k.site).name == "smollm2-135m-instruct-res12-topk"
+  assert d.recovery.modes == ("none", "encoder", "encoder_exact")

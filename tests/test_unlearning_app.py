@@ -93,3 +93,14 @@ def test_config_variants():
   assert t.model == "tiny-random-llama"
   with pytest.raises(ValueError, match="unknown variant"):
     _config("nope")
+
+
+def test_default_preset_uses_the_suite_at_the_early_layer():
+  """The default's "shipped" SAE is the suite's JumpReLU at blocks.3.hook_resid_post (the paper's
+  early layer); topk12 stays a named TopK variant."""
+  from recovery_jax.sae import registry
+  d, k = _config("default"), _config("topk12")
+  folder = registry.resolve(d.model, d.site)
+  assert folder.name == "smollm2-135m-instruct-res3-post-jumprelu"
+  assert {s.architecture for s in registry.shipped() if s.path == folder} == {"jumprelu"}
+  assert registry.resolve(k.model, k.site).name == "smollm2-135m-instruct-res12-topk"
