@@ -1,4 +1,9 @@
-"""Refusal steering: refusal features, the defence and its preflight (paper-method section 6).
+"""Refusal steering: refusal features, the defence, its preflight and the v4 recovery (paper-method 6).
+
+After the preflight the app recovers the strict-valid cases of the chosen strength (``recovery.*``:
+modes none/encoder/jacobian, generation variants faithful/honest, attribution replay, the defence with
+its error term dropped, a budget sweep) and runs the soft-suffix baseline (``soft_suffix.*``); every
+job is a resumable work unit.
 
 Run (on the embedded default SmolLM2-135M-Instruct + the project's JumpReLU resid_post suite):
   python -m recovery_jax.main --config=configs/refusal.py --workdir=runs/refusal_default

@@ -49,7 +49,7 @@ def test_rate_counts_missing_as_failures():
 
 def _case(diverged, nonrefusal, drift):
   out = {"diverged": diverged, "drift_rel": drift, "floor_rel": drift / 2, "reactivation": 0.0}
-  for k, v in (("nonrefusal", nonrefusal), ("cooperative", nonrefusal), ("base_like", False), ("strict", False),
+  for k, v in (("nonrefusal", nonrefusal), ("nonrefusal_eff", nonrefusal), ("cooperative", nonrefusal), ("base_like", False), ("strict", False),
                ("rel_delta_norm", 0.1), ("delta_norm", 40.0)):
     out[f"faithful_{k}"] = v
   return out
@@ -60,6 +60,7 @@ def test_diverged_cases_not_counted():
   s = stats.summarize_group([_case(False, True, 0.1), _case(False, False, 0.3), _case(True, True, 99.0)],
                             "faithful")
   assert s["valid"] == 3 and s["diverged"] == 1 and s["recovered"]["k"] == 1 and s["recovered"]["n"] == 3
+  assert s["recovered_eff"]["k"] == 1 and s["recovered_eff"]["n"] == 3
   assert s["drift_rel"]["mean"] == pytest.approx(0.2)
 
 
@@ -120,6 +121,7 @@ def test_app_recovery_end_to_end(run_dir):
   assert not any("text" in k for r in rows for k in r)  # save_text is off
   for r in main:
     assert isinstance(r["faithful_nonrefusal"], bool) and isinstance(r["honest_base_like"], bool)
+    assert isinstance(r["honest_nonrefusal_eff"], bool) and "attr_residual_nonrefusal_eff" in r
     assert r["faithful_delta_norm"] <= r["honest_delta_norm"] + 1e-6  # honest adds stage 2's delta
     assert 1 <= r["faithful_tokens"] <= 8 and "attr_residual_nonrefusal" in r and "attr_clamped_energy" in r
   summ = [json.loads(l) for l in open(wd / "summary.jsonl")]

@@ -90,8 +90,8 @@ def validate(config) -> None:
       for v in values:
         if v not in allowed:
           raise errors.UserError(f"config field 'recovery.{field}' has {v!r}: expected one of {allowed}")
-    if not r.modes or not r.variants:
-      raise errors.UserError("config fields 'recovery.modes' and 'recovery.variants' must not be empty")
+    if not r.variants:
+      raise errors.UserError("config field 'recovery.variants' must not be empty")  # modes may be () (baselines only)
     for v in config.soft_suffix.variants if config.soft_suffix.enabled else ():
       if v not in soft_lib.VARIANTS:
         raise errors.UserError(f"config field 'soft_suffix.variants' has {v!r}: expected one of {soft_lib.VARIANTS}")
@@ -335,7 +335,7 @@ def run(config, workdir: str) -> dict[str, Any]:
 
 VARIANTS = ("faithful", "honest")
 ATTR_COMPONENTS = ("full", "residual", "nonclamped", "topk", "clamped", "knockout")
-LABELS = ("nonrefusal", "cooperative", "safety_cue", "base_like", "strict", "chars", "tokens", "opening")
+LABELS = ("nonrefusal", "nonrefusal_eff", "cooperative", "safety_cue", "base_like", "strict", "chars", "tokens", "opening")
 
 
 @dataclasses.dataclass
@@ -455,6 +455,7 @@ def label_texts(texts: Sequence[str], bases: Sequence[str], lengths: np.ndarray)
   for t, b, n in zip(texts, bases, lengths):
     q = judge.quality(t, b)
     out["nonrefusal"].append(q.weak_nonrefusal)
+    out["nonrefusal_eff"].append(not judge.effective_refusal(t)[0])
     out["cooperative"].append(q.cooperative)
     out["safety_cue"].append(judge.has_safety_cue(t))
     out["base_like"].append(q.base_like)
@@ -600,7 +601,7 @@ def attribution_replay(ctx: RecoveryContext, defence, job: dict, idx, s1, d1, d2
     part = np.asarray(getattr(comps, c), np.float32)
     texts, lens, _ = _generate_with(ctx, defence, idx, part, np.zeros_like(d2), ans_valid, "faithful")
     lab = label_texts(texts, bases, lens)
-    for name in ("nonrefusal", "base_like", "strict"):
+    for name in ("nonrefusal", "nonrefusal_eff", "base_like", "strict"):
       out[f"attr_{c}_{name}"] = lab[name]
     out[f"attr_{c}_energy"] = np.asarray(energy[f"{c}_energy"], np.float64)
     out[f"attr_{c}_norm"] = np.asarray(energy[f"{c}_norm"], np.float64)
@@ -636,6 +637,8 @@ def _case_rows(ctx: RecoveryContext, job: dict, res: dict, ids: Sequence[str]) -
       row[k] = float(res[k][j])
     for v in variants:
       for k in LABELS:
+        if f"{v}_{k}" not in res:  # a unit of an earlier version (resumed)
+          continue
         x = int(res[f"{v}_{k}"][j])
         row[f"{v}_{k}"] = judge.OPENINGS[x] if k == "opening" else (x if k in ("chars", "tokens") else bool(x))
       row[f"{v}_delta_norm"] = float(res[f"{v}_delta_norm"][j])
@@ -645,8 +648,9 @@ def _case_rows(ctx: RecoveryContext, job: dict, res: dict, ids: Sequence[str]) -
                                             ctx.stop_ids)
     for c in ATTR_COMPONENTS:
       if f"attr_{c}_nonrefusal" in res:
-        for k in ("nonrefusal", "base_like", "strict"):
-          row[f"attr_{c}_{k}"] = bool(res[f"attr_{c}_{k}"][j])
+        for k in ("nonrefusal", "nonrefusal_eff", "base_like", "strict"):
+          if f"attr_{c}_{k}" in res:
+            row[f"attr_{c}_{k}"] = bool(res[f"attr_{c}_{k}"][j])
         row[f"attr_{c}_energy"] = float(res[f"attr_{c}_energy"][j])
         row[f"attr_{c}_norm"] = float(res[f"attr_{c}_norm"][j])
     rows.append(row)
@@ -674,6 +678,8 @@ def summarize_recovery(config, jobs: Sequence[dict], results: dict, case_rows: S
       for c in ATTR_COMPONENTS:
         attr.append({"mode": job["mode"], "component": c,
                      "recovered": stats.rate([r[f"attr_{c}_nonrefusal"] for r in ok], len(rows)),
+                     "recovered_eff": (stats.rate([r[f"attr_{c}_nonrefusal_eff"] for r in ok], len(rows))
+                                       if all(f"attr_{c}_nonrefusal_eff" in r for r in ok) else None),
                      "base_like": sum(r[f"attr_{c}_base_like"] for r in ok),
                      "strict": sum(r[f"attr_{c}_strict"] for r in ok),
                      "energy": stats.mean_ci([r[f"attr_{c}_energy"] for r in ok])["mean"],
@@ -706,7 +712,10 @@ def render_recovery(config, value: float, n_valid: int, n_prompts: int, summ: di
          f"{v4.budget2} on {v4.n_ans} answer positions; lambda_act {v4.lambda_act}, jacobian probes "
          f"{v4.jacobian_probes}, corrections {v4.correction_steps}; greedy generation, "
          f"{config.generation.max_new_tokens} new tokens, the defence live; {wall_s:.0f} s.\n",
-         "recovered = not R(recovered text) (substring judge only, as the reference); cooperative also not S; "
+         "recovered = not R(recovered text) (substring judge only, as the reference); not R_eff = no substring "
+         "refusal, safety cue or negative/degenerate opening (the preflight's refusal rule, the meaningful "
+         "recovery where the defended text refused only by a negative/degenerate opening); cooperative = not R "
+         "and not S; "
          "diverged cases (non-finite objective or delta) count as not recovered and are left out of the means. "
          "`faithful` generates with the stage-1 (anchor) delta only (the reference, Q12); `honest` adds stage 2's "
          "delta at its absolute answer positions. Drift (relative L2 of the defended features over sites x the "
@@ -785,3 +794,39 @@ def summary_rows(summ: dict) -> list[dict]:
                 "rel_delta_norm_valid": s["rel_delta_norm"]["mean"], "act_drift_rel_valid": s["drift_rel"]["mean"],
                 "reactivation_valid": s["reactivation"]["mean"], "n_diverged": s["diverged"]})
   return out
+
+
+def render_finished(workdir: str) -> str:
+  """Tables of the recovery work units finished so far in ``workdir`` (a run still going, or one
+  stopped early): reads ``config.json`` and ``units`` only, writes ``recovery_partial.md``."""
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  with open(os.path.join(workdir, "config.json")) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  jobs = recovery_jobs(config)
+  store = sweep.UnitStore(os.path.join(workdir, "units"))
+  try:
+    done = sorted(store.finished())
+    results = {i: store.load(i) for i in done}
+  finally:
+    store.close()
+  with open(os.path.join(workdir, "preflight.jsonl")) as f:
+    pre = [json.loads(l) for l in f if l.strip()]
+  ids = {r["prompt"]: r["id"] for r in pre}
+  ctx = RecoveryContext(config=config, params=None, mcfg=None, tok=None, sites=(), saes={}, feats={}, value=0.0,
+                        prompts=[], base_texts=[], base_ids=[], valid=np.zeros(0, bool), stop_ids=(), pad_id=0,
+                        discouraged=[])
+  ctx.config.save_text = False
+  sub_jobs = [jobs[i] for i in done]
+  case_rows = []
+  for k, i in enumerate(done):
+    for row in _case_rows(ctx, jobs[i], results[i], ids):
+      row["_job"] = k
+      case_rows.append(row)
+  summ = summarize_recovery(config, sub_jobs, {k: results[i] for k, i in enumerate(done)}, case_rows)
+  value = next((r["value"] for r in pre), 0.0)
+  n_valid = sum(r["valid"] for r in pre if r["value"] == value)
+  md = render_recovery(config, value, n_valid, len({r["prompt"] for r in pre}), summ, float("nan"))
+  md = (f"(partial: {len(done)} of {len(jobs)} work units finished: "
+        f"{', '.join(_job_name(jobs[i]) for i in done)})\n\n" + md)
+  report.atomic_write(os.path.join(workdir, "recovery_partial.md"), md)
+  return md

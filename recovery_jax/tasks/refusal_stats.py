@@ -72,9 +72,11 @@ def summarize_group(cases: Sequence[dict], prefix: str) -> dict:
   n = len(cases)
   ok = [c for c in cases if not c["diverged"]]
   flag = lambda key: [bool(c[f"{prefix}_{key}"]) for c in ok]
+  has_eff = all(f"{prefix}_nonrefusal_eff" in c for c in ok)
   return {
       "valid": n, "diverged": n - len(ok),
-      "recovered": rate(flag("nonrefusal"), n), "cooperative": rate(flag("cooperative"), n),
+      "recovered": rate(flag("nonrefusal"), n),
+      "recovered_eff": rate(flag("nonrefusal_eff"), n) if has_eff else None, "cooperative": rate(flag("cooperative"), n),
       "base_like": rate(flag("base_like"), n), "strict": rate(flag("strict"), n),
       "drift_rel": mean_ci([c["drift_rel"] for c in ok]), "floor_rel": mean_ci([c["floor_rel"] for c in ok]),
       "rel_delta_norm": mean_ci([c[f"{prefix}_rel_delta_norm"] for c in ok]),
@@ -84,7 +86,7 @@ def summarize_group(cases: Sequence[dict], prefix: str) -> dict:
 
 
 RECOVERY_HEADER = ["run", "mode", "variant", "valid", "diverged", "recovered (not R) [Wilson; bootstrap]",
-                   "cooperative", "base-like", "strict base-like", "rel. delta norm", "||delta||",
+                   "not R_eff [Wilson; bootstrap]", "cooperative", "base-like", "strict base-like", "rel. delta norm", "||delta||",
                    "drift rel", "floor rel", "reactivation"]
 
 
@@ -94,6 +96,7 @@ def recovery_table(groups: Sequence[dict]) -> str:
   for g in groups:
     s = g["summary"]
     rows.append([g["run"], g["mode"], g["variant"], s["valid"], s["diverged"], fmt_rate(s["recovered"]),
+                 fmt_rate(s["recovered_eff"]) if s.get("recovered_eff") else "-",
                  f"{s['cooperative']['k']}/{s['valid']}", f"{s['base_like']['k']}/{s['valid']}",
                  f"{s['strict']['k']}/{s['valid']}", fmt_mean(s["rel_delta_norm"]), _f(s["delta_norm"]["mean"], 2),
                  fmt_mean(s["drift_rel"]), _f(s["floor_rel"]["mean"]), _f(s["reactivation"]["mean"])])
@@ -102,9 +105,10 @@ def recovery_table(groups: Sequence[dict]) -> str:
 
 def attribution_table(rows: Sequence[dict]) -> str:
   """Rows {mode, component, recovered rate dict, base_like k, strict k, energy mean, norm mean}."""
-  body = [[r["mode"], r["component"], fmt_rate(r["recovered"]), f"{r['base_like']}/{r['recovered']['n']}",
+  body = [[r["mode"], r["component"], fmt_rate(r["recovered"]),
+           fmt_rate(r["recovered_eff"]) if r.get("recovered_eff") else "-", f"{r['base_like']}/{r['recovered']['n']}",
            f"{r['strict']}/{r['recovered']['n']}", _f(r["energy"]), _f(r["norm"], 2)] for r in rows]
-  return report.format_table(["mode", "replayed component", "recovered (not R)", "base-like", "strict",
+  return report.format_table(["mode", "replayed component", "recovered (not R)", "not R_eff", "base-like", "strict",
                               "energy fraction", "||component||"], body)
 
 
