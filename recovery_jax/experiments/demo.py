@@ -84,7 +84,8 @@ def report_rows(workdir: str, name: str, wall_s: float | None, error: str | None
     nv = int(s["n_valid"])
     ci = s.get("ci") or [float("nan")] * 2
     rate = f"{s['rate']:.2f} [{ci[0]:.2f}, {ci[1]:.2f}]" if nv else "-"
-    out.append([name, s.get("mode", "-"), s.get("variant", "-"), f"{nv}/{s['n_examples']}",
+    variant = s.get("variant", "-") + (f" ({s['run']})" if s.get("run") else "")
+    out.append([name, s.get("mode", "-"), variant, f"{nv}/{s.get('n_examples', '?')}",
                 f"{s['n_recovered']}/{nv}", rate, _fmt(s.get("act_drift_valid")), _fmt(s.get("reactivation_valid")),
                 _fmt(s.get("rel_delta_norm_valid")), _fmt(wall_s, ".0f"), links])
   return out or [[name, "-", "-", "-", "-", "no summary rows", "-", "-", "-", _fmt(wall_s, ".0f"), links]]
