@@ -3,15 +3,31 @@ resume of finished settings, a failing setting reported without stopping the oth
 
 import json
 import os
+import random
 import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORDS = {"garden": "rose tulip soil seed water leaf bloom petal root sun",
+         "kitchen": "bread butter oven flour sugar salt pan spoon bake dough",
+         "harbor": "boat ship sail anchor wave tide dock rope mast harbor"}
+
+
+def _tpp_file_overrides(path) -> str:
+  """TPP on a SAEBench-format file (CI has no offline corpus): the demo's tpp overrides flag."""
+  rng = random.Random(0)
+  rows = [{"text": " ".join(rng.choice(ws.split()) for _ in range(24)) + ".", "label": lab}
+          for lab, ws in WORDS.items() for _ in range(40)]
+  path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+  items = ("task.source=file", f"task.data_file={path}", "task.classes=('garden', 'kitchen', 'harbor')")
+  return f"--config.settings.tpp.overrides={items!r}"
 
 
 def _demo(workdir, *flags, arg="tiny,only=ioi-tpp"):
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
-  cmd = [sys.executable, "-m", "recovery_jax.main", f"--config=configs/demo.py:{arg}", f"--workdir={workdir}", *flags]
+  tpp = _tpp_file_overrides(workdir.parent / "topics.jsonl")
+  cmd = [sys.executable, "-m", "recovery_jax.main", f"--config=configs/demo.py:{arg}", f"--workdir={workdir}", tpp,
+         *flags]
   return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
 
 
