@@ -17,9 +17,9 @@ Variants (``configs/refusal.py:<variant>,key=value``):
   paper    gemma-2-2b-it + Gemma Scope resid_post SAEs (user folders) at the circuit layers, a user
            feature list ``features=L:f,L:f,...`` and prompt file ``prompts=...`` (AdvBench/HarmBench
            rows), multiply x3, 128 new tokens (needs model_path, sae_path, prompts, features)
-  topk12   SmolLM2 + the shipped TopK SAE at blocks.12.hook_resid_pre (the stand-in until the suite
-           exists): SAELens additive steering (``add``) of the 8 features best aligned with the openings
-           contrast (20 candidates), strengths (2, 3, 4), 64 prompts, 64 new tokens
+  topk12   SmolLM2 + the shipped TopK SAE at blocks.12.hook_resid_pre: SAELens additive steering
+           (``add``) of the 8 features best aligned with the openings contrast (20 candidates),
+           strengths (2, 3, 4), 64 prompts, 64 new tokens
   tiny     a random-weight tiny llama + random SAEs at blocks.{1,2}.hook_resid_post (CI; seconds)
 Any field can also be overridden with --config.<field>=<value>.
 """
@@ -115,7 +115,7 @@ def get_config(arg=None):
     c.task.n_prompts = 0
     c.features.list = a.features or "REQUIRED: features=L:f,L:f,... (the paper's 20 pairs)"
     c.defence.strengths = (3.0,)
-  elif a.variant == "topk12":  # the shipped TopK SAE (the only SAE until the suite is trained): SAELens steering
+  elif a.variant == "topk12":  # the shipped TopK SAE with SAELens additive steering (real refusal phrases on SmolLM2)
     c.sae = "shipped"
     c.sites = ("blocks.12.hook_resid_pre",)
     c.features.n_candidates = 20
