@@ -104,6 +104,9 @@ def setup(config) -> runner.Setting:
   header = (f"model {config.model}, SAE {scfg.source or config.sae} at {config.site}{where}, {len(batch)} prompts, "
             f"clamp {config.clamp.mode} (positive_only={config.clamp.positive_only}, error term "
             f"{config.clamp.error_term}), {config.recovery.steps} steps, lr {config.recovery.lr}")
+  if len(ranking) < k_max:  # top_positive keeps only features with positive attribution
+    header += (f"; only {len(ranking)} features have positive attribution, so a K above {len(ranking)} "
+               f"clamps those {len(ranking)}")
   return runner.Setting(
       title="IOI post-intervention recovery", header=header, params=params, problems=problems.__getitem__,
       spec=spec, clamps=lambda points: (intervene.stack_clamps([make(p) for p in points]),),
