@@ -15,14 +15,14 @@ import ml_collections
 from recovery_jax.config_utils import parse_arg
 
 DEMO = {
-    "ioi": ("configs/ioi.py", ("site=blocks.12.hook_resid_post", "task.n_prompts=32", "recovery.modes=('none', 'encoder_exact')",
+    "ioi": ("configs/ioi.py", ("site=blocks.12.hook_resid_post", "task.n_prompts=24", "recovery.modes=('none', 'encoder_exact')",
                                "recovery.variants=('per_prompt',)", "cards=6")),
-    "refusal": ("configs/refusal.py", ("task.n_prompts=8", "generation.max_new_tokens=32", "defence.strengths=(3.0,)",
+    "refusal": ("configs/refusal.py", ("task.n_prompts=8", "generation.max_new_tokens=32", "defence.strengths=(4.0,)",
                                        "recovery.max_cases=4", "recovery.modes=('jacobian',)", "recovery.steps1=6",
                                        "recovery.steps2=12", "recovery.n_ans=16", "recovery.jacobian_probes=4",
                                        "recovery.correction_steps=2", "recovery.attribution_modes=()",
                                        "recovery.drop_modes=()", "recovery.budgets=()", "soft_suffix.enabled=False")),
-    "unlearning": ("configs/unlearning.py", ("task.max_questions=40", "task.max_flips=12",
+    "unlearning": ("configs/unlearning.py", ("task.max_questions=40", "task.max_flips=8", "features.max_docs=200",
                                              "recovery.modes=('none', 'encoder')", "diagnostic.enabled=False",
                                              "soft_suffix.max_flips=4", "soft_suffix.variants=('corrected',)")),
     "tpp": ("configs/tpp.py", ("task.n_train=80", "task.n_test=40", "recovery.modes=('none', 'encoder')",

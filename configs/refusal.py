@@ -5,21 +5,23 @@ modes none/encoder/jacobian, generation variants faithful/honest, attribution re
 its error term dropped, a budget sweep) and runs the soft-suffix baseline (``soft_suffix.*``); every
 job is a resumable work unit.
 
-Run (on the embedded default SmolLM2-135M-Instruct + the project's JumpReLU resid_post suite):
+Run (on the embedded default SmolLM2-135M-Instruct + the shipped TopK SAE):
   python -m recovery_jax.main --config=configs/refusal.py --workdir=runs/refusal_default
 
 Variants (``configs/refusal.py:<variant>,key=value``):
-  default  SmolLM2-135M-Instruct; the shipped JumpReLU SAEs at blocks.{9,12,15,18}.hook_resid_post
-           (assets/smollm2-135m-instruct-res{L}-post-jumprelu, found by name); 64 shipped benign
-           prompts; features from the teacher-forced openings contrast on 16 other shipped prompts,
-           10 candidates per site, global top 20; defence multiply, m in (3, 6, 10) (the paper's 3 and
-           a sweep, since x3 may induce too few refusals on SmolLM2)
+  default  SmolLM2-135M-Instruct + the shipped TopK SAE at blocks.12.hook_resid_pre; the 8 features best
+           aligned with the teacher-forced openings contrast (20 candidates) set to v whether active or
+           not (``set``, the clamp form of SAELens steering), v in (3, 4, 5); 64 shipped benign prompts.
+           The one SAE-feature defence found that makes SmolLM2 refuse with real refusal phrases (26/32 at
+           v = 4; README "Refusal steering": the search)
+  suite    the paper's form on the project's JumpReLU resid_post suite: ``multiply`` x m on the global
+           top 20 (site, feature) pairs over blocks.{9,12,15,18}.hook_resid_post (10 candidates per
+           site), m in (3, 6, 10); on SmolLM2 its "refusals" are negative/degenerate openings only
   paper    gemma-2-2b-it + Gemma Scope resid_post SAEs (user folders) at the circuit layers, a user
            feature list ``features=L:f,L:f,...`` and prompt file ``prompts=...`` (AdvBench/HarmBench
            rows), multiply x3, 128 new tokens (needs model_path, sae_path, prompts, features)
-  topk12   SmolLM2 + the shipped TopK SAE at blocks.12.hook_resid_pre: SAELens additive steering
-           (``add``) of the 8 features best aligned with the openings contrast (20 candidates),
-           strengths (2, 3, 4), 64 prompts, 64 new tokens
+  topk12   the default's site and features with SAELens additive steering (``add``: a fixed vector, no
+           SAE clamp, so no recovery), strengths (2, 3, 4), 64 new tokens
   tiny     a random-weight tiny llama + random SAEs at blocks.{1,2}.hook_resid_post (CI; seconds)
 Any field can also be overridden with --config.<field>=<value>.
 """
@@ -41,7 +43,7 @@ def get_config(arg=None):
   # (with {site} or {layer} filled in per site), or "random" (smoke runs)
   c.sae = "shipped"
   # the circuit: the defence multiplies the chosen features at each of these sites, all positions
-  c.sites = tuple(f"blocks.{l}.hook_resid_post" for l in (9, 12, 15, 18))
+  c.sites = ("blocks.12.hook_resid_pre",)
 
   c.task = ml_collections.ConfigDict()
   c.task.prompts_file = ""  # "": the shipped benign instructions (recovery_jax/data/refusal_prompts.jsonl)
@@ -55,13 +57,13 @@ def get_config(arg=None):
   c.features.harmful_file = ""
   c.features.harmless_file = ""
   c.features.n_contrast = 16
-  c.features.n_candidates = 10  # per site, by decoder cosine
+  c.features.n_candidates = 20  # per site, by decoder cosine
   c.features.vector_site = ""  # "": each site's own contrast vector; else that site's for all (paper: layer 15)
-  c.features.k = 20  # global top K (site, feature) pairs
+  c.features.k = 8  # global top K (site, feature) pairs
 
   c.defence = ml_collections.ConfigDict()
-  c.defence.kind = "multiply"  # multiply (the paper), set (active or not), add (SAELens steering)
-  c.defence.strengths = (3.0, 6.0, 10.0)
+  c.defence.kind = "set"  # multiply (the paper), set (active or not), add (SAELens steering)
+  c.defence.strengths = (3.0, 4.0, 5.0)
   c.defence.error_term = "keep"  # keep (the paper) or drop (the SAE as a full bottleneck)
 
   c.generation = ml_collections.ConfigDict()
@@ -115,11 +117,13 @@ def get_config(arg=None):
     c.task.n_prompts = 0
     c.features.list = a.features or "REQUIRED: features=L:f,L:f,... (the paper's 20 pairs)"
     c.defence.strengths = (3.0,)
-  elif a.variant == "topk12":  # the shipped TopK SAE with SAELens additive steering (real refusal phrases on SmolLM2)
-    c.sae = "shipped"
-    c.sites = ("blocks.12.hook_resid_pre",)
-    c.features.n_candidates = 20
-    c.features.k = 8
+  elif a.variant == "suite":  # the paper's cross-layer multiply on the JumpReLU suite
+    c.sites = tuple(f"blocks.{l}.hook_resid_post" for l in (9, 12, 15, 18))
+    c.features.n_candidates = 10
+    c.features.k = 20
+    c.defence.kind = "multiply"
+    c.defence.strengths = (3.0, 6.0, 10.0)
+  elif a.variant == "topk12":  # SAELens additive steering at the default's site (no SAE clamp)
     c.defence.kind = "add"
     c.defence.strengths = (2.0, 3.0, 4.0)
     c.recovery.enabled = False  # additive steering has no SAE clamp to recover through
@@ -152,7 +156,7 @@ def get_config(arg=None):
     c.soft_suffix.n_ans = 4
     c.soft_suffix.n_pref = 2
   elif a.variant != "default":
-    raise ValueError(f"configs/refusal.py: unknown variant {a.variant!r}; expected default, topk12, paper or tiny")
+    raise ValueError(f"configs/refusal.py: unknown variant {a.variant!r}; expected default, suite, topk12, paper or tiny")
   if a.n_prompts:
     c.task.n_prompts = a.n_prompts
   return c

@@ -5,6 +5,7 @@ no text by default) with a resumed rerun that recomputes no work unit."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -146,6 +147,13 @@ def test_app_resume_recomputes_nothing(run_dir):
   assert "resuming: 4 of 4 work units already finished" in proc.stdout
   assert "finished:" not in proc.stdout  # no "work unit i/3 finished: ..." line
   assert (wd / "recovery.jsonl").read_text() == before
+
+
+def test_render_finished_reads_the_run_strength(run_dir):
+  """The partial render of finished units names the strength and valid count the run recovered at."""
+  wd, _ = run_dir
+  head = lambda md: re.search(r"defence .*? prompts", md).group(0)
+  assert head(app.render_finished(str(wd))) == head((wd / "recovery.md").read_text())
 
 
 def test_diverging_recovery_flagged_and_not_counted():

@@ -705,8 +705,8 @@ def render_recovery(config, value: float, n_valid: int, n_prompts: int, summ: di
   v4 = v4_config(config, "jacobian")
   drop = [g for g in summ["groups"] if g["run"] == "error term dropped"]
   out = [f"# Refusal recovery (v4 two-stage)\n",
-         f"defence {config.defence.kind} x{value:g} (error term {config.defence.error_term}); {n_valid} strict-valid "
-         f"cases of {n_prompts} prompts"
+         f"defence {strength_label(config.defence.kind, value)} (error term {config.defence.error_term}); "
+         f"{n_valid} strict-valid cases of {n_prompts} prompts"
          + (f" (first {r.max_cases} recovered)" if r.max_cases else "") +
          f"; stage 1 {v4.steps1} steps lr {v4.lr1} budget {v4.budget1}, stage 2 {v4.steps2} steps lr {v4.lr2} budget "
          f"{v4.budget2} on {v4.n_ans} answer positions; lambda_act {v4.lambda_act}, jacobian probes "
@@ -724,8 +724,9 @@ def render_recovery(config, value: float, n_valid: int, n_prompts: int, summ: di
          "Wilson 95% (W) and the reference's bootstrap (B, 2000 resamples); means with bootstrap intervals.\n",
          stats.recovery_table(summ["groups"]), ""]
   if drop:
-    out.append(f"Error term dropped (each SAE a full bottleneck, x' = D(z')): its own preflight at x{value:g} gives "
-               f"{drop[0].get('preflight_valid', '-')} strict-valid of {n_prompts}; recovered on those.\n")
+    out.append(f"Error term dropped (each SAE a full bottleneck, x' = D(z')): its own preflight at "
+               f"{strength_label(config.defence.kind, value)} gives {drop[0].get('preflight_valid', '-')} strict-valid "
+               f"of {n_prompts}; recovered on those.\n")
   if any(g["run"].startswith("soft suffix") for g in summ["groups"]):
     sc = config.soft_suffix
     out.append(f"Soft suffix (OABD-style, paper-method 9.2): {sc.suffix_len} soft embeddings after the generation "
@@ -742,6 +743,11 @@ def render_recovery(config, value: float, n_valid: int, n_prompts: int, summ: di
   return "\n".join(out) + "\n"
 
 
+def strength_label(kind: str, value: float) -> str:
+  """'multiply x3' or 'set v = 4': how a defence strength reads in logs and tables."""
+  return f"{kind} x{value:g}" if kind == "multiply" else f"{kind} v = {value:g}"
+
+
 def _job_name(j: dict) -> str:
   return f"{j['run']}:{j['mode']}" + ("" if j["budget"] is None else f"@{j['budget']:g}")
 
@@ -751,8 +757,8 @@ def recovery_stage(ctx: RecoveryContext, workdir: str, ids: Sequence[str], log) 
   t0 = time.time()
   jobs = recovery_jobs(ctx.config)
   units = [sweep.WorkUnit(i, (j["run"], j["mode"], j["budget"]), (j,)) for i, j in enumerate(jobs)]
-  log(f"recovery: {int(ctx.valid.sum())} strict-valid cases at x{ctx.value:g}; {len(units)} work units "
-      f"({', '.join(_job_name(j) for j in jobs)})")
+  log(f"recovery: {int(ctx.valid.sum())} strict-valid cases at {strength_label(ctx.config.defence.kind, ctx.value)}; "
+      f"{len(units)} work units ({', '.join(_job_name(j) for j in jobs)})")
   store = sweep.UnitStore(os.path.join(workdir, "units"))
   try:
     results = sweep.run_units(units, lambda u: compute_job(ctx, u.points[0]), store, log=log,
@@ -824,7 +830,7 @@ def render_finished(workdir: str) -> str:
       row["_job"] = k
       case_rows.append(row)
   summ = summarize_recovery(config, sub_jobs, {k: results[i] for k, i in enumerate(done)}, case_rows)
-  value = next((r["value"] for r in pre), 0.0)
+  value = choose_strength(config, pre)  # the strength the run recovered at
   n_valid = sum(r["valid"] for r in pre if r["value"] == value)
   md = render_recovery(config, value, n_valid, len({r["prompt"] for r in pre}), summ, float("nan"))
   md = (f"(partial: {len(done)} of {len(jobs)} work units finished: "
