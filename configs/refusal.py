@@ -12,7 +12,7 @@ Variants (``configs/refusal.py:<variant>,key=value``):
   default  SmolLM2-135M-Instruct + the shipped TopK SAE at blocks.12.hook_resid_pre; the 8 features best
            aligned with the teacher-forced openings contrast (20 candidates) set to v whether active or
            not (``set``, the clamp form of SAELens steering), v in (3, 4, 5); 64 shipped benign prompts.
-           The one SAE-feature defence found that makes SmolLM2 refuse with real refusal phrases (26/32 at
+           The one SAE-feature defence found that makes SmolLM2 refuse with real refusal phrases (57/64 at
            v = 4; README "Refusal steering": the search)
   suite    the paper's form on the project's JumpReLU resid_post suite: ``multiply`` x m on the global
            top 20 (site, feature) pairs over blocks.{9,12,15,18}.hook_resid_post (10 candidates per
@@ -42,7 +42,7 @@ def get_config(arg=None):
   # one SAE per circuit site: "shipped" (the project's SAE for model and site, by name), a folder
   # (with {site} or {layer} filled in per site), or "random" (smoke runs)
   c.sae = "shipped"
-  # the circuit: the defence multiplies the chosen features at each of these sites, all positions
+  # the circuit: the defence steers the chosen features at each of these sites, all positions
   c.sites = ("blocks.12.hook_resid_pre",)
 
   c.task = ml_collections.ConfigDict()
