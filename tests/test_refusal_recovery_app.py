@@ -6,6 +6,7 @@ no text by default) with a resumed rerun that recomputes no work unit."""
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -149,11 +150,21 @@ def test_app_resume_recomputes_nothing(run_dir):
   assert (wd / "recovery.jsonl").read_text() == before
 
 
-def test_render_finished_reads_the_run_strength(run_dir):
-  """The partial render of finished units names the strength and valid count the run recovered at."""
+def test_render_finished_reads_the_run_strength(run_dir, tmp_path):
+  """The partial render of finished units names the strength and valid count the run recovered at
+  (``choose_strength`` of the run's config), not the first preflight row's."""
   wd, _ = run_dir
   head = lambda md: re.search(r"defence .*? prompts", md).group(0)
   assert head(app.render_finished(str(wd))) == head((wd / "recovery.md").read_text())
+  cp = tmp_path / "copy"  # the same run with recovery.strength naming a strength other than the first row's
+  shutil.copytree(wd, cp)
+  cfg = json.loads((cp / "config.json").read_text())
+  pre = [json.loads(l) for l in (cp / "preflight.jsonl").read_text().splitlines() if l.strip()]
+  other = next(float(v) for v in cfg["defence"]["strengths"] if float(v) != pre[0]["value"])
+  cfg["recovery"]["strength"] = other
+  (cp / "config.json").write_text(json.dumps(cfg))
+  n = sum(r["valid"] for r in pre if r["value"] == other)
+  assert f"v = {other:g} (error term keep); {n} strict-valid" in head(app.render_finished(str(cp)))
 
 
 def test_diverging_recovery_flagged_and_not_counted():
