@@ -65,6 +65,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   ap.add_argument("--torch_examples", type=int)
   ap.add_argument("--repeats", type=int, default=2, help="engine runs per row (the fastest is reported)")
   ap.add_argument("--no_torch", action="store_true", help="skip variant (c)")
+  ap.add_argument("--torch_device", default="cpu", help="device of the PyTorch loop (c): cpu or cuda")
   ap.add_argument("--torch_threads", default="", help="torch thread counts to calibrate over (default: 1 and all)")
   ap.add_argument("--d_sae", type=int, default=None, help="SAE width (default 16 x d_model)")
   ap.add_argument("--peak_sizes", default="512,1024,2048", help="matmul sizes of the peak measurement")
@@ -229,7 +230,7 @@ def run_torch(params, wl, model, n, peak, args) -> dict | None:
     return None
   from bench import torch_loop  # pylint: disable=import-outside-toplevel
   from recovery_jax.models import transformer  # pylint: disable=import-outside-toplevel
-  loop = torch_loop.TorchLoop(params, wl)
+  loop = torch_loop.TorchLoop(params, wl, device=args.torch_device)
   threads = loop.calibrate_threads(_ints(args.torch_threads) if args.torch_threads else (1, None))
   tokens = wl.problems.tokens[:1, 0]
   parity = loop.logits_parity(np.asarray(transformer.forward(params, wl.spec.model_cfg, tokens).logits[0]))
@@ -258,7 +259,10 @@ def run_cell(params, cfg, tok, model: str, kind: str, k_max: int, batches: list[
   log(_fmt(ref))
   tor = None
   if not args.no_torch and n_torch > 0:
-    tor = run_torch(params, wl, model, n_torch, peak, args)
+    try:
+      tor = run_torch(params, wl, model, n_torch, peak, args)
+    except Exception as e:  # pylint: disable=broad-except
+      log(f"variant (c) failed on {args.torch_device}, no torch row: {type(e).__name__}: {e}")
     if tor is not None:
       rows.append(tor)
       log(_fmt(tor))
@@ -347,7 +351,8 @@ def markdown(result: dict) -> str:
   return "\n".join(lines) + "\n"
 
 
-def run(args, log=print) -> dict:
+def run(args, log=print, checkpoint=None) -> dict:
+  """The whole grid; ``checkpoint(result)`` (if given) is called after every cell with the rows so far."""
   t0 = time.perf_counter()
   result = {"machine": machine_info(), "args": vars(args),
             "command": "python -m bench.recovery_throughput " + " ".join(sys.argv[1:]) if __name__ == "__main__"
@@ -370,6 +375,8 @@ def run(args, log=print) -> dict:
       for k_max in _ints(args.k_max):
         log(f"{model} / {kind} / K_max={k_max}")
         result["rows"] += run_cell(params, cfg, tok, model, kind, k_max, batches, args, peak, log)
+        if checkpoint is not None:
+          checkpoint(result)
     del params
   result["peak"]["end"] = measure_peak(sizes)
   result["peak_flops_per_s"] = max(result["peak"]["start"]["flops_per_s"], result["peak"]["end"]["flops_per_s"])
@@ -391,10 +398,24 @@ def write(result: dict, out_dir: str) -> tuple[str, str]:
   return js, md
 
 
+def write_partial(result: dict, out_dir: str) -> str:
+  """``recovery_throughput.partial.json``: the rows finished so far (a run stopped by a time limit keeps
+  them); written atomically, removed by ``main`` when the run completes."""
+  os.makedirs(out_dir, exist_ok=True)
+  path = os.path.join(out_dir, "recovery_throughput.partial.json")
+  with open(path + ".tmp", "w") as f:
+    json.dump(result, f, indent=1, default=str)
+  os.replace(path + ".tmp", path)
+  return path
+
+
 def main(argv=None) -> None:
   args = parse_args(argv)
-  result = run(args)
+  result = run(args, checkpoint=lambda r: write_partial(r, args.out_dir))
   js, md = write(result, args.out_dir)
+  partial = os.path.join(args.out_dir, "recovery_throughput.partial.json")
+  if os.path.exists(partial):
+    os.remove(partial)
   print(markdown(result))
   print(f"wrote {js} and {md}")
 

@@ -133,24 +133,29 @@ def check_supported(wl: Workload) -> None:
 class TorchLoop:
   """Per-example PyTorch recovery of a ``Workload`` (variant c)."""
 
-  def __init__(self, params, wl: Workload, threads: int | None = None):
+  def __init__(self, params, wl: Workload, threads: int | None = None, device: str = "cpu"):
+    """``device``: a torch device ("cpu", "cuda"); on CUDA, float32 matmuls may use TF32, as JAX's
+    default precision does there, and step times are taken after ``torch.cuda.synchronize``."""
     check_supported(wl)
     if threads:
       torch.set_num_threads(threads)
+    self.dev = torch.device(device)
+    if self.dev.type == "cuda":
+      torch.backends.cuda.matmul.allow_tf32 = True
     self.cfg, self.wl, self.spec, self.rcfg = wl.spec.model_cfg, wl, wl.spec, wl.spec.config
-    self.model = to_hf(params, self.cfg)
+    self.model = to_hf(params, self.cfg).to(self.dev)
     pbs = jax.tree.map(lambda a: np.asarray(a)[:, 0], wl.problems)  # [N, ...]: one row per example
-    self.tokens = torch.from_numpy(np.array(pbs.tokens, np.int64))
+    on = lambda a, dt=np.int64: torch.from_numpy(np.array(a, dt)).to(self.dev)
+    self.tokens = on(pbs.tokens)
     self.targets = pbs.targets
-    self.cols = {k: torch.from_numpy(np.array(getattr(pbs, k + "_cols"), np.int64))
-                 for k in ("delta", "readout", "monitor")}
-    self.saes = [{k: _t(v) for k, v in c.sae.items()} for c in wl.clamps]
+    self.cols = {k: on(getattr(pbs, k + "_cols")) for k in ("delta", "readout", "monitor")}
+    self.saes = [{k: on(v, np.float32) for k, v in c.sae.items()} for c in wl.clamps]
     self.b_in = [c.sae_cfg.apply_b_dec_to_input for c in wl.clamps]
-    self.idx = [torch.from_numpy(np.array(c.params.feature_idx, np.int64)) for c in wl.clamps]
-    self.fmask = [torch.from_numpy(np.array(c.mask, bool)) for c in wl.clamps]
+    self.idx = [on(c.params.feature_idx) for c in wl.clamps]
+    self.fmask = [on(c.mask, bool) for c in wl.clamps]
     self.values = [float(c.params.value) for c in wl.clamps]
-    self.enc = [_t(c.encoder_columns()) for c in wl.clamps]  # masked [d, K]
-    self.dec = [_t(c.decoder_rows()) for c in wl.clamps]  # masked [K, d]
+    self.enc = [on(c.encoder_columns(), np.float32) for c in wl.clamps]  # masked [d, K]
+    self.dec = [on(c.decoder_rows(), np.float32) for c in wl.clamps]  # masked [K, d]
     self.layers = [sites_lib.parse_site(s).layer for s in self.spec.delta_sites]
 
   # --- SAE pieces (standard ReLU SAE, sparse clamp) -------------------------------------------
@@ -226,7 +231,7 @@ class TorchLoop:
     lo = logits[0, self.cols["readout"][i]].float()
     if obj.kind == "logit_diff":
       return lo[0, int(self.targets["pos"][i])] - lo[0, int(self.targets["neg"][i])]
-    nxt = torch.from_numpy(np.array(self.targets["next_tokens"][i], np.int64))
+    nxt = torch.from_numpy(np.array(self.targets["next_tokens"][i], np.int64)).to(self.dev)
     lp = torch.log_softmax(lo, dim=-1).gather(-1, nxt[:, None])[:, 0]
     return obj.w_ans * lp.mean()
 
@@ -255,7 +260,8 @@ class TorchLoop:
     x_def = None
     if self.spec.semantics == "frozen":
       x_def = self._clamp(0, self._resid_pre(self.tokens[i:i + 1], self.layers[0]))
-    delta = torch.zeros(len(self.layers), self.cols["delta"].shape[1], self.cfg.d_model, requires_grad=True)
+    delta = torch.zeros(len(self.layers), self.cols["delta"].shape[1], self.cfg.d_model, requires_grad=True,
+                        device=self.dev)
     refs = None
     if r.is_jacobian or r.lambda_act:
       with torch.no_grad():
@@ -263,9 +269,10 @@ class TorchLoop:
         self._forward(i, delta, x_def, caps)
         refs = self._feats(caps, i)
     opt = torch.optim.Adam([delta], lr=r.lr, betas=(r.b1, r.b2), eps=r.eps)
-    gen = torch.Generator().manual_seed(TORCH_SEED)
+    gen = torch.Generator(self.dev).manual_seed(TORCH_SEED)
     t1 = time.perf_counter()
     step_times = timing.setdefault("step_times", [])
+    self._sync()
     for _ in range(steps):
       ts = time.perf_counter()
       caps = {}
@@ -287,6 +294,7 @@ class TorchLoop:
         nrm = delta.norm()
         if nrm > r.budget:
           delta.mul_(r.budget / (nrm + 1e-8))
+      self._sync()
       step_times.append(time.perf_counter() - ts)
     t2 = time.perf_counter()
     with torch.no_grad():
@@ -296,10 +304,14 @@ class TorchLoop:
     timing["steps"] = timing.get("steps", 0.0) + (t2 - t1)
     return obj
 
+  def _sync(self):
+    if self.dev.type == "cuda":
+      torch.cuda.synchronize(self.dev)
+
   @staticmethod
   def _encoder_null(a: torch.Tensor, g: torch.Tensor, ridge: float) -> torch.Tensor:
     """Reference ``project_to_encoder_null``: g - A (A^T A + ridge I)^-1 A^T g, rows of g."""
-    gram = a.T @ a + ridge * torch.eye(a.shape[1])
+    gram = a.T @ a + ridge * torch.eye(a.shape[1], device=a.device)
     coeff = torch.linalg.solve(gram, a.T @ g.T)
     return g - (a @ coeff).T
 
@@ -313,7 +325,7 @@ class TorchLoop:
     if r.jacobian_drift_probe and d.norm() > 1e-8:
       probes.append(d / d.norm())
     for _ in range(r.jacobian_probes):
-      v = torch.randn(z.shape[0], generator=gen)
+      v = torch.randn(z.shape[0], generator=gen, device=z.device)
       probes.append(v / v.norm())
     basis = []
     for p in probes:
@@ -334,12 +346,14 @@ class TorchLoop:
     """Sets torch's intra-op thread count to the fastest of ``candidates`` (None: all cores) on a
     full forward + backward; OpenMP barriers degrade badly on a shared, oversubscribed CPU."""
     import os  # pylint: disable=import-outside-toplevel
+    if self.dev.type != "cpu":
+      return torch.get_num_threads()
     ids = self.tokens[:1]
     best, best_t = 1, float("inf")
     for c in candidates:
       n = c or os.cpu_count() or 1
       torch.set_num_threads(n)
-      x = torch.zeros(1, requires_grad=True)
+      x = torch.zeros(1, requires_grad=True, device=self.dev)
 
       def run():
         h = {}
@@ -364,7 +378,7 @@ class TorchLoop:
   def logits_parity(self, jax_logits: np.ndarray, i: int = 0) -> float:
     """Max |logit difference| against recovery_jax's forward on example i (no edits)."""
     with torch.no_grad():
-      out = self.model(self.tokens[i:i + 1]).logits[0].numpy()
+      out = self.model(self.tokens[i:i + 1]).logits[0].cpu().numpy()
     return float(np.max(np.abs(out - jax_logits)))
 
   def run(self, n: int, steps: int | None = None) -> dict:

@@ -10,7 +10,8 @@ Arguments (``file.py:key=value,...``; a bare word sets that boolean to True):
   smoke      tiny random model, two sites, byte tokenizer, stdlib text (seconds; tests)
   layers     dash-separated layers (default 3-6-9-12-15-18-21-24)
   l0_coeff   JumpReLU L0 coefficient (inputs scaled to mean norm sqrt(d_in)); init_l0 the mean L0
-             the initial thresholds give; freeze: steps without threshold updates (decoder warm-up);
+             the initial thresholds give (init_l0=0: every threshold starts at init_threshold, e.g.
+             0.001 as Gemma Scope); freeze: steps without threshold updates (decoder warm-up);
              d_sae, lr, batch, tokens, heldout, epochs, seed
 Exports go to ``export/smollm2-135m-instruct-res{L}-post-jumprelu`` (copy them to ``assets/``).
 """
@@ -22,7 +23,7 @@ from recovery_jax.config_utils import parse_arg
 SUITE_LAYERS = (3, 6, 9, 12, 15, 18, 21, 24)
 DEFAULTS = dict(pilot=False, smoke=False, model="smollm2-135m-instruct", layers="-".join(map(str, SUITE_LAYERS)),
                 d_sae=4608, l0_coeff=0.4, init_l0=64.0, bandwidth=0.05, lr=5e-4, batch=2048, tokens=600_000,
-                heldout=60_000, epochs=3.0, seed=0, dtype="float16", freeze=0)
+                heldout=60_000, epochs=3.0, seed=0, dtype="float16", freeze=0, init_threshold=0.1)
 
 
 def export_name(model: str, layer: int) -> str:
@@ -55,7 +56,7 @@ def get_config(arg=None):
   c.sae = ml_collections.ConfigDict(dict(
       architecture="jumprelu", d_sae=a.d_sae, k=64, lr=a.lr, batch_size=a.batch, warmup_steps=50, decay_frac=0.3,
       l0_coeff=a.l0_coeff, sparsity_warmup_steps=100, jumprelu_bandwidth=a.bandwidth, jumprelu_init_l0=a.init_l0,
-      jumprelu_init_threshold=0.1, jumprelu_freeze_steps=a.freeze, dead_tokens=500_000, grad_clip=1.0))
+      jumprelu_init_threshold=a.init_threshold, jumprelu_freeze_steps=a.freeze, dead_tokens=500_000, grad_clip=1.0))
   c.site_sparsity_coeffs = ()  # one L0 coefficient per site (same order as hook_names); () = sae.l0_coeff
   c.site_axis = "auto"  # "vmap" | "map" | "auto" (map on CPU, vmap on accelerators)
   c.total_steps = 0

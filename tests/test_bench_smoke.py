@@ -1,5 +1,6 @@
 """Smoke run of the throughput benchmark harness on a tiny random model (no timing assertions)."""
 
+import json
 import math
 
 import numpy as np
@@ -12,9 +13,21 @@ ARGS = ["--models=tiny-llama", "--workloads=ioi,refusal", "--ioi_batches=3", "--
         "--d_sae=128", "--peak_sizes=128", "--repeats=1", "--no_torch"]
 
 
+CHECKPOINTS = []  # rows finished at each checkpoint call of the module's run
+
+
 @pytest.fixture(scope="module")
 def result():
-  return rt.run(rt.parse_args(ARGS), log=lambda *a: None)
+  return rt.run(rt.parse_args(ARGS), log=lambda *a: None, checkpoint=lambda r: CHECKPOINTS.append(len(r["rows"])))
+
+
+def test_finished_cells_are_checkpointed(result, tmp_path):
+  """One checkpoint per (model, workload, K_max) cell with the rows so far: a run stopped by a time
+  limit keeps what it finished (``recovery_throughput.partial.json``)."""
+  assert CHECKPOINTS == [2, 4]  # ioi: reference + engine; then refusal
+  path = rt.write_partial(result, str(tmp_path))
+  assert json.loads(open(path).read())["rows"][0]["variant"] == "reference"
+  assert not (tmp_path / "recovery_throughput.partial.json.tmp").exists()
 
 
 def test_rows_and_figures_are_finite(result):
