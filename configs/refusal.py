@@ -92,6 +92,9 @@ def get_config(arg=None):
   c.recovery.drop_modes = ("jacobian",)  # the same recovery with defence.error_term=drop
   c.recovery.budget_mode = "jacobian"
   c.recovery.budgets = (2.0, 5.0, 10.0, 20.0, 40.0)  # both stages; () skips the sweep
+  # feature-set sizes: the global top K of the ranking (budget_mode, the chosen strength), each K with its own
+  # preflight; every defence padded to one K_max so all share the compiled recovery; () skips the sweep
+  c.recovery.ks = (2, 4, 16)
   c.plots = True
   # OABD-style soft-suffix baseline (paper-method 9.2; paper run values) on the same valid cases
   c.soft_suffix = ml_collections.ConfigDict()
@@ -117,6 +120,7 @@ def get_config(arg=None):
     c.task.n_prompts = 0
     c.features.list = a.features or "REQUIRED: features=L:f,L:f,... (the paper's 20 pairs)"
     c.defence.strengths = (3.0,)
+    c.recovery.ks = ()  # a user feature list has no ranking to take the top K of
   elif a.variant == "suite":  # the paper's cross-layer multiply on the JumpReLU suite
     c.sites = tuple(f"blocks.{l}.hook_resid_post" for l in (9, 12, 15, 18))
     c.features.n_candidates = 10
@@ -151,6 +155,7 @@ def get_config(arg=None):
     c.recovery.batch_size = 2
     c.recovery.attribution_top_k = 3
     c.recovery.budgets = (2.0, 40.0)
+    c.recovery.ks = (2,)  # the top 2 span both sites: the main run's program; top 3 and 4 give no valid case here
     c.soft_suffix.suffix_len = 2
     c.soft_suffix.steps = 2
     c.soft_suffix.n_ans = 4

@@ -2,6 +2,8 @@
 against an independent per-example implementation, and the stage-2 objective against a hand-written
 forward; generation edits (faithful vs honest) on a tiny random model."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -151,3 +153,31 @@ def test_build_problems_layout():
   with pytest.raises(ValueError, match="non-empty base answer"):
     R.build_problems([[1, 2]], [[]], DISC, CFG)
   assert R.with_fixed(p2, jnp.zeros((3, 2, 1, 32))).fixed_cols[:, 0, 0].tolist() == [4, 6, 5]
+
+
+def test_run_shapes_share_one_program_and_change_nothing(setup):
+  """The K sweep's contract: calls on different case subsets with different feature sets (padded to one
+  K_max) share one compiled program per stage when given the run's ``stage_shapes``, and padding a
+  subset to those shapes (longer rows, wider suffix, a padded chunk) gives the same recovery as its
+  own per-call shapes."""
+  params, cfg, saes, _ = setup
+  c = dataclasses.replace(CFG, projection="none")
+  shapes = R.stage_shapes(PROMPTS, ANSWERS, DISC, c, batch=3)
+  small = D.make_defence(D.DefenceSpec("multiply"), saes, {SITES[0]: [4], SITES[1]: [3]}, 3.0, k_max=3)
+  full = D.make_defence(D.DefenceSpec("multiply"), saes, FEATS, 3.0, k_max=3)
+  key = jax.random.key(5)
+
+  def run(defence, idx, sh):
+    return R.recover_two_stage(params, cfg, defence, SITES, [PROMPTS[i] for i in idx], [ANSWERS[i] for i in idx],
+                               DISC, c, key, shapes=sh)
+
+  run(full, [0, 1, 2], shapes)
+  n_programs = engine._examples_jit._cache_size()  # pylint: disable=protected-access
+  padded = run(small, [2], shapes)  # case 2 is the shortest: padded to a longer row than its own
+  assert engine._examples_jit._cache_size() == n_programs  # pylint: disable=protected-access
+  own = run(small, [2], None)
+  assert engine._examples_jit._cache_size() > n_programs  # pylint: disable=protected-access
+  for stage in ("stage1", "stage2"):
+    a, b = getattr(padded, stage), getattr(own, stage)
+    np.testing.assert_allclose(np.asarray(a.objective), np.asarray(b.objective), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(a.delta), np.asarray(b.delta), atol=1e-5)

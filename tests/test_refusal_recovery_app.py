@@ -88,8 +88,18 @@ def test_choose_strength_and_jobs():
   names = [app._job_name(j) for j in jobs]  # pylint: disable=protected-access
   # budget 40 equals the main run's budgets: read from the main jacobian run, not recomputed
   assert names == ["main:none", "main:encoder", "main:jacobian", "error term dropped:jacobian", "budget:jacobian@2",
-                   "soft suffix:faithful", "soft suffix:corrected"]
-  assert [j["attribution"] for j in jobs] == [False, False, True, False, False, False, False]
+                   "soft suffix:faithful", "soft suffix:corrected", "K:jacobian@K=2"]
+  assert [j["attribution"] for j in jobs] == [False, False, True, False, False, False, False, False]
+  c = _config()
+  c.recovery.ks = (3, 6)  # K = features.k (6) is the main jacobian run: read from it, not recomputed
+  assert [app._job_name(j) for j in app.recovery_jobs(c)][-1:] == ["K:jacobian@K=3"]  # pylint: disable=protected-access
+  c.features.list = "1:2,2:3"
+  with pytest.raises(Exception, match="recovery.ks"):
+    app.validate(c)
+  c = _config()
+  c.recovery.ks = (9,)  # 4 candidates x 2 sites = 8 ranked pairs
+  with pytest.raises(Exception, match="recovery.ks' has 9"):
+    app.validate(c)
 
 
 def _app(workdir, *flags):
@@ -112,11 +122,11 @@ def run_dir(tmp_path_factory):
 def test_app_recovery_end_to_end(run_dir):
   wd, proc = run_dir
   for name in ("recovery.json", "recovery.jsonl", "recovery.md", "summary.md", "summary.jsonl",
-               "recovery_vs_budget.png"):
+               "recovery_vs_budget.png", "recovery_vs_k.png"):
     assert (wd / name).exists(), name
   rec = json.load(open(wd / "recovery.json"))
   assert [app._job_name(j) for j in rec["jobs"]] == ["main:jacobian", "error term dropped:jacobian",  # pylint: disable=protected-access
-                                                     "budget:jacobian@2", "soft suffix:corrected"]
+                                                     "budget:jacobian@2", "soft suffix:corrected", "K:jacobian@K=2"]
   rows = [json.loads(l) for l in open(wd / "recovery.jsonl")]
   main = [r for r in rows if r["run"] == "main"]
   assert len(main) == 2 and all(r["mode"] == "jacobian" for r in main)
@@ -136,8 +146,13 @@ def test_app_recovery_end_to_end(run_dir):
   assert len(soft) == 2 and all(0 <= r["soft_delta_norm"] <= 40.0 + 1e-3 for r in soft)
   assert ("soft suffix (OABD)", "corrected") in {(s["run"], s["variant"]) for s in summ}
   assert sorted({b["budget"] for b in rec["budget"]}) == [2.0, 40.0]
+  k_rows = [r for r in rows if r["run"] == "K"]  # top-2 features: its own preflight, its own valid cases
+  assert all(r["k"] == 2 and r["mode"] == "jacobian" for r in k_rows) and len(k_rows) == 2
+  assert [(k["k"], k["variant"]) for k in rec["k"]] == [(2, "faithful"), (2, "honest")]
+  assert rec["k"][0]["recovered"]["n"] == len(k_rows) and isinstance(rec["k"][0]["preflight_valid"], int)
   md = (wd / "summary.md").read_text()
   assert "Refusal steering preflight" in md and "Recovery-path attribution" in md and "Budget sweep" in md
+  assert "Feature-set size sweep" in md
   assert "| main" in proc.stdout
 
 
@@ -145,7 +160,7 @@ def test_app_resume_recomputes_nothing(run_dir):
   wd, _ = run_dir
   before = (wd / "recovery.jsonl").read_text()
   proc = _app(wd)
-  assert "resuming: 4 of 4 work units already finished" in proc.stdout
+  assert "resuming: 5 of 5 work units already finished" in proc.stdout
   assert "finished:" not in proc.stdout  # no "work unit i/3 finished: ..." line
   assert (wd / "recovery.jsonl").read_text() == before
 

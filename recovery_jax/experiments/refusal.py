@@ -15,8 +15,11 @@ and mode) for every ``recovery.modes`` projection; then greedy generation with t
 the live defence, ``faithful`` (stage-1 anchor delta only) and ``honest`` (both stages at absolute
 positions), and the detectors on the recovered text. Further work units: the recovery-path attribution
 replay of the stage-1 delta (``attribution_modes``), the same recovery with ``error_term=drop`` (with
-its own preflight), and a budget sweep (both stage budgets = b; budgets are traced, so one program per
-static structure). Every job is one resumable work unit (``workdir/units``, orbax): a rerun with the
+its own preflight), a budget sweep (both stage budgets = b) and a feature-set-size sweep (``recovery.ks``:
+the global top K of the ranking, each K with its own preflight). Every recovery call of a run shares
+one set of shapes (``refusal_recovery.StageShapes``: chunk size, length and suffixes of all cases) and
+pads every defence to one K_max, so budgets, feature sets and case sets are traced values of one
+compiled program per stage and static structure. Every job is one resumable work unit (``workdir/units``, orbax): a rerun with the
 same config recomputes the preflight but no finished unit. Diverged recoveries (non-finite objective or
 delta) are flagged, never counted as recovered.
 
@@ -24,7 +27,7 @@ Outputs in the workdir: ``config.json``, ``features.json`` (sites, candidates, s
 ``preflight.jsonl`` (one row per (value, prompt): labels, rule, opening category, lengths; the texts
 only with ``save_text``), ``preflight.md`` (the valid count per value, split by rule),
 ``recovery.jsonl`` (one row per (job, case): labels, drifts, norms; texts only with ``save_text``),
-``recovery.json`` / ``recovery.md`` (tables), ``recovery_vs_budget.png``, ``summary.md`` and
+``recovery.json`` / ``recovery.md`` (tables), ``recovery_vs_budget.png``, ``recovery_vs_k.png``, ``summary.md`` and
 ``summary.jsonl`` (one row per run x mode x variant).
 """
 
@@ -100,6 +103,15 @@ def validate(config) -> None:
     for b in r.budgets:
       if float(b) <= 0:
         raise errors.UserError(f"config field 'recovery.budgets' has {b}: expected > 0")
+    ks = tuple(r.get("ks", ()))
+    if ks and config.features.list:
+      raise errors.UserError("config field 'recovery.ks': the K sweep takes the global top K of the contrast ranking; "
+                             "with a user 'features.list' set recovery.ks=()")
+    n_pairs = int(config.features.n_candidates) * len(config.sites)
+    for k in ks:
+      if not 1 <= int(k) <= n_pairs:
+        raise errors.UserError(f"config field 'recovery.ks' has {k}: expected 1 <= K <= features.n_candidates x "
+                               f"sites = {n_pairs}")
     for f in ("steps1", "steps2", "n_ans"):
       if int(r[f]) < 1:
         raise errors.UserError(f"config field 'recovery.{f}'={r[f]}: expected >= 1")
@@ -191,8 +203,9 @@ def count_valid(rows: Sequence[dict]) -> dict[str, int]:
   return out
 
 
-def _features(config, params, mcfg, tok, saes, sites, pad_id, log) -> tuple[dict, dict]:
-  """The defended feature set (site -> ids) and its record for features.json."""
+def _features(config, params, mcfg, tok, saes, sites, pad_id, log) -> tuple[dict, dict, Any]:
+  """The defended feature set (site -> ids), its record for features.json and the ranking (None for a
+  user list)."""
   f = config.features
   if f.list:
     if f.list.startswith("REQUIRED"):
@@ -201,7 +214,7 @@ def _features(config, params, mcfg, tok, saes, sites, pad_id, log) -> tuple[dict
       feats = feat_lib.parse_feature_list(f.list, sites)
     except ValueError as e:
       raise errors.UserError(f"config field 'features.list': {e}") from e
-    return feats, {"source": "user list", "features": feats}
+    return feats, {"source": "user list", "features": feats}, None
   tmpl = task.template_name(mcfg)
   if f.contrast == "files":
     if not (f.harmful_file and f.harmless_file):
@@ -233,8 +246,9 @@ def _features(config, params, mcfg, tok, saes, sites, pad_id, log) -> tuple[dict
             "candidates": {s: ranking.candidates[s].tolist() for s in sites},
             "cosines": {s: np.round(ranking.cosines[s], 5).tolist() for s in sites},
             "scores": {s: np.round(ranking.scores[s], 6).tolist() for s in sites},
-            "top": [[s, f_, round(x, 6)] for s, f_, x in ranking.top[:f.k]], "features": feats}
-  return feats, record
+            "top": [[s, f_, round(x, 6)] for s, f_, x in ranking.top[:max([f.k, *config.recovery.get("ks", ())])]],
+            "features": feats}
+  return feats, record, ranking
 
 
 def _table(counts: dict[float, dict]) -> str:
@@ -274,7 +288,7 @@ def run(config, workdir: str) -> dict[str, Any]:
   stop_ids = tuple(sorted(set(chat.stop_token_ids(tmpl, tok.token_to_id)) | set(mcfg.eos_token_ids or ())))
   log(f"model {config.model}, SAEs at {', '.join(sites)} ({config.sae}); template {tmpl}, stop ids {stop_ids}")
 
-  feats, record = _features(config, params, mcfg, tok, saes, sites, pad_id, log)
+  feats, record, ranking = _features(config, params, mcfg, tok, saes, sites, pad_id, log)
   report.atomic_write(os.path.join(workdir, "features.json"), json.dumps(record, indent=1))
   log(f"defended features: {sum(len(v) for v in feats.values())} over {len(feats)} sites")
 
@@ -284,7 +298,7 @@ def run(config, workdir: str) -> dict[str, Any]:
   kw = dict(max_new_tokens=g.max_new_tokens, batch_size=g.batch_size, stop_ids=stop_ids, pad_id=pad_id)
   base, base_len, base_ids = generate_answers(params, mcfg, tok, prompts, None, **kw)
   spec = defence_lib.DefenceSpec(config.defence.kind, config.defence.error_term)
-  k_max = max(len(v) for v in feats.values())
+  k_max = defence_k_max(config, feats, ranking)
   rows, counts = [], {}
   for value in config.defence.strengths:
     defence = defence_lib.make_defence(spec, saes, feats, float(value), k_max=k_max)
@@ -317,10 +331,11 @@ def run(config, workdir: str) -> dict[str, Any]:
     value = choose_strength(config, rows)
     valid = np.asarray([r["valid"] for r in rows if r["value"] == value], bool)
     order = tuple(sorted(sites, key=lambda x: sites_lib.visit_key(x, mcfg.n_layers)))
+    discouraged = rec_lib.discouraged_ids(tok, config.recovery.discourage_safety_prefixes)
     ctx = RecoveryContext(config=config, params=params, mcfg=mcfg, tok=tok, sites=order, saes=saes, feats=feats,
                           value=value, prompts=prompts, base_texts=base, base_ids=base_ids, valid=valid,
-                          stop_ids=stop_ids, pad_id=pad_id,
-                          discouraged=rec_lib.discouraged_ids(tok, config.recovery.discourage_safety_prefixes))
+                          stop_ids=stop_ids, pad_id=pad_id, discouraged=discouraged, ranking=ranking, k_max=k_max,
+                          shapes=run_shapes(config, tok, prompts, base_ids, discouraged, pad_id))
     rec = recovery_stage(ctx, workdir, [r.id for r in rows_in], log)
     out["recovery"] = rec
     summary += "\n" + rec["markdown"]
@@ -357,6 +372,39 @@ class RecoveryContext:
   stop_ids: tuple
   pad_id: int
   discouraged: list
+  ranking: Any = None  # refusal_features.Ranking (the K sweep's feature sets); None for a user list
+  k_max: int = 0  # every defence of the run padded to this many features per site (0: the main set's)
+  shapes: Any = None  # refusal_recovery.StageShapes shared by every recovery call (None: per call)
+
+  def features_for(self, job: dict) -> dict:
+    """site -> feature ids of a job's defence: the main set, or the global top ``job['k']``."""
+    return self.feats if job.get("k") is None else self.ranking.features(int(job["k"]))
+
+  def defence_for(self, job: dict) -> tuple:
+    spec = defence_lib.DefenceSpec(self.config.defence.kind, job["error_term"])
+    feats = self.features_for(job)
+    return defence_lib.make_defence(spec, self.saes, feats, self.value,
+                                    k_max=self.k_max or max(len(v) for v in feats.values()))
+
+
+def defence_k_max(config, feats: dict, ranking) -> int:
+  """Features per site every defence of the run is padded to: the most at one site over the main set
+  and the K sweep's sets, so all of them share one compiled program."""
+  sets = [feats] + [ranking.features(int(k)) for k in (config.recovery.get("ks", ()) if ranking is not None else ())]
+  return max(len(v) for fs in sets for v in fs.values())
+
+
+def run_shapes(config, tok, prompts: Sequence[str], base_ids: Sequence[Sequence[int]], discouraged,
+               pad_id: int) -> rec_lib.StageShapes | None:
+  """The recovery shapes of every prompt with a base answer (any job's cases are a subset): chunk =
+  ``recovery.batch_size``, else ``max_cases``, else all of them."""
+  idx = [i for i, a in enumerate(base_ids) if len(a)]
+  if not idx:
+    return None
+  r = config.recovery
+  batch = int(r.batch_size) or min(int(r.max_cases) or len(idx), len(idx))
+  return rec_lib.stage_shapes([tok.encode(prompts[i], add_special_tokens=False).ids for i in idx],
+                              [base_ids[i] for i in idx], discouraged, v4_config(config, "none"), batch, pad_id)
 
 
 def v4_config(config, mode: str, budget: float | None = None) -> rec_lib.V4Config:
@@ -371,9 +419,10 @@ def v4_config(config, mode: str, budget: float | None = None) -> rec_lib.V4Confi
 
 
 def recovery_jobs(config) -> list[dict]:
-  """The recovery work units: every mode (main), the error-term-dropped defence (``drop_modes``) and
+  """The recovery work units: every mode (main), the error-term-dropped defence (``drop_modes``),
   the budget sweep (``budget_mode`` at each of ``budgets``, both stages; a budget equal to the main
-  run's is read from the main run)."""
+  run's is read from the main run), the soft suffix and the K sweep (``budget_mode`` with the global
+  top K features, each its own preflight; K = ``features.k`` is read from the main run)."""
   r = config.recovery
   keep = config.defence.error_term
   jobs = [dict(run="main", mode=m, error_term=keep, budget=None, attribution=m in tuple(r.attribution_modes))
@@ -387,6 +436,9 @@ def recovery_jobs(config) -> list[dict]:
   ss = config.get("soft_suffix")
   if ss is not None and ss.enabled:
     jobs += [dict(run="soft suffix", mode=v, error_term=keep, budget=None, attribution=False) for v in ss.variants]
+  main_k = lambda k: int(k) == int(config.features.k) and r.budget_mode in tuple(r.modes)
+  jobs += [dict(run="K", mode=r.budget_mode, error_term=keep, budget=None, attribution=False, k=int(k))
+           for k in r.get("ks", ()) if not main_k(k)]  # last: unit ids of earlier workdirs stay valid
   return jobs
 
 
@@ -399,9 +451,7 @@ def compute_soft(ctx: RecoveryContext, job: dict) -> dict[str, np.ndarray]:
   """The OABD-style soft-suffix baseline (``tasks.refusal_soft_suffix``) on the valid cases, variant
   ``job['mode']``: labels of its generations (prefix ``soft``), drift, suffix norms."""
   config, sc = ctx.config, ctx.config.soft_suffix
-  k_max = max(len(v) for v in ctx.feats.values())
-  defence = defence_lib.make_defence(defence_lib.DefenceSpec(config.defence.kind, job["error_term"]), ctx.saes,
-                                     ctx.feats, ctx.value, k_max=k_max)
+  defence = ctx.defence_for(job)
   idx = select_cases(ctx.valid, ctx.base_ids, int(config.recovery.max_cases))
   out: dict[str, np.ndarray] = {"n_cases": np.asarray([len(idx)], np.int32)}
   if not len(idx):
@@ -511,12 +561,10 @@ def compute_job(ctx: RecoveryContext, job: dict) -> dict[str, np.ndarray]:
   if job["run"] == "soft suffix":
     return compute_soft(ctx, job)
   config, r = ctx.config, ctx.config.recovery
-  spec = defence_lib.DefenceSpec(config.defence.kind, job["error_term"])
-  k_max = max(len(v) for v in ctx.feats.values())
-  defence = defence_lib.make_defence(spec, ctx.saes, ctx.feats, ctx.value, k_max=k_max)
+  defence = ctx.defence_for(job)
   out: dict[str, np.ndarray] = {}
   valid = ctx.valid
-  if job["error_term"] != config.defence.error_term:  # the defence changed: its own strict validity
+  if job["error_term"] != config.defence.error_term or job.get("k") is not None:  # another defence: own validity
     g = config.generation
     dtexts, _, _ = generate_answers(ctx.params, ctx.mcfg, ctx.tok, ctx.prompts, defence,
                                     max_new_tokens=g.max_new_tokens, batch_size=g.batch_size,
@@ -535,7 +583,8 @@ def compute_job(ctx: RecoveryContext, job: dict) -> dict[str, np.ndarray]:
   prompt_ids = [ctx.tok.encode(ctx.prompts[i], add_special_tokens=False).ids for i in idx]
   answers = [ctx.base_ids[i] for i in idx]
   res = rec_lib.recover_two_stage(ctx.params, ctx.mcfg, defence, ctx.sites, prompt_ids, answers, ctx.discouraged, v4,
-                                  jax.random.key(config.seed), ctx.pad_id, batch_size=int(r.batch_size) or None)
+                                  jax.random.key(config.seed), ctx.pad_id, batch_size=int(r.batch_size) or None,
+                                  shapes=ctx.shapes)
   s1, s2 = res.stage1, res.stage2
   d1, d2 = np.asarray(s1.delta, np.float32), np.asarray(s2.delta, np.float32)  # [N, S, 1, d], [N, S, P, d]
   ans_valid = np.arange(v4.n_ans)[None] < np.minimum(v4.n_ans, [len(a) for a in answers])[:, None]  # [N, P]
@@ -632,7 +681,7 @@ def _case_rows(ctx: RecoveryContext, job: dict, res: dict, ids: Sequence[str]) -
   variants = _prefixes(ctx.config, job)
   for j, i in enumerate(np.asarray(res["case"]).tolist()):
     row = {"run": job["run"], "mode": job["mode"], "error_term": job["error_term"], "budget": job["budget"],
-           "prompt": int(i), "id": ids[i], "diverged": bool(res["diverged"][j])}
+           "k": job.get("k"), "prompt": int(i), "id": ids[i], "diverged": bool(res["diverged"][j])}
     for k in ("drift_rel", "floor_rel", "reactivation", "act_drift_l2", "drift1_rel", "objective1", "objective2"):
       row[k] = float(res[k][j])
     for v in variants:
@@ -657,11 +706,13 @@ def _case_rows(ctx: RecoveryContext, job: dict, res: dict, ids: Sequence[str]) -
   return rows
 
 
-def summarize_recovery(config, jobs: Sequence[dict], results: dict, case_rows: Sequence[dict]) -> dict:
-  """Per (run, mode, variant) summaries, the attribution rows and the budget curve."""
+def summarize_recovery(config, jobs: Sequence[dict], results: dict, case_rows: Sequence[dict],
+                       n_valid: int | None = None) -> dict:
+  """Per (run, mode, variant) summaries, the attribution rows, the budget curve and the K curve
+  (``n_valid``: the main defence's strict-valid count, its K row's preflight)."""
   variants = tuple(config.recovery.variants)
   of = lambda i: [r for r in case_rows if r["_job"] == i]
-  groups, attr, budget = [], [], []
+  groups, attr, budget, ks = [], [], [], []
   for i, job in enumerate(jobs):
     rows = of(i)
     if job["run"] == "soft suffix":
@@ -691,12 +742,22 @@ def summarize_recovery(config, jobs: Sequence[dict], results: dict, case_rows: S
                                   and float(r_.budget1) in [float(x) for x in r_.budgets]):
       b = float(r_.budget1) if b is None else b
       for v in variants:
-        s = stats.summarize_group(rows, v)
-        budget.append({"budget": b, "variant": v, "recovered": s["recovered"], "base_like": s["base_like"]["k"],
-                       "strict": s["strict"]["k"], "drift_rel": s["drift_rel"]["mean"],
-                       "delta_norm": s["delta_norm"]["mean"]})
+        budget.append({"budget": b, "variant": v, **_curve_point(stats.summarize_group(rows, v))})
+    if job["run"] == "K" or (job["run"] == "main" and job["mode"] == r_.budget_mode
+                             and int(config.features.k) in [int(x) for x in r_.get("ks", ())]):
+      pre = (int(np.asarray(results[i]["pre_valid"]).sum()) if "pre_valid" in results[i]
+             else (n_valid if n_valid is not None else "-"))
+      for v in variants:
+        ks.append({"k": int(job["k"]) if job["run"] == "K" else int(config.features.k), "variant": v,
+                   "preflight_valid": pre, **_curve_point(stats.summarize_group(rows, v))})
   budget.sort(key=lambda x: (x["variant"], x["budget"]))
-  return {"groups": groups, "attribution": attr, "budget": budget}
+  ks.sort(key=lambda x: (x["variant"], x["k"]))
+  return {"groups": groups, "attribution": attr, "budget": budget, "k": ks}
+
+
+def _curve_point(s: dict) -> dict:
+  return {"recovered": s["recovered"], "base_like": s["base_like"]["k"], "strict": s["strict"]["k"],
+          "drift_rel": s["drift_rel"]["mean"], "delta_norm": s["delta_norm"]["mean"]}
 
 
 def render_recovery(config, value: float, n_valid: int, n_prompts: int, summ: dict, wall_s: float) -> str:
@@ -740,6 +801,11 @@ def render_recovery(config, value: float, n_valid: int, n_prompts: int, summ: di
   if summ["budget"]:
     out += [f"## Budget sweep ({r.budget_mode}; both stage budgets = b)\n", stats.budget_table(summ["budget"]), "",
             "![recovery vs budget](recovery_vs_budget.png)\n"]
+  if summ.get("k"):
+    out += [f"## Feature-set size sweep ({r.budget_mode}; the global top K features of the ranking, "
+            f"{strength_label(config.defence.kind, value)}, each K with its own preflight over {n_prompts} prompts; "
+            "recovered on its strict-valid cases" + (f", the first {r.max_cases}" if r.max_cases else "") + ")\n",
+            stats.k_table(summ["k"]), "", "![recovery vs K](recovery_vs_k.png)\n"]
   return "\n".join(out) + "\n"
 
 
@@ -749,14 +815,16 @@ def strength_label(kind: str, value: float) -> str:
 
 
 def _job_name(j: dict) -> str:
-  return f"{j['run']}:{j['mode']}" + ("" if j["budget"] is None else f"@{j['budget']:g}")
+  return (f"{j['run']}:{j['mode']}" + ("" if j["budget"] is None else f"@{j['budget']:g}")
+          + ("" if j.get("k") is None else f"@K={j['k']}"))
 
 
 def recovery_stage(ctx: RecoveryContext, workdir: str, ids: Sequence[str], log) -> dict:
   """Every recovery job as a resumable work unit (``workdir/units``), then rows, summaries and files."""
   t0 = time.time()
   jobs = recovery_jobs(ctx.config)
-  units = [sweep.WorkUnit(i, (j["run"], j["mode"], j["budget"]), (j,)) for i, j in enumerate(jobs)]
+  units = [sweep.WorkUnit(i, (j["run"], j["mode"], j["budget"] if j.get("k") is None else j["k"]), (j,))
+           for i, j in enumerate(jobs)]
   log(f"recovery: {int(ctx.valid.sum())} strict-valid cases at {strength_label(ctx.config.defence.kind, ctx.value)}; "
       f"{len(units)} work units ({', '.join(_job_name(j) for j in jobs)})")
   store = sweep.UnitStore(os.path.join(workdir, "units"))
@@ -770,7 +838,7 @@ def recovery_stage(ctx: RecoveryContext, workdir: str, ids: Sequence[str], log) 
     for row in _case_rows(ctx, job, results[i], ids):
       row["_job"] = i
       case_rows.append(row)
-  summ = summarize_recovery(ctx.config, jobs, results, case_rows)
+  summ = summarize_recovery(ctx.config, jobs, results, case_rows, n_valid=int(ctx.valid.sum()))
   for row in case_rows:
     del row["_job"]
   n_div = sum(r["diverged"] for r in case_rows)
@@ -785,6 +853,9 @@ def recovery_stage(ctx: RecoveryContext, workdir: str, ids: Sequence[str], log) 
   if ctx.config.plots and summ["budget"]:
     stats.plot_budget(os.path.join(workdir, "recovery_vs_budget.png"), summ["budget"],
                       f"refusal recovery vs budget ({ctx.config.recovery.budget_mode})")
+  if ctx.config.plots and summ["k"]:
+    stats.plot_k(os.path.join(workdir, "recovery_vs_k.png"), summ["k"],
+                 f"refusal recovery vs feature-set size ({ctx.config.recovery.budget_mode})")
   return {"markdown": md, **summ, "rows": case_rows}
 
 
@@ -829,9 +900,9 @@ def render_finished(workdir: str) -> str:
     for row in _case_rows(ctx, jobs[i], results[i], ids):
       row["_job"] = k
       case_rows.append(row)
-  summ = summarize_recovery(config, sub_jobs, {k: results[i] for k, i in enumerate(done)}, case_rows)
   value = choose_strength(config, pre)  # the strength the run recovered at
   n_valid = sum(r["valid"] for r in pre if r["value"] == value)
+  summ = summarize_recovery(config, sub_jobs, {k: results[i] for k, i in enumerate(done)}, case_rows, n_valid=n_valid)
   md = render_recovery(config, value, n_valid, len({r["prompt"] for r in pre}), summ, float("nan"))
   md = (f"(partial: {len(done)} of {len(jobs)} work units finished: "
         f"{', '.join(_job_name(jobs[i]) for i in done)})\n\n" + md)

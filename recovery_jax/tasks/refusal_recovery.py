@@ -18,7 +18,7 @@ case i uses ``fold_in(key, i)`` in both stages.
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -175,29 +175,53 @@ def _take(tree, idx: np.ndarray):
   return jax.tree.map(lambda a: a[jnp.asarray(idx)], tree)
 
 
+class StageShapes(NamedTuple):
+  """The static shapes of a run's recovery calls: cases per compiled call, padded length T and the
+  two stages' suffix lengths. Calls that share them (and the defence's structure) share one compiled
+  program per stage, whatever their cases, feature sets (padded to K_max), values and budgets."""
+
+  batch: int
+  length: int
+  suffix1: int
+  suffix2: int
+
+
+def stage_shapes(prompts, answers, discouraged, cfg: V4Config, batch: int, pad_id: int = 0) -> StageShapes:
+  """Shapes covering every case of ``prompts`` / ``answers`` and so every subset of them: a case's
+  columns span the same suffix at any padded length (left padding), so the longest case and the
+  widest span of the whole set bound any subset's."""
+  p1, p2 = build_problems(prompts, answers, discouraged, cfg, pad_id)
+  return StageShapes(int(batch), int(p1.tokens.shape[-1]), engine.suffix_len_for(p1), engine.suffix_len_for(p2))
+
+
 def recover_two_stage(params, model_cfg, clamps: Sequence, sites: Sequence[str], prompts, answers, discouraged,
-                      cfg: V4Config, key, pad_id: int = 0, batch_size: int | None = None) -> TwoStage:
+                      cfg: V4Config, key, pad_id: int = 0, batch_size: int | None = None,
+                      shapes: StageShapes | None = None) -> TwoStage:
   """The v4 two-stage recovery of every case (module docstring). ``clamps``: the defence (multiply/set
   Clamps at ``sites``, all monitored).
 
   batch_size: cases per compiled call (None: all at once). Cases are padded to one length and one
   suffix, and the last chunk with copies of its first case, so one program per stage serves every
-  chunk and every budget (budgets are traced). One chunk uses ``key``; with several, chunk c uses
-  ``fold_in(key, c)`` (case i of a chunk then ``fold_in(that, i)``).
+  chunk and every budget (budgets are traced). ``shapes`` (``stage_shapes`` of a superset of the cases)
+  fixes the chunk size, length and suffixes instead, so calls on different case sets share the
+  programs too. One chunk uses ``key``; with several, chunk c uses ``fold_in(key, c)`` (case i of a
+  chunk then ``fold_in(that, i)``).
   """
-  p1, p2 = build_problems(prompts, answers, discouraged, cfg, pad_id)
+  p1, p2 = build_problems(prompts, answers, discouraged, cfg, pad_id, None if shapes is None else shapes.length)
   sites = tuple(sites)
   spec1 = engine.RecoverySpec(model_cfg, sites, cfg.objective(1), cfg.recovery_config(1),
-                              suffix_len=engine.suffix_len_for(p1), semantics="live")
+                              suffix_len=engine.suffix_len_for(p1) if shapes is None else shapes.suffix1,
+                              semantics="live")
   spec2 = engine.RecoverySpec(model_cfg, sites, cfg.objective(2), cfg.recovery_config(2),
-                              suffix_len=engine.suffix_len_for(p2), semantics="live")
+                              suffix_len=engine.suffix_len_for(p2) if shapes is None else shapes.suffix2,
+                              semantics="live")
   n = len(prompts)
-  bs = n if not batch_size else min(batch_size, n)
+  bs = shapes.batch if shapes is not None else (n if not batch_size else min(batch_size, n))
   outs = []
   for c, i in enumerate(range(0, n, bs)):
     idx = np.arange(i, min(n, i + bs))
     idx = np.concatenate([idx, np.full(bs - len(idx), idx[0])])
-    k = key if bs == n else jax.random.fold_in(key, c)
+    k = key if n <= bs else jax.random.fold_in(key, c)
     out1 = engine.recover_examples(spec1, params, tuple(clamps), _take(p1, idx), cfg.recovery_config(1).hparams(), k)
     q2 = with_fixed(_take(p2, idx), out1.delta)
     out2 = engine.recover_examples(spec2, params, tuple(clamps), q2, cfg.recovery_config(2).hparams(), k)

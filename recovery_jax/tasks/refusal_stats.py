@@ -119,19 +119,38 @@ def budget_table(rows: Sequence[dict]) -> str:
                               "drift rel", "||delta||"], body)
 
 
+def k_table(rows: Sequence[dict]) -> str:
+  """The feature-set-size sweep: one row per (K, variant), each K with its own preflight."""
+  body = [[str(r["k"]), str(r["preflight_valid"]), r["variant"], fmt_rate(r["recovered"]),
+           f"{r['base_like']}/{r['recovered']['n']}", f"{r['strict']}/{r['recovered']['n']}", _f(r["drift_rel"]),
+           _f(r["delta_norm"], 2)] for r in rows]
+  return report.format_table(["K (features)", "preflight valid", "variant", "recovered (not R)", "base-like", "strict",
+                              "drift rel", "||delta||"], body)
+
+
 def plot_budget(path: str, rows: Sequence[dict], title: str) -> None:
   """Recovery rate vs budget with Wilson intervals, one line per variant (PNG)."""
+  plot_rate(path, rows, "budget", "budget ||delta|| per stage", title)
+
+
+def plot_k(path: str, rows: Sequence[dict], title: str) -> None:
+  """Recovery rate vs feature-set size K with Wilson intervals, one line per variant (PNG)."""
+  plot_rate(path, rows, "k", "defended features K (global top K)", title)
+
+
+def plot_rate(path: str, rows: Sequence[dict], x_key: str, xlabel: str, title: str) -> None:
+  """Recovery rate vs ``row[x_key]`` (log axis) with Wilson intervals, one line per variant (PNG)."""
   plt = report._pyplot()  # pylint: disable=protected-access
   fig, ax = plt.subplots(figsize=(5.5, 4))
   for v in sorted({r["variant"] for r in rows}):
-    rs = sorted((r for r in rows if r["variant"] == v and r["recovered"]["n"]), key=lambda r: r["budget"])
+    rs = sorted((r for r in rows if r["variant"] == v and r["recovered"]["n"]), key=lambda r: r[x_key])
     if not rs:
       continue
-    x = np.asarray([r["budget"] for r in rs])
+    x = np.asarray([r[x_key] for r in rs])
     y = np.asarray([r["recovered"]["rate"] for r in rs])
     lo = y - np.asarray([r["recovered"]["wilson"][0] for r in rs])
     hi = np.asarray([r["recovered"]["wilson"][1] for r in rs]) - y
     ax.errorbar(x, y, yerr=[lo, hi], marker="o", capsize=3, label=v)
   ax.set_xscale("log")
   ax.set_ylim(-0.02, 1.02)
-  report._finish(fig, ax, path, "budget ||delta|| per stage", "recovery rate (not R), Wilson 95%", title)  # pylint: disable=protected-access
+  report._finish(fig, ax, path, xlabel, "recovery rate (not R), Wilson 95%", title)  # pylint: disable=protected-access
