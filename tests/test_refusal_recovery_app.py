@@ -122,7 +122,7 @@ def run_dir(tmp_path_factory):
 def test_app_recovery_end_to_end(run_dir):
   wd, proc = run_dir
   for name in ("recovery.json", "recovery.jsonl", "recovery.md", "summary.md", "summary.jsonl",
-               "recovery_vs_budget.png", "recovery_vs_k.png"):
+               "recovery_vs_budget.png", "recovery_vs_k.png", "recovery_vs_drift.png"):
     assert (wd / name).exists(), name
   rec = json.load(open(wd / "recovery.json"))
   assert [app._job_name(j) for j in rec["jobs"]] == ["main:jacobian", "error term dropped:jacobian",  # pylint: disable=protected-access

@@ -27,7 +27,8 @@ Outputs in the workdir: ``config.json``, ``features.json`` (sites, candidates, s
 ``preflight.jsonl`` (one row per (value, prompt): labels, rule, opening category, lengths; the texts
 only with ``save_text``), ``preflight.md`` (the valid count per value, split by rule),
 ``recovery.jsonl`` (one row per (job, case): labels, drifts, norms; texts only with ``save_text``),
-``recovery.json`` / ``recovery.md`` (tables), ``recovery_vs_budget.png``, ``recovery_vs_k.png``, ``summary.md`` and
+``recovery.json`` / ``recovery.md`` (tables), ``recovery_vs_budget.png``, ``recovery_vs_k.png``,
+``recovery_vs_drift.png`` (stage-2 objective vs drift per mode), ``summary.md`` and
 ``summary.jsonl`` (one row per run x mode x variant).
 """
 
@@ -784,6 +785,8 @@ def render_recovery(config, value: float, n_valid: int, n_prompts: int, summ: di
          "relative delta norm is exact, ||delta|| / ||h_def|| over the variant's delta positions. Intervals: "
          "Wilson 95% (W) and the reference's bootstrap (B, 2000 resamples); means with bootstrap intervals.\n",
          stats.recovery_table(summ["groups"]), ""]
+  if config.plots and any(g["run"] == "main" and g["summary"]["recovered"]["n"] for g in summ["groups"]):
+    out.append("![stage-2 objective vs drift per mode](recovery_vs_drift.png)\n")
   if drop:
     out.append(f"Error term dropped (each SAE a full bottleneck, x' = D(z')): its own preflight at "
                f"{strength_label(config.defence.kind, value)} gives {drop[0].get('preflight_valid', '-')} strict-valid "
@@ -853,6 +856,9 @@ def recovery_stage(ctx: RecoveryContext, workdir: str, ids: Sequence[str], log) 
   if ctx.config.plots and summ["budget"]:
     stats.plot_budget(os.path.join(workdir, "recovery_vs_budget.png"), summ["budget"],
                       f"refusal recovery vs budget ({ctx.config.recovery.budget_mode})")
+  if ctx.config.plots:
+    stats.plot_drift(os.path.join(workdir, "recovery_vs_drift.png"), case_rows,
+                     "refusal recovery vs drift (main run, valid cases)")
   if ctx.config.plots and summ["k"]:
     stats.plot_k(os.path.join(workdir, "recovery_vs_k.png"), summ["k"],
                  f"refusal recovery vs feature-set size ({ctx.config.recovery.budget_mode})")

@@ -128,6 +128,28 @@ def k_table(rows: Sequence[dict]) -> str:
                               "drift rel", "||delta||"], body)
 
 
+def drift_groups(rows: Sequence[dict]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+  """Main-run cases per projection mode: (relative drift of the defended features, stage-2 objective);
+  diverged cases are left out."""
+  out: dict[str, tuple[list, list]] = {}
+  for r in rows:
+    if r["run"] == "main" and not r["diverged"]:
+      x, y = out.setdefault(r["mode"], ([], []))
+      x.append(r["drift_rel"])
+      y.append(r["objective2"])
+  return {k: (np.asarray(x), np.asarray(y)) for k, (x, y) in out.items()}
+
+
+def plot_drift(path: str, rows: Sequence[dict], title: str) -> bool:
+  """Stage-2 objective vs defended-feature drift, one colour per mode (paper Figure 4); False if no case."""
+  groups = drift_groups(rows)
+  if not groups:
+    return False
+  report.plot_recovery_vs_drift(path, groups, "defended-feature drift (relative L2, stage 2)",
+                                "stage-2 objective (teacher-forced base answer)", title)
+  return True
+
+
 def plot_budget(path: str, rows: Sequence[dict], title: str) -> None:
   """Recovery rate vs budget with Wilson intervals, one line per variant (PNG)."""
   plot_rate(path, rows, "budget", "budget ||delta|| per stage", title)
