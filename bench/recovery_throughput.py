@@ -22,6 +22,7 @@ compile seconds, XLA memory of the compiled program, and the ratios (b)/(a), (b)
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import os
@@ -65,6 +66,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   ap.add_argument("--torch_examples", type=int)
   ap.add_argument("--repeats", type=int, default=2, help="engine runs per row (the fastest is reported)")
   ap.add_argument("--no_torch", action="store_true", help="skip variant (c)")
+  ap.add_argument("--remat", action="store_true",
+                  help="engine (b): rematerialise each layer in the step's backward (RecoverySpec.remat)")
   ap.add_argument("--torch_device", default="cpu", help="device of the PyTorch loop (c): cpu or cuda")
   ap.add_argument("--torch_threads", default="", help="torch thread counts to calibrate over (default: 1 and all)")
   ap.add_argument("--d_sae", type=int, default=None, help="SAE width (default 16 x d_model)")
@@ -215,6 +218,8 @@ def run_reference(params, wl, model, n, peak, args) -> dict:
 
 
 def run_engine(params, wl, model, peak, args) -> dict:
+  if args.remat:
+    wl = dataclasses.replace(wl, spec=dataclasses.replace(wl.spec, remat=True))
   eng = engine_batched.EngineBatched(params, wl)
   info = eng.compile()
   res = eng.run(args.repeats)
@@ -222,7 +227,7 @@ def run_engine(params, wl, model, peak, args) -> dict:
   step_s = max(res["wall_s"] - res["prepare_s"], 1e-9) / steps
   return _row("engine", model, wl.kind, b, wl.k_max, steps, res, b, res["prepare_s"], step_s,
               flops.engine_step(wl), flops.engine_recovery(wl, steps), peak, _project_steps(args, wl.kind),
-              compile_s=info["compile_s"], memory=info["memory"], suffix_len=wl.spec.suffix_len)
+              compile_s=info["compile_s"], memory=info["memory"], suffix_len=wl.spec.suffix_len, remat=wl.spec.remat)
 
 
 def run_torch(params, wl, model, n, peak, args) -> dict | None:

@@ -310,7 +310,10 @@ def forward(
     capture: site names whose post-edit values are returned in ``captures``.
     capture_inputs: site names whose pre-edit values are returned in ``captures[f"{name}:input"]``.
     cache: KV cache; this chunk is written at ``cache.index`` and attends to all valid slots.
-    remat: wrap each block in ``jax.checkpoint`` (memory for recompute in backward passes).
+    remat: wrap each scanned block (the layers without a site), its weight slicing included, in
+      ``jax.checkpoint``: a backward pass recomputes the block (and re-slices its weights) instead of
+      saving its activations and a copy of every layer's weights (less memory and, where weight
+      traffic bounds the step, less time). Layers carrying a site run as they are.
   """
   edits = dict(edits or {})
   stop_layer = cfg.n_layers if stop_layer is None else stop_layer
@@ -378,19 +381,20 @@ def forward(
   blocks = params["blocks"]
   hooked = {s.layer for s in parsed.values() if s.layer is not None}
 
-  def run_block(p, h, flag, kv, hook):
-    fn = lambda p, h, flag, kv: _block(cfg, p, h, ctx, flag, kv, hook)
-    if remat:
-      fn = jax.checkpoint(fn)
-    return fn(p, h, flag, kv)
-
   # Layers are indexed in place (dynamic_index_in_dim) rather than sliced per segment, so XLA does
   # not copy the stacked weights or the KV cache on every call.
   take = lambda a, i: jax.lax.dynamic_index_in_dim(a, i, keepdims=False)
 
-  def layer_step(i, h, kv_all, hook):
+  def run_block(blocks, i, h, kv, hook):
+    return _block(cfg, jax.tree.map(lambda a: take(a, i), blocks), h, ctx, sliding[i], kv, hook)
+
+  def layer_step(i, h, kv_all, hook, ckpt=False):
     kv = None if kv_all is None else (take(kv_all[0], i), take(kv_all[1], i))
-    h, nkv = run_block(jax.tree.map(lambda a: take(a, i), blocks), h, sliding[i], kv, hook)
+    # ckpt: the layer's weights are sliced inside the checkpoint, so a backward pass re-slices them
+    # from the (loop-invariant) stacked params instead of saving every layer's slice as a residual
+    block = jax.checkpoint(lambda b, i, h, kv: run_block(b, i, h, kv, hook)) if ckpt else (
+        lambda b, i, h, kv: run_block(b, i, h, kv, hook))
+    h, nkv = block(blocks, i, h, kv)
     if kv_all is not None:
       kv_all = tuple(jax.lax.dynamic_update_index_in_dim(c, n.astype(c.dtype), i, 0) for c, n in zip(kv_all, nkv))
     return h, kv_all
@@ -402,7 +406,7 @@ def forward(
       h, kv_all = layer_step(lo, h, kv_all, hook)
     else:
       def body(carry, i):
-        return layer_step(i, *carry, lambda n, x: x), None
+        return layer_step(i, *carry, lambda n, x: x, ckpt=remat), None
       (h, kv_all), _ = jax.lax.scan(body, (h, kv_all), jnp.arange(lo, hi))
 
   if cache is not None:

@@ -258,7 +258,7 @@ def make_evaluator(spec: RecoverySpec, params, clamps: Sequence[Clamp], pb: Prob
     cap = tuple(dict.fromkeys(clamps[i].site for i in mon))
     split = _split_layer(spec, clamps, 0)
     run = functools.partial(transformer.forward, params, cfg, positions=prep.chunk_positions,
-                            attention_mask=prep.chunk_mask, compute_logits=False)
+                            attention_mask=prep.chunk_mask, compute_logits=False, remat=spec.remat)
 
     def edits_of(delta):
       return _split_edits(spec, _site_edits(spec, clamps, delta=delta, fixed=pb.fixed_delta, place=place,
@@ -284,7 +284,7 @@ def make_evaluator(spec: RecoverySpec, params, clamps: Sequence[Clamp], pb: Prob
   mon_rel = pb.monitor_cols - p0
   split = _split_layer(spec, clamps, spec.start_layer)
   run = functools.partial(transformer.forward, params, cfg, cache=prep.cache, positions=prep.chunk_positions,
-                          attention_mask=prep.chunk_mask, compute_logits=False)
+                          attention_mask=prep.chunk_mask, compute_logits=False, remat=spec.remat)
 
   def edits_of(delta):
     return _split_edits(spec, _site_edits(spec, clamps, delta=delta, fixed=pb.fixed_delta, place=place,

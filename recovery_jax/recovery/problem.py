@@ -32,6 +32,8 @@ class RecoverySpec:
   semantics: ``frozen`` or ``live`` (module docstring).
   suffix_len: static number of columns recomputed from the cached prefix (None: full recompute).
   config: RecoveryConfig; its traced numbers are ignored here (see ``RecoveryConfig.canonical``).
+  remat: rematerialise each layer in the step's backward pass (``transformer.forward(remat=True)``):
+    the same gradients, without saving a copy of every layer's weights per step.
   """
 
   model_cfg: ModelConfig
@@ -40,6 +42,7 @@ class RecoverySpec:
   config: RecoveryConfig
   suffix_len: int | None = 1
   semantics: str = "frozen"
+  remat: bool = False
 
   def __post_init__(self):
     n = self.model_cfg.n_layers
