@@ -148,7 +148,9 @@ def test_app_recovery_end_to_end(run_dir):
   assert sorted({b["budget"] for b in rec["budget"]}) == [2.0, 40.0]
   k_rows = [r for r in rows if r["run"] == "K"]  # top-2 features: its own preflight, its own valid cases
   assert all(r["k"] == 2 and r["mode"] == "jacobian" for r in k_rows) and len(k_rows) == 2
-  assert [(k["k"], k["variant"]) for k in rec["k"]] == [(2, "faithful"), (2, "honest")]
+  # the main run is the K = features.k (6) point, its preflight the run's own
+  assert [(k["k"], k["variant"]) for k in rec["k"]] == [(2, "faithful"), (6, "faithful"), (2, "honest"), (6, "honest")]
+  assert rec["k"][1]["preflight_valid"] == rec["n_valid"]
   assert rec["k"][0]["recovered"]["n"] == len(k_rows) and isinstance(rec["k"][0]["preflight_valid"], int)
   md = (wd / "summary.md").read_text()
   assert "Refusal steering preflight" in md and "Recovery-path attribution" in md and "Budget sweep" in md

@@ -744,8 +744,8 @@ def summarize_recovery(config, jobs: Sequence[dict], results: dict, case_rows: S
       b = float(r_.budget1) if b is None else b
       for v in variants:
         budget.append({"budget": b, "variant": v, **_curve_point(stats.summarize_group(rows, v))})
-    if job["run"] == "K" or (job["run"] == "main" and job["mode"] == r_.budget_mode
-                             and int(config.features.k) in [int(x) for x in r_.get("ks", ())]):
+    if job["run"] == "K" or (job["run"] == "main" and job["mode"] == r_.budget_mode and tuple(r_.get("ks", ()))
+                             and job["error_term"] == config.defence.error_term):
       pre = (int(np.asarray(results[i]["pre_valid"]).sum()) if "pre_valid" in results[i]
              else (n_valid if n_valid is not None else "-"))
       for v in variants:
