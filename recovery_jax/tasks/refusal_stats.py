@@ -174,5 +174,8 @@ def plot_rate(path: str, rows: Sequence[dict], x_key: str, xlabel: str, title: s
     hi = np.asarray([r["recovered"]["wilson"][1] for r in rs]) - y
     ax.errorbar(x, y, yerr=[lo, hi], marker="o", capsize=3, label=v)
   ax.set_xscale("log")
+  ticks = sorted({float(r[x_key]) for r in rows})
+  ax.set_xticks(ticks, [f"{t:g}" for t in ticks])  # the swept values, not powers of ten
+  ax.minorticks_off()
   ax.set_ylim(-0.02, 1.02)
   report._finish(fig, ax, path, xlabel, "recovery rate (not R), Wilson 95%", title)  # pylint: disable=protected-access
