@@ -325,8 +325,8 @@ def test_diverging_recovery_is_flagged(setting):
   assert not np.asarray(ok.diverged).any()
 
 
-@pytest.mark.parametrize("kind,n_layers", [("ioi", 4), ("refusal", 8)])
-def test_remat_gives_the_same_recovery(kind, n_layers):
+@pytest.mark.parametrize("kind,n_layers,remat", [("ioi", 4, True), ("refusal", 8, True), ("refusal", 8, "dots")])
+def test_remat_gives_the_same_recovery(kind, n_layers, remat):
   """``RecoverySpec.remat`` (every scanned layer rematerialised in the step's backward, its weights
   re-sliced inside the checkpoint) changes the schedule, not the trajectory. Models deep enough that
   layers without a site run in the scan: IOI-shaped (frozen, site at layer 1, layers 2-3 scanned) and
@@ -339,8 +339,8 @@ def test_remat_gives_the_same_recovery(kind, n_layers):
   params = random_init.init_params(cfg, jax.random.PRNGKey(0))
   wl = problems.make_workload(kind, params, cfg, None, n=2, k_max=8, steps=4, d_sae=128)
   run = lambda spec: engine.recover_examples(spec, params, wl.clamps, wl.problems, spec.config.hparams(), wl.key)
-  plain, remat = run(wl.spec), run(dataclasses.replace(wl.spec, remat=True))
+  plain, remade = run(wl.spec), run(dataclasses.replace(wl.spec, remat=remat))
   # remat re-fuses the recomputed layers: float-level differences, which Adam carries into the delta
-  np.testing.assert_allclose(np.asarray(remat.objective), np.asarray(plain.objective), rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(np.asarray(remat.delta), np.asarray(plain.delta), atol=1e-4)
+  np.testing.assert_allclose(np.asarray(remade.objective), np.asarray(plain.objective), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(remade.delta), np.asarray(plain.delta), atol=1e-4)
   assert float(jnp.abs(plain.delta).max()) > 1e-2

@@ -282,6 +282,9 @@ def final_logits_at(params, cfg: ModelConfig, resid: Array, ids: Array) -> Array
   return logits
 
 
+REMAT_POLICIES = {True: None, "full": None, "dots": jax.checkpoint_policies.dots_saveable}
+
+
 def forward(
     params,
     cfg: ModelConfig,
@@ -296,7 +299,7 @@ def forward(
     capture: Sequence[str] = (),
     capture_inputs: Sequence[str] = (),
     cache: KVCache | None = None,
-    remat: bool = False,
+    remat: bool | str = False,
     compute_logits: bool = True,
 ) -> ForwardOutput:
   """Runs layers [start_layer, stop_layer) and, if the last layer ran, the unembedding.
@@ -310,10 +313,12 @@ def forward(
     capture: site names whose post-edit values are returned in ``captures``.
     capture_inputs: site names whose pre-edit values are returned in ``captures[f"{name}:input"]``.
     cache: KV cache; this chunk is written at ``cache.index`` and attends to all valid slots.
-    remat: wrap each scanned block (the layers without a site), its weight slicing included, in
-      ``jax.checkpoint``: a backward pass recomputes the block (and re-slices its weights) instead of
-      saving its activations and a copy of every layer's weights (less memory and, where weight
-      traffic bounds the step, less time). Layers carrying a site run as they are.
+    remat: False, True (= "full") or "dots": wrap each scanned block (the layers without a site),
+      its weight slicing included, in ``jax.checkpoint``, so a backward pass re-slices the weights
+      instead of saving a copy of every layer's slice; "full" also recomputes the block's
+      activations, "dots" keeps its matmul outputs and recomputes only the elementwise rest. Less
+      memory, and less time where weight traffic bounds the step (see BENCHMARKS.md). Layers
+      carrying a site run as they are.
   """
   edits = dict(edits or {})
   stop_layer = cfg.n_layers if stop_layer is None else stop_layer
@@ -377,6 +382,8 @@ def forward(
   ctx = _Ctx(positions, allowed_full, allowed_sliding, rope_full, rope_local,
              cache.index if cache is not None else None)
 
+  if remat and remat not in REMAT_POLICIES:
+    raise ValueError(f"forward(remat={remat!r}): expected False, True, 'full' or 'dots'")
   sliding = jnp.asarray(cfg.sliding_layers, bool)
   blocks = params["blocks"]
   hooked = {s.layer for s in parsed.values() if s.layer is not None}
@@ -392,7 +399,7 @@ def forward(
     kv = None if kv_all is None else (take(kv_all[0], i), take(kv_all[1], i))
     # ckpt: the layer's weights are sliced inside the checkpoint, so a backward pass re-slices them
     # from the (loop-invariant) stacked params instead of saving every layer's slice as a residual
-    block = jax.checkpoint(lambda b, i, h, kv: run_block(b, i, h, kv, hook)) if ckpt else (
+    block = jax.checkpoint(lambda b, i, h, kv: run_block(b, i, h, kv, hook), policy=REMAT_POLICIES[ckpt]) if ckpt else (
         lambda b, i, h, kv: run_block(b, i, h, kv, hook))
     h, nkv = block(blocks, i, h, kv)
     if kv_all is not None:

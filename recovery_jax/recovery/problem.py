@@ -32,8 +32,9 @@ class RecoverySpec:
   semantics: ``frozen`` or ``live`` (module docstring).
   suffix_len: static number of columns recomputed from the cached prefix (None: full recompute).
   config: RecoveryConfig; its traced numbers are ignored here (see ``RecoveryConfig.canonical``).
-  remat: rematerialise each layer in the step's backward pass (``transformer.forward(remat=True)``):
-    the same gradients, without saving a copy of every layer's weights per step.
+  remat: rematerialise each scanned layer in the step's backward pass (``transformer.forward(remat=...)``:
+    False, True / "full", or "dots"): the same gradients, without saving a copy of every layer's
+    weights per step; which is faster depends on batch and device (BENCHMARKS.md).
   """
 
   model_cfg: ModelConfig
@@ -42,7 +43,7 @@ class RecoverySpec:
   config: RecoveryConfig
   suffix_len: int | None = 1
   semantics: str = "frozen"
-  remat: bool = False
+  remat: bool | str = False
 
   def __post_init__(self):
     n = self.model_cfg.n_layers
