@@ -19,9 +19,9 @@ its own preflight), a budget sweep (both stage budgets = b) and a feature-set-si
 the global top K of the ranking, each K with its own preflight). Every recovery call of a run shares
 one set of shapes (``refusal_recovery.StageShapes``: chunk size, length and suffixes of all cases) and
 pads every defence to one K_max, so budgets, feature sets and case sets are traced values of one
-compiled program per stage and static structure. Every job is one resumable work unit (``workdir/units``, orbax): a rerun with the
-same config recomputes the preflight but no finished unit. Diverged recoveries (non-finite objective or
-delta) are flagged, never counted as recovered.
+compiled program per stage and static structure. Every job is one resumable work unit
+(``workdir/units``, orbax): a rerun with the same config recomputes the preflight but no finished
+unit. Diverged recoveries (non-finite objective or delta) are flagged, never counted as recovered.
 
 Outputs in the workdir: ``config.json``, ``features.json`` (sites, candidates, scores, the chosen set),
 ``preflight.jsonl`` (one row per (value, prompt): labels, rule, opening category, lengths; the texts
