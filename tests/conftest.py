@@ -4,9 +4,22 @@ Builders for other shapes and SAEs: ``random_init.random_model``, ``random_init.
 ``sae.testing.random_sae`` (standard / JumpReLU / TopK, optional non-zero ``b_dec``).
 """
 
+import gc
+
+import jax
 import pytest
 
 from recovery_jax.models import random_init
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fresh_compilation_caches():
+  """Each test module ends by dropping JAX's compiled programs: the suite compiles hundreds in one
+  process, and a full run (2026-11-27) died with SIGSEGV inside XLA's compiler late in the suite, in a
+  test module that passes when run alone."""
+  yield
+  jax.clear_caches()
+  gc.collect()
 
 
 @pytest.fixture(scope="session")
