@@ -69,7 +69,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   ap.add_argument("--remat", nargs="?", const="full", default="", choices=("", "full", "dots"),
                   help="engine (b): rematerialise each scanned layer in the step's backward (RecoverySpec.remat: "
                        "full, or dots = keep matmul outputs)")
-  ap.add_argument("--torch_device", default="cpu", help="device of the PyTorch loop (c): cpu or cuda")
+  ap.add_argument("--torch_device", default="cpu", choices=("cpu", "cuda"), help="device of the PyTorch loop (c)")
   ap.add_argument("--torch_threads", default="", help="torch thread counts to calibrate over (default: 1 and all)")
   ap.add_argument("--d_sae", type=int, default=None, help="SAE width (default 16 x d_model)")
   ap.add_argument("--peak_sizes", default="512,1024,2048", help="matmul sizes of the peak measurement")
