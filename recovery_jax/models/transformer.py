@@ -399,8 +399,9 @@ def forward(
     kv = None if kv_all is None else (take(kv_all[0], i), take(kv_all[1], i))
     # ckpt: the layer's weights are sliced inside the checkpoint, so a backward pass re-slices them
     # from the (loop-invariant) stacked params instead of saving every layer's slice as a residual
-    block = jax.checkpoint(lambda b, i, h, kv: run_block(b, i, h, kv, hook), policy=REMAT_POLICIES[ckpt]) if ckpt else (
-        lambda b, i, h, kv: run_block(b, i, h, kv, hook))
+    block = lambda b, i, h, kv: run_block(b, i, h, kv, hook)
+    if ckpt:
+      block = jax.checkpoint(block, policy=REMAT_POLICIES[ckpt])
     h, nkv = block(blocks, i, h, kv)
     if kv_all is not None:
       kv_all = tuple(jax.lax.dynamic_update_index_in_dim(c, n.astype(c.dtype), i, 0) for c, n in zip(kv_all, nkv))
