@@ -12,6 +12,8 @@ Arguments (``file.py:key=value,...``; a bare word sets that boolean to True):
   l0_coeff   JumpReLU L0 coefficient (inputs scaled to mean norm sqrt(d_in)); init_l0 the mean L0
              the initial thresholds give (init_l0=0: every threshold starts at init_threshold, e.g.
              0.001 as Gemma Scope); freeze: steps without threshold updates (decoder warm-up);
+  enc_scale  "lsq" (default): the tied encoder scaled so the initial reconstruction is least-squares
+             sized (without it L0 collapses to 10-13 in the first 100 steps); "none": plain W_dec^T
              d_sae, lr, batch, tokens, heldout, epochs, seed
 Exports go to ``export/smollm2-135m-instruct-res{L}-post-jumprelu`` (copy them to ``assets/``).
 """
@@ -23,7 +25,8 @@ from recovery_jax.config_utils import parse_arg
 SUITE_LAYERS = (3, 6, 9, 12, 15, 18, 21, 24)
 DEFAULTS = dict(pilot=False, smoke=False, model="smollm2-135m-instruct", layers="-".join(map(str, SUITE_LAYERS)),
                 d_sae=4608, l0_coeff=0.4, init_l0=64.0, bandwidth=0.05, lr=5e-4, batch=2048, tokens=600_000,
-                heldout=60_000, epochs=3.0, seed=0, dtype="float16", freeze=0, init_threshold=0.1)
+                heldout=60_000, epochs=3.0, seed=0, dtype="float16", freeze=0, init_threshold=0.1,
+                enc_scale="lsq")
 
 
 def export_name(model: str, layer: int) -> str:
@@ -56,7 +59,8 @@ def get_config(arg=None):
   c.sae = ml_collections.ConfigDict(dict(
       architecture="jumprelu", d_sae=a.d_sae, k=64, lr=a.lr, batch_size=a.batch, warmup_steps=50, decay_frac=0.3,
       l0_coeff=a.l0_coeff, sparsity_warmup_steps=100, jumprelu_bandwidth=a.bandwidth, jumprelu_init_l0=a.init_l0,
-      jumprelu_init_threshold=a.init_threshold, jumprelu_freeze_steps=a.freeze, dead_tokens=500_000, grad_clip=1.0))
+      jumprelu_init_threshold=a.init_threshold, jumprelu_freeze_steps=a.freeze, encoder_init_scale=a.enc_scale,
+      dead_tokens=500_000, grad_clip=1.0))
   c.site_sparsity_coeffs = ()  # one L0 coefficient per site (same order as hook_names); () = sae.l0_coeff
   c.site_axis = "auto"  # "vmap" | "map" | "auto" (map on CPU, vmap on accelerators)
   c.total_steps = 0

@@ -109,14 +109,15 @@ def test_bfloat16_store(tiny, windows, stores, tmp_path):
   assert harvest.open_store(tmp_path / "bf")[SITES[0]].dtype == ml_dtypes.bfloat16
 
 
-@pytest.mark.parametrize("arch,site_axis", [("jumprelu", "vmap"), ("topk", "vmap"), ("standard", "vmap"),
-                                            ("jumprelu", "map")])
-def test_vmapped_training_equals_separate_runs(stores, arch, site_axis):
+@pytest.mark.parametrize("arch,site_axis,enc_scale", [("jumprelu", "vmap", "none"), ("topk", "vmap", "none"),
+                                                      ("standard", "vmap", "none"), ("jumprelu", "map", "none"),
+                                                      ("jumprelu", "vmap", "lsq")])
+def test_vmapped_training_equals_separate_runs(stores, arch, site_axis, enc_scale):
   multi, _ = stores
   data = [multi[SITES[0]], multi[SITES[2]]]
   tc = train_lib.TrainConfig(architecture=arch, d_in=data[0].shape[1], d_sae=96, k=6, lr=5e-3, batch_size=128,
                              warmup_steps=3, total_steps=14, dead_tokens=600, sparsity_warmup_steps=4,
-                             jumprelu_init_l0=12.0)
+                             jumprelu_init_l0=12.0, encoder_init_scale=enc_scale)
   seeds, coeffs = [3, 8], [0.02, 0.2]
   stacked, hist = train_lib.train(tc, data, seeds=seeds, sparsity_coeffs=coeffs, log_every=7, progress=False,
                                   site_axis=site_axis)
@@ -142,6 +143,46 @@ def test_jumprelu_init_threshold_hits_the_target_l0(stores):
   pre = (xs - np.asarray(st.params["b_dec"])) @ np.asarray(st.params["W_enc"]) + np.asarray(st.params["b_enc"])
   l0 = (pre > np.asarray(st.params["threshold"])).sum(-1).mean()
   assert abs(l0 - 10.0) < 0.1 and st.params["threshold"].dtype == np.float32
+
+
+@pytest.mark.parametrize("arch", ["jumprelu", "topk", "standard"])
+def test_lsq_encoder_scale_sizes_the_init_reconstruction(stores, arch):
+  multi, _ = stores
+  x = multi[SITES[2]][:512].astype(np.float32)
+  kw = dict(architecture=arch, d_in=x.shape[1], d_sae=256, k=8, batch_size=512, total_steps=1, jumprelu_init_l0=10.0)
+  states = {}
+  for mode in ("none", "lsq"):
+    tc = train_lib.TrainConfig(encoder_init_scale=mode, **kw)
+    states[mode] = train_lib.init_state(jax.random.PRNGKey(0), tc, x, train_lib.make_optimizer(tc))
+
+  def recon(st):  # written out per architecture, independently of the trainer's helper
+    p = {k: np.asarray(v, np.float64) for k, v in st.params.items()}
+    xs = x * float(st.input_scale)
+    pre = (xs - p["b_dec"]) @ p["W_enc"] + p["b_enc"]
+    if arch == "jumprelu":
+      z = pre * (pre > p["threshold"])
+    elif arch == "topk":
+      top = np.argsort(-pre, axis=-1)[:, :8]
+      z = np.zeros_like(pre)
+      np.put_along_axis(z, top, np.maximum(np.take_along_axis(pre, top, -1), 0), -1)
+    else:
+      z = np.maximum(pre, 0)
+    return xs - p["b_dec"], z @ p["W_dec"], z
+
+  e, xh0, z0 = recon(states["none"])
+  e1, xh1, z1 = recon(states["lsq"])
+  c = float((e * xh0).sum() / (xh0 * xh0).sum())
+  assert 0 < c < 1 if arch != "standard" else c > 1  # unit-norm tied rows overshoot; 0.1-norm rows fall short
+  np.testing.assert_array_equal(z1 > 0, z0 > 0)  # the same latents fire
+  np.testing.assert_allclose(xh1, c * xh0, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose((e1 * xh1).sum() / (xh1 * xh1).sum(), 1.0, rtol=1e-4)
+  assert ((e1 - xh1) ** 2).sum() < ((e - xh0) ** 2).sum()
+  np.testing.assert_array_equal(np.asarray(states["lsq"].params["W_dec"]), np.asarray(states["none"].params["W_dec"]))
+
+
+def test_encoder_init_scale_is_checked():
+  with pytest.raises(ValueError, match="encoder_init_scale='lstsq'"):
+    train_lib.TrainConfig(encoder_init_scale="lstsq")
 
 
 def _suite_config(arg):

@@ -17,6 +17,9 @@ Architectures and decoder handling:
   coefficient warms up linearly over ``sparsity_warmup_steps``, unit-norm decoder rows as for topk.
 * ``standard`` (ReLU): L1 penalty on ``z * ||W_dec row||`` (scale-free; no renormalisation).
 
+Init: W_dec rows random, W_enc = W_dec^T; ``encoder_init_scale="lsq"`` then scales the encoder so the
+initial reconstruction has its least-squares size (``lsq_encoder_scale``; the JumpReLU suite needs it).
+
 Training runs on inputs scaled by a constant ``input_scale`` per site (sqrt(d_in) / mean ||x|| of
 that site, SAELens' ``expected_average_only_in``); ``export_params`` folds it into the weights, so the exported SAE
 takes raw activations and has ``normalize_activations='none'``.
@@ -44,6 +47,7 @@ from recovery_jax.sae.config import SAEConfig
 
 Array = jax.Array
 TRAINABLE = ("standard", "topk", "jumprelu")
+ENCODER_INIT_SCALES = ("none", "lsq")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,12 +77,16 @@ class TrainConfig:
   jumprelu_init_l0: float = 0.0  # > 0: one initial threshold for all latents, set so the init sample's mean L0 is this
   jumprelu_freeze_steps: int = 0  # thresholds get no gradient for the first N steps (decoder warm-up)
   dec_init_norm: float = 0.1  # standard: decoder row norm at init
+  encoder_init_scale: str = "none"  # "lsq": scale the tied encoder so the init reconstruction is least-squares sized
 
   def __post_init__(self):
     if self.architecture not in TRAINABLE:
       raise ValueError(f"TrainConfig.architecture={self.architecture!r}: the trainer supports {TRAINABLE}")
     if self.architecture == "topk" and not 0 < self.k <= self.d_sae:
       raise ValueError(f"TrainConfig.k={self.k}: need 0 < k <= d_sae={self.d_sae}")
+    if self.encoder_init_scale not in ENCODER_INIT_SCALES:
+      raise ValueError(f"TrainConfig.encoder_init_scale={self.encoder_init_scale!r}: expected one of "
+                       f"{ENCODER_INIT_SCALES}")
 
   @property
   def unit_norm_decoder(self) -> bool:
@@ -310,6 +318,9 @@ def init_state(key: Array, tc: TrainConfig, sample: np.ndarray, optimizer: optax
   if tc.architecture == "jumprelu" and tc.jumprelu_init_l0 > 0:
     params["threshold"] = jnp.full((tc.d_sae,), initial_threshold(params, sample * scale, tc.jumprelu_init_l0),
                                    jnp.float32)
+  if tc.encoder_init_scale == "lsq":
+    c = lsq_encoder_scale(params, tc, sample * scale)
+    params = {**params, **{k: params[k] * c for k in ("W_enc", "b_enc", "threshold") if k in params}}
   return TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32),
                     jnp.zeros((tc.d_sae,), jnp.int32), jnp.asarray(scale, jnp.float32))
 
@@ -322,6 +333,33 @@ def initial_threshold(params: dict, x: np.ndarray, l0: float) -> float:
   flat = pre.ravel()
   r = min(max(int(round(len(x) * l0)), 1), flat.size)
   return float(np.partition(flat, flat.size - r)[flat.size - r])
+
+
+def _init_codes(params: dict, tc: TrainConfig, x: np.ndarray) -> np.ndarray:
+  """The architecture's codes z [n, d_sae] for scaled inputs x [n, d_in] (numpy; init-time only)."""
+  p = {k: np.asarray(v, np.float32) for k, v in params.items()}
+  pre = (x - p["b_dec"]) @ p["W_enc"] + p["b_enc"]
+  if tc.architecture == "jumprelu":
+    return np.where(pre > p["threshold"], pre, 0.0)
+  if tc.architecture == "topk":
+    kth = -np.partition(-pre, tc.k - 1, axis=-1)[:, tc.k - 1:tc.k]
+    return np.where(pre >= kth, np.maximum(pre, 0.0), 0.0)
+  return np.maximum(pre, 0.0)
+
+
+def lsq_encoder_scale(params: dict, tc: TrainConfig, x: np.ndarray) -> float:
+  """c = <x - b_dec, x_hat0> / ||x_hat0||^2 over scaled inputs x [n, d_in], x_hat0 = z(x) @ W_dec: the
+  least-squares size of the initial reconstruction. Multiplying W_enc, b_enc and the thresholds by c
+  scales every code by c and keeps which latents fire (all three encoders are positively
+  homogeneous). Why: with W_enc = W_dec^T the init codes overshoot (c ~ 0.2 at SmolLM2 layer 3,
+  0.5 at layer 12, JumpReLU at L0 64), so the first steps push every active pre-activation down
+  through its threshold, where it gets no gradient again: L0 collapses to ~20 before the L0
+  penalty matters (assets/README.md). Returns 1.0 when nothing fires or c <= 0."""
+  z = _init_codes(params, tc, np.asarray(x, np.float32))
+  x_hat = z @ np.asarray(params["W_dec"], np.float32)
+  e = np.asarray(x, np.float32) - np.asarray(params["b_dec"], np.float32)
+  den, num = float(np.sum(x_hat * x_hat)), float(np.sum(e * x_hat))
+  return num / den if den > 0 and num > 0 else 1.0
 
 
 def stack_states(states: Sequence[TrainState]) -> TrainState:
