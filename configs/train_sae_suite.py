@@ -14,6 +14,10 @@ Arguments (``file.py:key=value,...``; a bare word sets that boolean to True):
              0.001 as Gemma Scope); freeze: steps without threshold updates (decoder warm-up);
   enc_scale  "lsq" (default): the tied encoder scaled so the initial reconstruction is least-squares
              sized (without it L0 collapses to 10-13 in the first 100 steps); "none": plain W_dec^T
+  thr_lr     the thresholds' learning rate as a multiple of lr (default 10: at lr they can move only
+             ~lr a step, too slow to follow the L0 penalty within a few hundred steps)
+  l0_target  mean training L0 the L0 coefficient is steered to after its warmup (0: off; l0_coeff
+             is then the fixed coefficient, otherwise its starting value)
              d_sae, lr, batch, tokens, heldout, epochs, seed
 Exports go to ``export/smollm2-135m-instruct-res{L}-post-jumprelu`` (copy them to ``assets/``).
 """
@@ -26,7 +30,7 @@ SUITE_LAYERS = (3, 6, 9, 12, 15, 18, 21, 24)
 DEFAULTS = dict(pilot=False, smoke=False, model="smollm2-135m-instruct", layers="-".join(map(str, SUITE_LAYERS)),
                 d_sae=4608, l0_coeff=0.4, init_l0=64.0, bandwidth=0.05, lr=5e-4, batch=2048, tokens=600_000,
                 heldout=60_000, epochs=3.0, seed=0, dtype="float16", freeze=0, init_threshold=0.1,
-                enc_scale="lsq")
+                enc_scale="lsq", thr_lr=10.0, l0_target=56.0)
 
 
 def export_name(model: str, layer: int) -> str:
@@ -60,7 +64,7 @@ def get_config(arg=None):
       architecture="jumprelu", d_sae=a.d_sae, k=64, lr=a.lr, batch_size=a.batch, warmup_steps=50, decay_frac=0.3,
       l0_coeff=a.l0_coeff, sparsity_warmup_steps=100, jumprelu_bandwidth=a.bandwidth, jumprelu_init_l0=a.init_l0,
       jumprelu_init_threshold=a.init_threshold, jumprelu_freeze_steps=a.freeze, encoder_init_scale=a.enc_scale,
-      dead_tokens=500_000, grad_clip=1.0))
+      threshold_lr_scale=a.thr_lr, l0_target=a.l0_target, dead_tokens=500_000, grad_clip=1.0))
   c.site_sparsity_coeffs = ()  # one L0 coefficient per site (same order as hook_names); () = sae.l0_coeff
   c.site_axis = "auto"  # "vmap" | "map" | "auto" (map on CPU, vmap on accelerators)
   c.total_steps = 0

@@ -117,7 +117,8 @@ def test_vmapped_training_equals_separate_runs(stores, arch, site_axis, enc_scal
   data = [multi[SITES[0]], multi[SITES[2]]]
   tc = train_lib.TrainConfig(architecture=arch, d_in=data[0].shape[1], d_sae=96, k=6, lr=5e-3, batch_size=128,
                              warmup_steps=3, total_steps=14, dead_tokens=600, sparsity_warmup_steps=4,
-                             jumprelu_init_l0=12.0, encoder_init_scale=enc_scale)
+                             jumprelu_init_l0=12.0, encoder_init_scale=enc_scale,
+                             l0_target=10.0 if enc_scale == "lsq" else 0.0, threshold_lr_scale=4.0 if enc_scale == "lsq" else 1.0)
   seeds, coeffs = [3, 8], [0.02, 0.2]
   stacked, hist = train_lib.train(tc, data, seeds=seeds, sparsity_coeffs=coeffs, log_every=7, progress=False,
                                   site_axis=site_axis)
@@ -178,6 +179,45 @@ def test_lsq_encoder_scale_sizes_the_init_reconstruction(stores, arch):
   np.testing.assert_allclose((e1 * xh1).sum() / (xh1 * xh1).sum(), 1.0, rtol=1e-4)
   assert ((e1 - xh1) ** 2).sum() < ((e - xh0) ** 2).sum()
   np.testing.assert_array_equal(np.asarray(states["lsq"].params["W_dec"]), np.asarray(states["none"].params["W_dec"]))
+
+
+def test_l0_controller_moves_the_coefficient_towards_the_target(stores):
+  """A start far too weak for L0 = 6 is raised (L0 ends far below the uncontrolled run's), one far too
+  strong is lowered; without a target the coefficient never moves."""
+  import dataclasses
+  x = stores[0][SITES[2]]
+  tc = train_lib.TrainConfig(architecture="jumprelu", d_in=x.shape[1], d_sae=128, lr=3e-3, batch_size=256,
+                             warmup_steps=5, total_steps=240, decay_frac=0.0, dead_tokens=10_000,
+                             sparsity_warmup_steps=10, jumprelu_init_l0=24.0, encoder_init_scale="lsq",
+                             threshold_lr_scale=5.0, l0_target=6.0, l0_target_rate=0.02)
+  end = {}
+  for target in (6.0, 0.0):
+    for c0 in (1e-3, 3.0):
+      st, hist = train_lib.train(dataclasses.replace(tc, l0_target=target), x, seed=1, sparsity_coeffs=[c0],
+                                 log_every=40, progress=False)
+      end[target, c0] = (hist[-1]["l0"], hist[-1]["sparsity_coeff"], float(st.log_coeff_scale))
+  assert end[6.0, 1e-3][0] < 0.5 * end[0.0, 1e-3][0] and end[6.0, 1e-3][1] > 10 * 1e-3, end
+  assert end[6.0, 3.0][1] < 3.0 and end[6.0, 3.0][2] < 0, end
+  assert end[0.0, 1e-3][2] == 0.0 == end[0.0, 3.0][2] and end[0.0, 3.0][1] == pytest.approx(3.0)
+
+
+def test_threshold_lr_scale_multiplies_only_the_threshold_step(stores):
+  import dataclasses
+  x = stores[0][SITES[2]][:256]
+  tc = train_lib.TrainConfig(architecture="jumprelu", d_in=x.shape[1], d_sae=64, batch_size=256, warmup_steps=1,
+                             total_steps=4, jumprelu_init_l0=8.0, l0_coeff=0.1)
+  moved = {}
+  for scale in (1.0, 3.0):
+    t = dataclasses.replace(tc, threshold_lr_scale=scale)
+    opt = train_lib.make_optimizer(t)
+    st = train_lib.init_state(jax.random.PRNGKey(0), t, x, opt)
+    st, _ = train_lib.site_update(t, opt, st, x, 0.1)  # step 0: the warmup's learning rate is 0
+    new, _ = train_lib.site_update(t, opt, st, x, 0.1)
+    moved[scale] = {k: np.asarray(new.params[k]) - np.asarray(st.params[k]) for k in st.params}
+  assert np.abs(moved[1.0]["threshold"]).max() > 0
+  np.testing.assert_allclose(moved[3.0]["threshold"], 3.0 * moved[1.0]["threshold"], rtol=1e-4, atol=1e-7)
+  for k in ("W_enc", "b_enc", "b_dec"):
+    np.testing.assert_allclose(moved[3.0][k], moved[1.0][k], rtol=1e-5, atol=1e-7)
 
 
 def test_encoder_init_scale_is_checked():

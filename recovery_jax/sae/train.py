@@ -47,6 +47,7 @@ from recovery_jax.sae.config import SAEConfig
 
 Array = jax.Array
 TRAINABLE = ("standard", "topk", "jumprelu")
+_LOG100 = float(np.log(100.0))  # the L0 controller moves the coefficient within 1/100..100x
 ENCODER_INIT_SCALES = ("none", "lsq")
 
 
@@ -78,6 +79,10 @@ class TrainConfig:
   jumprelu_freeze_steps: int = 0  # thresholds get no gradient for the first N steps (decoder warm-up)
   dec_init_norm: float = 0.1  # standard: decoder row norm at init
   encoder_init_scale: str = "none"  # "lsq": scale the tied encoder so the init reconstruction is least-squares sized
+  threshold_lr_scale: float = 1.0  # jumprelu: the thresholds' learning rate is lr x this (Adam moves each <= ~lr a step)
+  l0_target: float = 0.0  # jumprelu, > 0: after the sparsity warmup the L0 coefficient follows the batch L0 to this
+  l0_target_rate: float = 0.005  # per step: log coeff += rate * log(L0 / target) (clipped to 1/100..100x); small,
+  # because the thresholds follow the coefficient with a lag of ~100 steps and a fast integral overshoots
 
   def __post_init__(self):
     if self.architecture not in TRAINABLE:
@@ -110,6 +115,7 @@ class TrainState(NamedTuple):
   step: Array  # [] int32
   since_fired: Array  # [d_sae] int32 tokens since each latent last fired (capped)
   input_scale: Array  # [] float32
+  log_coeff_scale: Array  # [] float32: log of the L0 controller's factor on the sparsity coefficient (0 when off)
 
 
 # --- init ----------------------------------------------------------------------------------------
@@ -141,7 +147,19 @@ def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
   if tc.unit_norm_decoder:
     parts.append(project_decoder_grads())
   parts.append(optax.adam(sched, b1=tc.adam_b1, b2=tc.adam_b2))
+  if tc.threshold_lr_scale != 1.0:
+    parts.append(scale_leaf("threshold", tc.threshold_lr_scale))
   return optax.chain(*parts)
+
+
+def scale_leaf(name: str, factor: float) -> optax.GradientTransformation:
+  """Multiplies the update of top-level leaf ``name`` by ``factor`` (a per-leaf learning rate)."""
+
+  def update(updates, state, params=None):
+    del params
+    return ({**updates, name: updates[name] * factor} if name in updates else updates), state
+
+  return optax.GradientTransformation(lambda p: optax.EmptyState(), update)
 
 
 def project_decoder_grads() -> optax.GradientTransformation:
@@ -269,9 +287,15 @@ def site_update(tc: TrainConfig, optimizer: optax.GradientTransformation, state:
   coefficient before warmup. Pure; ``make_train_step`` jits and vmaps it."""
   x = x.astype(jnp.float32) * state.input_scale
   dead = state.since_fired >= tc.dead_tokens
+  if tc.architecture != "topk":
+    coeff = coeff * jnp.exp(state.log_coeff_scale)
   if tc.sparsity_warmup_steps and tc.architecture != "topk":
     coeff = coeff * jnp.minimum(1.0, (state.step + 1) / tc.sparsity_warmup_steps)
   (loss, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, tc, x, dead, coeff)
+  log_scale = state.log_coeff_scale
+  if tc.l0_target > 0 and tc.architecture == "jumprelu":  # integral controller on the batch L0
+    moved = log_scale + tc.l0_target_rate * jnp.log(jnp.maximum(out["l0"], 1e-3) / tc.l0_target)
+    log_scale = jnp.where(state.step + 1 >= tc.sparsity_warmup_steps, jnp.clip(moved, -_LOG100, _LOG100), log_scale)
   if tc.jumprelu_freeze_steps and "threshold" in grads:  # zero gradient: Adam's moments stay 0, no move
     grads = {**grads, "threshold": jnp.where(state.step < tc.jumprelu_freeze_steps, 0.0, grads["threshold"])}
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -282,8 +306,8 @@ def site_update(tc: TrainConfig, optimizer: optax.GradientTransformation, state:
     params["threshold"] = jnp.maximum(params["threshold"], 0.0)
   since = jnp.where(out["fired"], 0, jnp.minimum(state.since_fired + x.shape[0], 2 ** 30))
   metrics = {"loss": loss, "mse": out["mse"], "explained_variance": out["explained_variance"],
-             "l0": out["l0"], "aux": out["aux"], "dead_fraction": dead.mean()}
-  return TrainState(params, opt_state, state.step + 1, since, state.input_scale), metrics
+             "l0": out["l0"], "aux": out["aux"], "dead_fraction": dead.mean(), "sparsity_coeff": coeff}
+  return TrainState(params, opt_state, state.step + 1, since, state.input_scale, log_scale), metrics
 
 
 SITE_AXIS_MODES = ("vmap", "map")
@@ -322,7 +346,7 @@ def init_state(key: Array, tc: TrainConfig, sample: np.ndarray, optimizer: optax
     c = lsq_encoder_scale(params, tc, sample * scale)
     params = {**params, **{k: params[k] * c for k in ("W_enc", "b_enc", "threshold") if k in params}}
   return TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32),
-                    jnp.zeros((tc.d_sae,), jnp.int32), jnp.asarray(scale, jnp.float32))
+                    jnp.zeros((tc.d_sae,), jnp.int32), jnp.asarray(scale, jnp.float32), jnp.zeros((), jnp.float32))
 
 
 def initial_threshold(params: dict, x: np.ndarray, l0: float) -> float:
