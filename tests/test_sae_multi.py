@@ -220,9 +220,13 @@ def test_threshold_lr_scale_multiplies_only_the_threshold_step(stores):
     np.testing.assert_allclose(moved[3.0][k], moved[1.0][k], rtol=1e-5, atol=1e-7)
 
 
-def test_encoder_init_scale_is_checked():
+def test_encoder_init_scale_and_controller_fields_are_checked():
   with pytest.raises(ValueError, match="encoder_init_scale='lstsq'"):
     train_lib.TrainConfig(encoder_init_scale="lstsq")
+  with pytest.raises(ValueError, match="l0_target=32.*architecture='topk'"):
+    train_lib.TrainConfig(architecture="topk", l0_target=32.0)
+  with pytest.raises(ValueError, match="threshold_lr_scale > 0"):
+    train_lib.TrainConfig(architecture="jumprelu", threshold_lr_scale=0.0)
 
 
 def _suite_config(arg):

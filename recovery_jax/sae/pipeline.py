@@ -163,6 +163,9 @@ def run(cfg, workdir: str, *, stop_after: int | None = None) -> dict[str, Any]:
     meta = {"training": {"tokens_seen": int(tc.total_steps * tc.batch_size), "train_store_tokens": int(len(train_stores[i])),
                          "steps": tc.total_steps, "seed": cfg.seed, "input_scale_folded": float(st.input_scale),
                          "sparsity_coeff": float(coeffs[i]) if coeffs else tc.sparsity_coeff(),
+                         "sparsity_coeff_final": (float(coeffs[i]) if coeffs else tc.sparsity_coeff())
+                                                 * float(np.exp(st.log_coeff_scale)),
+                         "l0_target": tc.l0_target,
                          "sites_trained_together": list(sites)}}
     formats.save_saelens(params, sae_cfg, export_dir, dtype=cfg.export.dtype, metadata=meta)
     loaded, loaded_cfg = formats.load_sae(export_dir)  # evaluate what was written (dtype round trip included)

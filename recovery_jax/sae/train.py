@@ -89,6 +89,12 @@ class TrainConfig:
       raise ValueError(f"TrainConfig.architecture={self.architecture!r}: the trainer supports {TRAINABLE}")
     if self.architecture == "topk" and not 0 < self.k <= self.d_sae:
       raise ValueError(f"TrainConfig.k={self.k}: need 0 < k <= d_sae={self.d_sae}")
+    if self.l0_target and self.architecture != "jumprelu":
+      raise ValueError(f"TrainConfig.l0_target={self.l0_target}: the L0 controller steers the JumpReLU L0 "
+                       f"coefficient; architecture={self.architecture!r} (use 0)")
+    if self.l0_target < 0 or self.l0_target_rate <= 0 or self.threshold_lr_scale <= 0:
+      raise ValueError(f"TrainConfig: need l0_target >= 0, l0_target_rate > 0, threshold_lr_scale > 0; got "
+                       f"{self.l0_target}, {self.l0_target_rate}, {self.threshold_lr_scale}")
     if self.encoder_init_scale not in ENCODER_INIT_SCALES:
       raise ValueError(f"TrainConfig.encoder_init_scale={self.encoder_init_scale!r}: expected one of "
                        f"{ENCODER_INIT_SCALES}")
@@ -293,7 +299,7 @@ def site_update(tc: TrainConfig, optimizer: optax.GradientTransformation, state:
     coeff = coeff * jnp.minimum(1.0, (state.step + 1) / tc.sparsity_warmup_steps)
   (loss, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, tc, x, dead, coeff)
   log_scale = state.log_coeff_scale
-  if tc.l0_target > 0 and tc.architecture == "jumprelu":  # integral controller on the batch L0
+  if tc.l0_target > 0:  # integral controller on the batch L0 (jumprelu only: __post_init__)
     moved = log_scale + tc.l0_target_rate * jnp.log(jnp.maximum(out["l0"], 1e-3) / tc.l0_target)
     log_scale = jnp.where(state.step + 1 >= tc.sparsity_warmup_steps, jnp.clip(moved, -_LOG100, _LOG100), log_scale)
   if tc.jumprelu_freeze_steps and "threshold" in grads:  # zero gradient: Adam's moments stay 0, no move
