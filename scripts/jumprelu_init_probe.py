@@ -5,17 +5,22 @@ and threshold knobs exposed: the probe behind assets/README.md ("Why L0 ended at
       --enc_scale=lsq --thr_lr=10 --steps=250
 
 Prints the init reconstruction's least-squares scale c* and, every 25 steps, the training-batch
-explained variance and mean L0 (the schedule is the suite's 878-step one, stopped after --steps).
+explained variance and mean L0. The recipe is configs/train_sae_suite.py's with this script's knobs
+(defaults: v1's threshold learning rate and no L0 target), its 878-step schedule stopped after --steps.
 """
 
 import argparse
 import dataclasses
+import importlib.util
+import pathlib
 import time
 
 import jax
 import numpy as np
 
-from recovery_jax.sae import train as train_lib
+from recovery_jax.sae import pipeline, train as train_lib
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def main():
@@ -30,11 +35,12 @@ def main():
   ap.add_argument("--steps", type=int, default=200)
   a = ap.parse_args()
   x = np.load(f"{a.store}/{a.site}.npy", mmap_mode="r")[:a.rows]
-  tc = train_lib.TrainConfig(architecture="jumprelu", d_in=x.shape[1], d_sae=4608, lr=5e-4, batch_size=2048,
-                             warmup_steps=50, decay_frac=0.3, total_steps=878, l0_coeff=a.l0_coeff,
-                             sparsity_warmup_steps=100, jumprelu_bandwidth=0.05, jumprelu_init_l0=64.0,
-                             dead_tokens=500_000, encoder_init_scale="none", threshold_lr_scale=a.thr_lr,
-                             l0_target=a.l0_target)
+  spec = importlib.util.spec_from_file_location("train_sae_suite", ROOT / "configs" / "train_sae_suite.py")
+  suite = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(suite)
+  recipe = pipeline.train_config(suite.get_config(None), x.shape[1], total_steps=878)  # the suite's schedule
+  tc = dataclasses.replace(recipe, l0_coeff=a.l0_coeff, encoder_init_scale="none", threshold_lr_scale=a.thr_lr,
+                           l0_target=a.l0_target)
   sample = np.asarray(x[train_lib.batch_indices(len(x), tc.batch_size, 0, 1)], np.float32)  # train()'s init batch, seed 0
   st = train_lib.init_state(jax.random.PRNGKey(0), tc, sample, train_lib.make_optimizer(tc))
   print(f"c* = {train_lib.lsq_encoder_scale(st.params, tc, sample * float(st.input_scale)):.3f}")

@@ -43,6 +43,7 @@ import numpy as np
 import optax
 from absl import logging
 
+from recovery_jax.sae import core as sae_core
 from recovery_jax.sae.config import SAEConfig
 
 Array = jax.Array
@@ -293,7 +294,7 @@ def site_update(tc: TrainConfig, optimizer: optax.GradientTransformation, state:
   coefficient before warmup. Pure; ``make_train_step`` jits and vmaps it."""
   x = x.astype(jnp.float32) * state.input_scale
   dead = state.since_fired >= tc.dead_tokens
-  if tc.architecture != "topk":
+  if tc.l0_target > 0:  # the controller's factor (log_coeff_scale stays 0 without a target)
     coeff = coeff * jnp.exp(state.log_coeff_scale)
   if tc.sparsity_warmup_steps and tc.architecture != "topk":
     coeff = coeff * jnp.minimum(1.0, (state.step + 1) / tc.sparsity_warmup_steps)
@@ -365,18 +366,6 @@ def initial_threshold(params: dict, x: np.ndarray, l0: float) -> float:
   return float(np.partition(flat, flat.size - r)[flat.size - r])
 
 
-def _init_codes(params: dict, tc: TrainConfig, x: np.ndarray) -> np.ndarray:
-  """The architecture's codes z [n, d_sae] for scaled inputs x [n, d_in] (numpy; init-time only)."""
-  p = {k: np.asarray(v, np.float32) for k, v in params.items()}
-  pre = (x - p["b_dec"]) @ p["W_enc"] + p["b_enc"]
-  if tc.architecture == "jumprelu":
-    return np.where(pre > p["threshold"], pre, 0.0)
-  if tc.architecture == "topk":
-    kth = -np.partition(-pre, tc.k - 1, axis=-1)[:, tc.k - 1:tc.k]
-    return np.where(pre >= kth, np.maximum(pre, 0.0), 0.0)
-  return np.maximum(pre, 0.0)
-
-
 def lsq_encoder_scale(params: dict, tc: TrainConfig, x: np.ndarray) -> float:
   """c = <x - b_dec, x_hat0> / ||x_hat0||^2 over scaled inputs x [n, d_in], x_hat0 = z(x) @ W_dec: the
   least-squares size of the initial reconstruction. Multiplying W_enc, b_enc and the thresholds by c
@@ -385,7 +374,7 @@ def lsq_encoder_scale(params: dict, tc: TrainConfig, x: np.ndarray) -> float:
   0.5 at layer 12, JumpReLU at L0 64), so the first steps push every active pre-activation down
   through its threshold, where it gets no gradient again: L0 collapses to ~20 before the L0
   penalty matters (assets/README.md). Returns 1.0 when nothing fires or c <= 0."""
-  z = _init_codes(params, tc, np.asarray(x, np.float32))
+  z = np.asarray(sae_core.encode(params, tc.sae_config(), jnp.asarray(x, jnp.float32)))  # the inference encoder
   x_hat = z @ np.asarray(params["W_dec"], np.float32)
   e = np.asarray(x, np.float32) - np.asarray(params["b_dec"], np.float32)
   den, num = float(np.sum(x_hat * x_hat)), float(np.sum(e * x_hat))
