@@ -159,12 +159,12 @@ def run(cfg, workdir: str, *, stop_after: int | None = None) -> dict[str, Any]:
     sae_cfg = tc.sae_config(hook_name=hook, model_name=model_cfg.name, prepend_bos=bos, context_size=cfg.seq_len)
     export_dir = wd / "export" / export_name(cfg, hook)
     heldout = np.asarray(stores["heldout"][hook])
+    coeff0 = float(coeffs[i]) if coeffs else tc.sparsity_coeff()
     train_eval = metrics.evaluate(params, sae_cfg, metrics.batched(train_stores[i][:len(heldout)]))
     meta = {"training": {"tokens_seen": int(tc.total_steps * tc.batch_size), "train_store_tokens": int(len(train_stores[i])),
                          "steps": tc.total_steps, "seed": cfg.seed, "input_scale_folded": float(st.input_scale),
-                         "sparsity_coeff": float(coeffs[i]) if coeffs else tc.sparsity_coeff(),
-                         "sparsity_coeff_final": (float(coeffs[i]) if coeffs else tc.sparsity_coeff())
-                                                 * float(np.exp(st.log_coeff_scale)),
+                         "sparsity_coeff": coeff0,
+                         "sparsity_coeff_final": coeff0 * float(np.exp(st.log_coeff_scale)),
                          "l0_target": tc.l0_target,
                          "sites_trained_together": list(sites)}}
     formats.save_saelens(params, sae_cfg, export_dir, dtype=cfg.export.dtype, metadata=meta)
