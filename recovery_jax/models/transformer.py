@@ -165,11 +165,10 @@ def _attention(cfg: ModelConfig, p, x: Array, ctx: _Ctx, is_sliding, kv: tuple[A
       sin = jnp.where(is_sliding, ctx.rope_local[1], sin)
     q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
   new_kv = None
-  if kv is not None:
-    ck = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, ctx.cache_index, 0, 0))
-    cv = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, ctx.cache_index, 0, 0))
-    new_kv = (ck, cv)
-    k, v = ck.astype(q.dtype), cv.astype(q.dtype)
+  if kv is not None:  # the chunk's keys/values join this layer's (read-only) cache slice
+    new_kv = (k.astype(kv[0].dtype), v.astype(kv[1].dtype))
+    k = jax.lax.dynamic_update_slice(kv[0], new_kv[0], (0, ctx.cache_index, 0, 0)).astype(q.dtype)
+    v = jax.lax.dynamic_update_slice(kv[1], new_kv[1], (0, ctx.cache_index, 0, 0)).astype(q.dtype)
   hkv = cfg.n_kv_heads
   q = q.reshape(b, t, hkv, cfg.n_heads // hkv, cfg.d_head) * cfg.query_scale
   scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
@@ -395,30 +394,37 @@ def forward(
   def run_block(blocks, i, h, kv, hook):
     return _block(cfg, jax.tree.map(lambda a: take(a, i), blocks), h, ctx, sliding[i], kv, hook)
 
-  def layer_step(i, h, kv_all, hook, ckpt=False):
-    kv = None if kv_all is None else (take(kv_all[0], i), take(kv_all[1], i))
+  # The cache is read, never carried: a layer scan carrying the stacked cache makes the backward
+  # pass save (and XLA copy) it per layer. Each layer returns only its chunk's keys/values [B, T,
+  # Hkv, Dh]; they are written into the cache once per segment, after the layers have run.
+  def layer_step(i, h, hook, ckpt=False):
+    kv = None if cache is None else (take(cache.k, i), take(cache.v, i))
     # ckpt: the layer's weights are sliced inside the checkpoint, so a backward pass re-slices them
     # from the (loop-invariant) stacked params instead of saving every layer's slice as a residual
     block = lambda b, i, h, kv: run_block(b, i, h, kv, hook)
     if ckpt:
       block = jax.checkpoint(block, policy=REMAT_POLICIES[ckpt])
-    h, nkv = block(blocks, i, h, kv)
-    if kv_all is not None:
-      kv_all = tuple(jax.lax.dynamic_update_index_in_dim(c, n.astype(c.dtype), i, 0) for c, n in zip(kv_all, nkv))
-    return h, kv_all
+    return block(blocks, i, h, kv)
 
-  kv_all = (cache.k, cache.v) if cache is not None else None
+  chunk_kv = []  # (first layer, k [n, B, T, Hkv, Dh], v [...]) per segment
   for lo, hi, is_hooked in _segments(start_layer, stop_layer, hooked):
     if is_hooked:
       hook = lambda n, x, lo=lo: apply(sites_lib.site_name(lo, n), x)
-      h, kv_all = layer_step(lo, h, kv_all, hook)
+      h, nkv = layer_step(lo, h, hook)
+      nkv = None if nkv is None else tuple(a[None] for a in nkv)
     else:
-      def body(carry, i):
-        return layer_step(i, *carry, lambda n, x: x, ckpt=remat), None
-      (h, kv_all), _ = jax.lax.scan(body, (h, kv_all), jnp.arange(lo, hi))
+      def body(h, i):
+        return layer_step(i, h, lambda n, x: x, ckpt=remat)
+      h, nkv = jax.lax.scan(body, h, jnp.arange(lo, hi))
+    if cache is not None:
+      chunk_kv.append((lo, *nkv))
 
   if cache is not None:
-    new_cache = KVCache(kv_all[0], kv_all[1], kpos, kvalid, cache.index + t)
+    k_all, v_all = cache.k, cache.v
+    for lo, k, v in chunk_kv:
+      k_all = jax.lax.dynamic_update_slice(k_all, k, (lo, 0, cache.index, 0, 0))
+      v_all = jax.lax.dynamic_update_slice(v_all, v, (lo, 0, cache.index, 0, 0))
+    new_cache = KVCache(k_all, v_all, kpos, kvalid, cache.index + t)
 
   logits = None
   if stop_layer == cfg.n_layers and compute_logits:
