@@ -125,7 +125,8 @@ def main(argv):
       "# SAE training: one vmapped N-site program vs N sequential runs", "",
       f"{res['date']}, {res['device']}, {res['cpu_count']} CPUs, jax {res['jax']}; load average (1, 5, 15 min) "
       f"{tuple(round(x, 2) for x in load_before)} before, {tuple(round(x, 2) for x in res['load_average_after'])} after "
-      "(a shared machine: other jobs ran at the same time, so absolute figures are low and noisy).", "",
+      f"(this benchmark's own threads included; a load well above the {res['cpu_count']} CPUs means other jobs "
+      "shared them, and the figures are then not figures).", "",
       f"{res['arch']}, N = {res['sites']} SAEs, d_in {res['d_in']}, d_sae {res['d_sae']}, {res['batch_per_sae']} tokens "
       f"per SAE per step; steady state: best of {res['repeats']} x {res['timed_steps']} steps after compilation.", "",
       "| | vmapped (1 program) | lax.map (1 program) | sequential (N programs) | speed-up vmap / map |",
