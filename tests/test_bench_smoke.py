@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -54,3 +55,16 @@ def test_reference_and_engine_recover_the_same_objectives(result):
     ref, eng = rows[(kind, "reference")], rows[(kind, "engine")]
     n = len(ref["objectives"])
     np.testing.assert_allclose(eng["objectives"][:n], ref["objectives"], rtol=rtol, atol=1e-4)
+
+
+def test_harvest_sites_bench_runs_both_sides(tmp_path):
+  """``bench.harvest_sites`` on the tiny model: one timing per site and for all sites together."""
+  import subprocess
+  import sys
+  out = tmp_path / "hs"
+  subprocess.run([sys.executable, "-m", "bench.harvest_sites", "--model=tiny-random", "--layers=0-1", "--windows=8",
+                  "--seq_len=32", "--forward_batch=4", f"--out={out}"], check=True, capture_output=True, cwd=Path(__file__).parents[1])
+  res = json.loads(out.with_suffix(".json").read_text())
+  assert res["tokens"] == 8 * 32 and sorted(res["alone_s"]) == ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
+  assert res["together_s"] > 0 and math.isclose(res["speedup"], res["alone_total_s"] / res["together_s"])
+  assert "one forward" in out.with_suffix(".md").read_text()
