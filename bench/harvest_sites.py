@@ -45,8 +45,15 @@ def _harvest(params, cfg, sites, windows, batch) -> float:
 
 def main(argv):
   del argv
+  try:
+    layers = [int(x) for x in _LAYERS.value.split("-")]
+  except ValueError:
+    raise app.UsageError(f"--layers={_LAYERS.value!r}: expected dash-separated layer numbers, e.g. 3-6-9") from None
+  if not 1 <= _BATCH.value <= _WINDOWS.value or _SEQ.value < 1:
+    raise app.UsageError(f"need 1 <= --forward_batch ({_BATCH.value}) <= --windows ({_WINDOWS.value}) and "
+                         f"--seq_len >= 1 ({_SEQ.value}): the first batch compiles each program")
   params, cfg, _ = pipeline.load_model_for(_MODEL.value)
-  sites = tuple(f"blocks.{int(L)}.hook_resid_post" for L in _LAYERS.value.split("-"))
+  sites = tuple(f"blocks.{L}.hook_resid_post" for L in layers)
   rng = np.random.default_rng(0)
   windows = [rng.integers(1, cfg.vocab_size, _SEQ.value, dtype=np.int32) for _ in range(_WINDOWS.value)]
   tokens = _WINDOWS.value * _SEQ.value

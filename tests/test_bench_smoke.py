@@ -68,3 +68,14 @@ def test_harvest_sites_bench_runs_both_sides(tmp_path):
   assert res["tokens"] == 8 * 32 and sorted(res["alone_s"]) == ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
   assert res["together_s"] > 0 and math.isclose(res["speedup"], res["alone_total_s"] / res["together_s"])
   assert "one forward" in out.with_suffix(".md").read_text()
+
+
+@pytest.mark.parametrize("flags,message", [(["--layers=0-x"], "--layers='0-x'"),
+                                           (["--windows=2", "--forward_batch=4"], "--forward_batch (4)")])
+def test_harvest_sites_bench_names_bad_flags(tmp_path, flags, message):
+  import subprocess
+  import sys
+  r = subprocess.run([sys.executable, "-m", "bench.harvest_sites", "--model=tiny-random", f"--out={tmp_path / 'hs'}",
+                      *flags], capture_output=True, text=True, cwd=Path(__file__).parents[1])
+  assert r.returncode != 0 and message in r.stderr + r.stdout
+  assert not (tmp_path / "hs.json").exists()
