@@ -57,13 +57,19 @@ def test_reference_and_engine_recover_the_same_objectives(result):
     np.testing.assert_allclose(eng["objectives"][:n], ref["objectives"], rtol=rtol, atol=1e-4)
 
 
-def test_harvest_sites_bench_runs_both_sides(tmp_path):
-  """``bench.harvest_sites`` on the tiny model: one timing per site and for all sites together."""
+def _harvest_bench(out, *flags):
+  """Runs ``python -m bench.harvest_sites`` on the tiny model from the repository root."""
   import subprocess
   import sys
+  return subprocess.run([sys.executable, "-m", "bench.harvest_sites", "--model=tiny-random", f"--out={out}", *flags],
+                        capture_output=True, text=True, cwd=Path(__file__).parents[1])
+
+
+def test_harvest_sites_bench_runs_both_sides(tmp_path):
+  """``bench.harvest_sites`` on the tiny model: one timing per site and for all sites together."""
   out = tmp_path / "hs"
-  subprocess.run([sys.executable, "-m", "bench.harvest_sites", "--model=tiny-random", "--layers=0-1", "--windows=8",
-                  "--seq_len=32", "--forward_batch=4", f"--out={out}"], check=True, capture_output=True, cwd=Path(__file__).parents[1])
+  r = _harvest_bench(out, "--layers=0-1", "--windows=8", "--seq_len=32", "--forward_batch=4")
+  assert r.returncode == 0, r.stderr
   res = json.loads(out.with_suffix(".json").read_text())
   assert res["tokens"] == 8 * 32 and sorted(res["alone_s"]) == ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
   assert res["together_s"] > 0 and math.isclose(res["speedup"], res["alone_total_s"] / res["together_s"])
@@ -73,9 +79,6 @@ def test_harvest_sites_bench_runs_both_sides(tmp_path):
 @pytest.mark.parametrize("flags,message", [(["--layers=0-x"], "--layers='0-x'"),
                                            (["--windows=2", "--forward_batch=4"], "--forward_batch (4)")])
 def test_harvest_sites_bench_names_bad_flags(tmp_path, flags, message):
-  import subprocess
-  import sys
-  r = subprocess.run([sys.executable, "-m", "bench.harvest_sites", "--model=tiny-random", f"--out={tmp_path / 'hs'}",
-                      *flags], capture_output=True, text=True, cwd=Path(__file__).parents[1])
+  r = _harvest_bench(tmp_path / "hs", *flags)
   assert r.returncode != 0 and message in r.stderr + r.stdout
   assert not (tmp_path / "hs.json").exists()
