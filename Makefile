@@ -3,7 +3,7 @@
 PY := .venv/bin/python
 WORKDIR ?= runs/demo
 
-.PHONY: demo test setup setup-test bench corpus
+.PHONY: demo test test-fast setup setup-test bench corpus
 
 setup:
 	bash scripts/setup.sh
@@ -21,8 +21,17 @@ corpus: .cache/corpus/MANIFEST.json
 .cache/corpus/MANIFEST.json:
 	bash scripts/build_corpus.sh
 
+# pytest prints the 25 slowest tests after every run; compiled programs persist across sessions under
+# ~/.cache/recovery_jax/jax (RECOVERY_JAX_COMPILATION_CACHE=off for a cold run).
+PYTEST := HF_HUB_OFFLINE=1 WANDB_MODE=disabled $(PY) -m pytest -q -p no:cacheprovider --durations=25
+
 test: setup-test
-	HF_HUB_OFFLINE=1 WANDB_MODE=disabled $(PY) -m pytest -q -p no:cacheprovider tests; rc=$$?; \
+	$(PYTEST) tests; rc=$$?; \
+	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
+
+# The inner loop: everything but the real-weight, app-level and multi-device tests.
+test-fast: setup-test
+	$(PYTEST) -m "not slow and not multidevice" tests; rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 
 bench: setup-test

@@ -1,6 +1,6 @@
 r"""Pod scale on paper: ahead-of-time compile of a recovery step on a fake 64-device mesh, no weights.
 
-  PYTHONPATH=/path/to/libtpu_pkg nice -n 19 python -m bench.aot_memory   # the BENCHMARKS.md table
+  PYTHONPATH=/path/to/libtpu_pkg nice -n 19 python -m bench.aot_memory   # the docs/scale.md table
   python -m bench.aot_memory --models=gemma2-9b --meshes=8x8 --targets=cpu --out_dir=/tmp/aot
 
 For each model shape (Gemma 2 9B, Gemma 2 27B, Llama 3 70B; ``models/random_init.py``) with an SAE at

@@ -1,6 +1,6 @@
 r"""Recovery throughput: the reference-shaped loop (a), the batched engine (b), a PyTorch loop (c).
 
-  python -m bench.recovery_throughput --quick          # the documented CPU run (BENCHMARKS.md)
+  python -m bench.recovery_throughput --quick          # the documented CPU run (docs/benchmarks.md)
   python -m bench.recovery_throughput --models=gpt2-small-random --workloads=ioi \
       --batches=1,8,64,256 --k_max=16,64,256 --steps=100      # larger grids (GPU hosts)
 
@@ -17,6 +17,9 @@ examples recovered per second, example-steps per second, the model FLOP/s of a s
 counts, bench.flops) and its fraction of the peak f32 matmul FLOP/s measured in the same run,
 compile seconds, XLA memory of the compiled program, and the ratios (b)/(a), (b)/(c). Results go to
 ``<out_dir>/recovery_throughput.json`` and ``.md``.
+
+Size: a benchmark script that runs three implementations on the same examples
+and writes their table; its parts are only used together.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ import numpy as np
 
 from bench import engine_batched, flops, problems, reference_loop
 
-# --quick: the documented CPU run (BENCHMARKS.md). Without --quick: the larger grid (GPU hosts).
+# --quick: the documented CPU run (docs/benchmarks.md). Without --quick: the larger grid (GPU hosts).
 QUICK = dict(models="smollm2-135m,gpt2-small-random", workloads="ioi,refusal",
              refusal_models="smollm2-135m,gpt2-small-random", ioi_batches="1,64", refusal_batches="8", k_max="64",
              ioi_steps=10, refusal_steps=2, ref_examples=2, refusal_ref_examples=1, torch_examples=2)

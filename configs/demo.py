@@ -4,7 +4,7 @@
   python -m recovery_jax.main --config=configs/demo.py --workdir=runs/demo
 
 Each setting runs in ``<workdir>/<name>`` with its own config file and the overrides below (smaller
-than each setting's full run, whose own README command gives the full figures). Variants:
+than each setting's full run, whose command in docs/settings/<name>.md gives the full figures). Variants:
   default  IOI, refusal, unlearning and TPP at demo size (sized for <= 15 minutes on a 2-core CPU)
   tiny     the same four apps on tiny random models (CI; seconds each)
   only=a-b a subset, e.g. ``configs/demo.py:only=ioi-tpp``
@@ -18,8 +18,8 @@ DEMO = {
     "ioi": ("configs/ioi.py", ("site=blocks.12.hook_resid_post", "task.n_prompts=24", "recovery.modes=('none', 'encoder_exact')",
                                "recovery.variants=('per_prompt',)", "cards=6")),
     "refusal": ("configs/refusal.py", ("task.n_prompts=8", "generation.max_new_tokens=32", "defence.strengths=(4.0,)",
-                                       "recovery.max_cases=4", "recovery.modes=('jacobian',)", "recovery.steps1=30",
-                                       "recovery.steps2=12", "recovery.n_ans=16", "recovery.jacobian_probes=4",
+                                       "recovery.max_cases=4", "recovery.modes=('jacobian',)", "recovery.stage1.steps=30",
+                                       "recovery.stage2.steps=12", "recovery.n_ans=16", "recovery.jacobian_probes=4",
                                        "recovery.correction_steps=2", "recovery.attribution_modes=()",
                                        "recovery.drop_modes=()", "recovery.budgets=()", "recovery.ks=()",
                                        "soft_suffix.enabled=False")),

@@ -1,6 +1,6 @@
 """IOI post-intervention recovery.
 
-Run (the README's main job, on the embedded default SmolLM2-135M-Instruct + the shipped SAE):
+Run (the full IOI run of docs/settings/ioi.md, on the embedded default SmolLM2-135M-Instruct + the shipped SAE):
   python -m recovery_jax.main --config=configs/ioi.py --workdir=runs/ioi_default
 
 Variants (``configs/ioi.py:<variant>,key=value``):

@@ -13,7 +13,7 @@ Variants (``configs/refusal.py:<variant>,key=value``):
            aligned with the teacher-forced openings contrast (20 candidates) set to v whether active or
            not (``set``, the clamp form of SAELens steering), v in (3, 4, 5); 64 shipped benign prompts.
            The one SAE-feature defence found that makes SmolLM2 refuse with real refusal phrases (57/64 at
-           v = 4; README "Refusal steering": the search)
+           v = 4; docs/settings/refusal.md: the search)
   suite    the paper's form on the project's JumpReLU resid_post suite: ``multiply`` x m on the global
            top 20 (site, feature) pairs over blocks.{9,12,15,18}.hook_resid_post (10 candidates per
            site), m in (3, 6, 10); on SmolLM2 its "refusals" are negative/degenerate openings only
@@ -79,8 +79,9 @@ def get_config(arg=None):
   c.recovery.max_cases = 0  # 0: every valid case
   c.recovery.modes = ("none", "encoder", "jacobian")
   c.recovery.variants = ("faithful", "honest")
-  c.recovery.steps1, c.recovery.lr1, c.recovery.budget1 = 30, 0.1, 40.0  # v4strong
-  c.recovery.steps2, c.recovery.lr2, c.recovery.budget2 = 120, 0.05, 40.0
+  # each stage's own knobs (v4strong); the optimiser knobs both stages share are set once below
+  c.recovery.stage1 = ml_collections.ConfigDict({"steps": 30, "lr": 0.1, "budget": 40.0})
+  c.recovery.stage2 = ml_collections.ConfigDict({"steps": 120, "lr": 0.05, "budget": 40.0})
   c.recovery.n_ans = 48
   c.recovery.jacobian_probes = 8
   c.recovery.correction_steps = 5
@@ -96,6 +97,8 @@ def get_config(arg=None):
   # preflight; every defence padded to one K_max so all share the compiled recovery; () skips the sweep
   c.recovery.ks = (2, 4, 16)
   c.plots = True
+  # generation and recovery batches sharded over the mesh's data axis (-1: every device; model axis unused here)
+  c.mesh = ml_collections.ConfigDict({"data": 1, "model": 1})
   # OABD-style soft-suffix baseline (paper-method 9.2; paper run values) on the same valid cases
   c.soft_suffix = ml_collections.ConfigDict()
   c.soft_suffix.enabled = True
@@ -147,7 +150,7 @@ def get_config(arg=None):
     c.generation.max_new_tokens = 8
     c.generation.batch_size = 4
     c.recovery.max_cases = 3
-    c.recovery.steps1, c.recovery.steps2 = 2, 3
+    c.recovery.stage1.steps, c.recovery.stage2.steps = 2, 3
     c.recovery.n_ans = 4
     c.recovery.jacobian_probes = 2
     c.recovery.correction_steps = 1

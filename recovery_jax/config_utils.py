@@ -6,13 +6,31 @@ Config files import them from the package, so they load from any working directo
 from __future__ import annotations
 
 import ast
+import difflib
 import importlib.util
 import os
 from typing import Sequence
 
 import ml_collections
 
+from recovery_jax import errors
+
 _TRUE = ("1", "true", "yes", "on")
+
+
+def nearest(word: str, known: Sequence[str], n: int = 3, prefix: str = "") -> str:
+  """``" (did you mean 'x'?)"`` for the names of ``known`` closest to ``word`` (each shown after
+  ``prefix``); ``""`` when none is close."""
+  close = difflib.get_close_matches(str(word), [str(k) for k in known], n=n, cutoff=0.6)
+  return f" (did you mean {' or '.join(repr(prefix + c) for c in close)}?)" if close else ""
+
+
+def check_choice(what: str, value: str, known: Sequence[str]) -> str:
+  """``value`` when it is one of ``known``, else a ``UserError`` naming ``what``, the nearest and all names
+  (for config files: ``check_choice("configs/ioi.py: variant", a.variant, VARIANTS)``)."""
+  if value not in known:
+    raise errors.UserError(f"{what} {value!r} is unknown{nearest(value, known)}; expected one of: {', '.join(known)}")
+  return value
 
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
@@ -20,7 +38,8 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
 
   A bare word sets a boolean default to True, or is taken as the ``variant`` when one is declared.
   ``key=value`` converts ``value`` to the default's type (booleans: 1/true/yes/on; a None default
-  keeps the string). Unknown keys are an error naming the key and the known ones.
+  keeps the string). Unknown keys are a ``UserError`` (a ValueError) naming the key, the nearest known
+  keys and all of them.
   """
   out = ml_collections.ConfigDict(defaults)
   for item in (arg or "").split(","):
@@ -34,10 +53,13 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
     elif "variant" in defaults:
       key, value = "variant", item
     else:
-      raise ValueError(f"config arg {item!r}: unknown argument; expected key=value or a boolean flag, "
-                       f"known: {sorted(defaults)}")
+      flags_ = sorted(k for k, v in defaults.items() if isinstance(v, bool))
+      raise errors.UserError(f"config arg {item!r}: unknown argument{nearest(item, flags_ or sorted(defaults))}; "
+                             f"expected key=value or a boolean flag ({', '.join(flags_) or 'none'}); known keys: "
+                             f"{', '.join(sorted(defaults))}")
     if key not in defaults:
-      raise ValueError(f"config arg {key!r}: unknown argument; known: {sorted(defaults)}")
+      raise errors.UserError(f"config arg {key!r}: unknown argument{nearest(key, sorted(defaults))}; known: "
+                             f"{', '.join(sorted(defaults))}")
     kind = type(defaults[key])
     if kind is bool:
       out[key] = value.lower() in _TRUE
@@ -47,8 +69,32 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
       try:
         out[key] = kind(value)
       except ValueError as e:
-        raise ValueError(f"config arg {key}={value!r}: expected a {kind.__name__}") from e
+        an = "an" if kind.__name__[0] in "aeiou" else "a"
+        raise errors.UserError(f"config arg {key}={value!r}: expected {an} {kind.__name__} (default {defaults[key]!r})"
+                               ) from e
   return out
+
+
+def field_parent(cfg, key: str):
+  """The node of ``cfg`` holding the dotted field ``key``; a KeyError whose message names the first
+  missing part, the nearest fields there and all of them."""
+  parts = key.split(".")
+  node = cfg
+  for i, p in enumerate(parts):
+    where = ".".join(parts[:i])
+    fields = sorted(node.keys()) if hasattr(node, "keys") else []
+    if p not in fields:
+      prefix = where + "." if where else ""
+      near = nearest(p, fields, prefix=prefix)
+      if not fields:
+        of = f"; {where!r} is a value, not a group of fields"
+      else:
+        of = f"; fields of {where!r}: " if where else "; top-level fields: "
+        of += ", ".join(fields)
+      raise KeyError(f"no field {prefix + p!r}{near}{of}")
+    if i < len(parts) - 1:
+      node = node[p]
+  return node
 
 
 def load_config_file(spec: str, overrides: Sequence[str] = (), *, root: str | None = None) -> ml_collections.ConfigDict:
@@ -76,14 +122,11 @@ def load_config_file(spec: str, overrides: Sequence[str] = (), *, root: str | No
       value = ast.literal_eval(text)
     except (ValueError, SyntaxError):
       value = text
-    *parents, leaf = key.split(".")
-    node = cfg
-    for p in parents:
-      if p not in node:
-        raise ValueError(f"config {spec!r}: override {item!r}: no field {key!r}")
-      node = node[p]
-    if leaf not in node:
-      raise ValueError(f"config {spec!r}: override {item!r}: no field {key!r}")
+    leaf = key.split(".")[-1]
+    try:
+      node = field_parent(cfg, key)
+    except KeyError as e:
+      raise ValueError(f"config {spec!r}: override {item!r}: {e.args[0]}") from e
     try:
       node[leaf] = value
     except TypeError as e:

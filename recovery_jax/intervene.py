@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from recovery_jax.errors import UserError
 from recovery_jax.sae import core as sae_core
 from recovery_jax.sae.config import SAEConfig
 
@@ -100,11 +101,55 @@ class ClampParams(NamedTuple):
   position_mask: Array | None = None
 
 
+def is_concrete(a) -> bool:
+  """Whether ``a`` can be read on the host now: a numpy array or a fully addressable jax array, not a
+  Tracer (under jit / vmap / grad nothing is checked)."""
+  if isinstance(a, np.ndarray):
+    return True
+  return (isinstance(a, jax.Array) and not isinstance(a, jax.core.Tracer)
+          and getattr(a, "is_fully_addressable", False))
+
+
+def check_feature_ids(feature_idx, d_sae: int, feature_mask=None, *, what: str = "feature_idx",
+                      sae: str = "") -> None:
+  """Raises UserError when a real feature id (``feature_mask`` True; any leading stack axes) is
+  negative or >= ``d_sae``: indexing would silently read another feature (99999 -> d_sae - 1,
+  -3 -> d_sae - 3). Lists and concrete arrays are checked; Tracers are skipped."""
+  if isinstance(feature_idx, (list, tuple, int, np.integer)):
+    feature_idx = np.asarray(feature_idx)
+  if not is_concrete(feature_idx) or (feature_mask is not None and not isinstance(feature_mask, (list, tuple))
+                                      and not is_concrete(feature_mask)):
+    return
+  idx = np.asarray(feature_idx)
+  if not idx.size:
+    return
+  if idx.dtype.kind not in "iu" and not (idx.dtype.kind == "f" and np.all(np.mod(idx, 1) == 0)):
+    raise UserError(f"{what}: feature ids {idx.reshape(-1)[:8].tolist()} (dtype {idx.dtype}) are not integers in "
+                    f"[0, d_sae={d_sae})")
+  real = np.ones(idx.shape, bool) if feature_mask is None else np.asarray(feature_mask, bool)
+  try:
+    real = np.broadcast_to(real, idx.shape)
+  except ValueError as e:
+    raise UserError(f"{what}: feature ids of shape {idx.shape} and their mask of shape {real.shape} differ") from e
+  bad = real & ((idx < 0) | (idx >= d_sae))
+  if bad.any():
+    vals = sorted({int(v) for v in idx[bad]})
+    more = f" (and {len(vals) - 8} more)" if len(vals) > 8 else ""
+    raise UserError(f"{what}: feature id(s) {vals[:8]}{more} outside [0, d_sae={d_sae}) of the SAE{' ' + sae if sae else ''};"
+                    " a feature id must satisfy 0 <= id < d_sae")
+
+
 def make_clamp_params(feature_idx, value=0.0, *, k_max: int | None = None, feature_mask=None,
-                      position_mask=None) -> ClampParams:
-  """Builds ClampParams from a list of feature indices, padding to ``k_max`` (host-side helper)."""
-  idx = np.asarray(feature_idx, np.int32).reshape(-1)
+                      position_mask=None, d_sae: int | None = None) -> ClampParams:
+  """Builds ClampParams from a list of feature indices, padding to ``k_max`` (host-side helper);
+  with ``d_sae`` the ids are checked to lie in [0, d_sae) (``make_clamp`` always checks)."""
+  idx = np.asarray(feature_idx).reshape(-1)
   mask = np.ones(idx.shape, bool) if feature_mask is None else np.asarray(feature_mask, bool).reshape(-1)
+  if d_sae is not None:
+    check_feature_ids(idx, d_sae, mask)
+  if idx.size and (idx.max() > np.iinfo(np.int32).max or idx.min() < np.iinfo(np.int32).min):
+    raise UserError(f"feature_idx: feature ids {idx.min()}..{idx.max()} do not fit int32")
+  idx = idx.astype(np.int32)
   k_max = idx.size if k_max is None else k_max
   if idx.size > k_max:
     raise ValueError(f"make_clamp_params: {idx.size} features do not fit k_max={k_max}")
@@ -156,6 +201,16 @@ class Clamp:
   spec: ClampSpec = struct.field(pytree_node=False)
   sae: dict
   params: ClampParams
+
+  def __post_init__(self):
+    """Concrete feature ids (numpy or jax arrays, not Tracers) must lie in [0, d_sae); a concrete
+    clamp value must be finite."""
+    p = self.params
+    if isinstance(p, ClampParams) and isinstance(self.spec, ClampSpec):
+      where = f"at {self.spec.site!r}" + (f" ({self.sae_cfg.source})" if self.sae_cfg.source else "")
+      check_feature_ids(p.feature_idx, self.sae_cfg.d_sae, p.feature_mask, what=f"clamp {where}: feature_idx")
+      if is_concrete(p.value) and not np.isfinite(np.asarray(p.value, np.float32)).all():
+        raise UserError(f"clamp {where}: clamp value {np.asarray(p.value).tolist()} is not finite")
 
   @property
   def site(self) -> str:
@@ -220,7 +275,9 @@ class Clamp:
 
 
 def make_clamp(spec: ClampSpec, sae, feature_idx, value=0.0, **kw) -> Clamp:
-  """A Clamp from a spec, SAE params and a list of feature indices (``make_clamp_params`` kwargs)."""
+  """A Clamp from a spec, SAE params and a list of feature indices (``make_clamp_params`` kwargs);
+  ids outside [0, d_sae) are a UserError."""
+  kw.setdefault("d_sae", spec.sae_cfg.d_sae)
   return Clamp(spec, sae, make_clamp_params(feature_idx, value, **kw))
 
 

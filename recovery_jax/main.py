@@ -5,8 +5,14 @@
   python -m recovery_jax.main --config=configs/ioi.py:sweep --config.recovery.steps=50 --workdir=...
   python -m recovery_jax.main --config=configs/train_sae.py:smoke --workdir=/tmp/sae_smoke
 
-Input problems (an unknown experiment, an unusable workdir, a bad config field: ``errors.UserError``)
-end with ``error: <message>`` on stderr and exit status 2, without a traceback. INFO records of
+Input problems (an unknown experiment, an unusable workdir, a bad config field: ``errors.UserError``;
+an unknown ``--config.<field>``, a value of the wrong type, an unknown config variant or file: flag
+parsing) end with one line ``error: <message>`` on stderr naming the field and the nearest valid names,
+and exit status 2, without a traceback.
+
+The workdir is the run's (``recovery_jax.workdir``): locked while the run lives (a second process in
+it fails at once, naming the first) and refused when it holds a run of another config, unless
+``--overwrite`` discards that run. INFO records of
 other libraries (orbax, jax) are hidden unless ``--verbosity`` is 1 or more (``-v``).
 """
 
@@ -14,17 +20,21 @@ from __future__ import annotations
 
 import logging as py_logging
 import os
+import re
 import sys
 import tempfile
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from recovery_jax import errors, experiments
+from recovery_jax import compilation_cache, config_utils, errors, experiments
+from recovery_jax import workdir as workdir_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py[:arg]).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder; an interrupted run resumes from it.")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Discard a run of another config found in --workdir (else "
+                                "that is an error); a run of the same config resumes either way.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -116,23 +126,111 @@ def _maybe_initialize_distributed():
       logging.warning("jax.distributed.initialize() failed (%s); continuing single-host", e)
 
 
+def _config_spec(args) -> str | None:
+  """The value of ``--config`` in ``args`` (``--config=x`` or ``--config x``), None when absent."""
+  for i, a in enumerate(args):
+    if a.startswith("--config="):
+      return a.split("=", 1)[1]
+    if a == "--config" and i + 1 < len(args):
+      return args[i + 1]
+  return None
+
+
+def _last_line(e: BaseException) -> str:
+  lines = [l.strip() for l in str(e).strip().splitlines() if l.strip()]
+  return lines[-1] if lines else type(e).__name__
+
+
+def _config_file_problem(spec: str, e: BaseException) -> str:
+  """The message of a config file that failed to load, with the nearest variant or file names."""
+  msg = e.args[0] if isinstance(e, ValueError) and e.args else _last_line(e)
+  m = re.search(r"unknown variant '([^']*)'; expected (.+)$", msg)
+  if m:  # configs/<x>.py: "unknown variant 'v'; expected a, b or c"
+    known = re.split(r",\s*|\s+or\s+", m.group(2))
+    msg += config_utils.nearest(m.group(1), known)
+  path = spec.partition(":")[0]
+  if not os.path.exists(path):
+    folder = os.path.dirname(path) or "."
+    names = sorted(f for f in os.listdir(folder) if f.endswith(".py")) if os.path.isdir(folder) else []
+    msg = f"{path} does not exist{config_utils.nearest(os.path.basename(path), names)}"
+  return f"--config={spec}: {msg}"
+
+
+def flag_error_message(args, e: BaseException) -> str:
+  """One line for a flag-parsing failure ``e`` of ``args`` (argv without the program): an unknown
+  ``--config.<field>`` or config file problem names the field or file and the nearest valid names; a
+  value of the wrong type names the field's type and value."""
+  spec = _config_spec(args)
+  if spec is None:
+    return _last_line(e)
+  try:
+    cfg = config_utils.load_config_file(spec)
+  except Exception as load_error:  # pylint: disable=broad-except
+    return _config_file_problem(spec, load_error)
+  overrides = [a[len("--config."):].partition("=") for a in args if a.startswith("--config.")]
+  for key, _, value in overrides:
+    try:
+      config_utils.field_parent(cfg, key)
+    except KeyError as missing:
+      return f"--config.{key}={value}: {missing.args[0]}"
+  m = re.search(r"flag --config\.([\w.]+)=(.*?): (.*)", str(e))
+  if m:
+    key, value, why = m.groups()
+    node = config_utils.field_parent(cfg, key)[key.split(".")[-1]]
+    if hasattr(node, "keys"):
+      return (f"--config.{key}={value}: {key!r} is a group of fields ({', '.join(sorted(node.keys()))}); set one of "
+              f"them, e.g. --config.{key}.{sorted(node.keys())[0]}=...")
+    kind = type(node).__name__
+    return (f"--config.{key}={value}: expected a{'n' if kind[0] in 'aeiou' else ''} {kind} like the config's "
+            f"{node!r} ({why.strip()})")
+  return _last_line(e)
+
+
+def parse_flags(argv):
+  """absl's flag parsing, with every failure (absl's, ml_collections' overrides, a config file that
+  does not load) one ``error:`` line and exit status 2."""
+  try:
+    rest = flags.FLAGS(argv)
+    cfg = flags.FLAGS["config"].value
+    if cfg is not None:
+      cfg.get("experiment", None)  # a config file that failed to load raises on first use
+    return rest
+  except Exception as e:  # pylint: disable=broad-except
+    print(f"error: {flag_error_message(argv[1:], e)}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   quiet_library_logging(flags.FLAGS.verbosity)
   config, workdir = _CONFIG.value, _WORKDIR.value
   try:
-    name = config.get("experiment", None)
+    name, known = config.get("experiment", None), experiments.names()
     if not name:
-      raise errors.UserError(f"the config has no field 'experiment'; set it to one of: {', '.join(experiments.names())}")
+      raise errors.UserError(f"the config has no field 'experiment'; set it to one of: {', '.join(known)}")
+    if name not in known:
+      raise errors.UserError(f"config field 'experiment'={name!r} is not a known experiment"
+                             f"{config_utils.nearest(name, known)}; known: {', '.join(known)}")
     module = experiments.load(name)
     check_workdir(workdir)
+    compilation_cache.enable()  # a second run loads what the first compiled (RECOVERY_JAX_COMPILATION_CACHE=off)
     _maybe_initialize_distributed()
+    if _OVERWRITE.value:
+      workdir_lib.allow_overwrite(workdir)
+    import jax  # pylint: disable=import-outside-toplevel
+    if jax.process_index() == 0:  # the writing process owns the workdir (the others share its lock)
+      workdir_lib.lock(workdir)
     module.run(config, workdir)
   except errors.UserError as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     sys.exit(2)
 
 
+def run() -> None:
+  """The app, with ``parse_flags``' one-line errors."""
+  app.run(main, flags_parser=parse_flags)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  run()

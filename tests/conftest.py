@@ -9,7 +9,10 @@ import gc
 import jax
 import pytest
 
+from recovery_jax import compilation_cache
 from recovery_jax.models import random_init
+
+compilation_cache.enable()  # a second session loads the programs the first compiled (RECOVERY_JAX_COMPILATION_CACHE)
 
 
 @pytest.fixture(autouse=True, scope="module")

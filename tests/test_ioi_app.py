@@ -161,7 +161,7 @@ def test_bad_config_values_end_with_a_clear_message(tmp_path, flags, message, ca
 
 @pytest.mark.slow
 def test_default_config_on_real_smollm2_with_shipped_sae(tmp_path, cache_dir):
-  """The README's main job, shortened: real SmolLM2-135M-Instruct + the shipped SAE, started from
+  """The full IOI run (docs/settings/ioi.md), shortened: real SmolLM2-135M-Instruct + the shipped SAE, started from
   another working directory (the config and the shipped SAE resolve from anywhere)."""
   wd = tmp_path / "default"
   _app(wd, os.path.join(ROOT, "configs/ioi.py:n_prompts=32,steps=10"),

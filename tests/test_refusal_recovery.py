@@ -2,7 +2,6 @@
 against an independent per-example implementation, and the stage-2 objective against a hand-written
 forward; generation edits (faithful vs honest) on a tiny random model."""
 
-import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -17,9 +16,11 @@ from recovery_jax.tasks import refusal_recovery as R
 
 SITES = ("blocks.0.hook_resid_post", "blocks.1.hook_resid_post")
 FEATS = {SITES[0]: [1, 4, 7], SITES[1]: [0, 3, 5]}
-CFG = R.V4Config(projection="jacobian", steps1=3, lr1=0.1, budget1=2.0, steps2=4, lr2=0.05, budget2=2.0, n_ans=4,
-                 prefix_len=3, anti_len=3, w_anti2=0.0, lambda_act=0.1, jacobian_probes=2, correction_steps=1,
-                 correction_lr=0.01, checkpoint_every=2, checkpoint_tau=0.5)
+_STAGE = dict(lambda_act=0.1, jacobian_probes=2, correction_steps=1, correction_lr=0.01, checkpoint_every=2,
+              checkpoint_tau=0.5)
+CFG = R.TwoStageConfig(stage1=R.v4_stage("jacobian", 3, 0.1, 2.0, **_STAGE),
+                       stage2=R.v4_stage("jacobian", 4, 0.05, 2.0, **_STAGE),
+                       n_ans=4, prefix_len=3, anti_len=3, w_anti2=0.0)
 PROMPTS = [[5, 9, 11, 3, 7], [8, 1, 4, 12, 30, 31, 2], [6, 6, 2]]
 # every answer is >= n_ans tokens: with a shorter answer (masked answer columns) the jacobian trajectory of this tiny
 # setting moves by ~0.2 between the engine's own cached and full-recompute paths (float noise amplified), so exact
@@ -161,7 +162,7 @@ def test_run_shapes_share_one_program_and_change_nothing(setup):
   subset to those shapes (longer rows, wider suffix, a padded chunk) gives the same recovery as its
   own per-call shapes."""
   params, cfg, saes, _ = setup
-  c = dataclasses.replace(CFG, projection="none")
+  c = CFG.with_projection("none")
   shapes = R.stage_shapes(PROMPTS, ANSWERS, DISC, c, batch=3)
   small = D.make_defence(D.DefenceSpec("multiply"), saes, {SITES[0]: [4], SITES[1]: [3]}, 3.0, k_max=3)
   full = D.make_defence(D.DefenceSpec("multiply"), saes, FEATS, 3.0, k_max=3)

@@ -191,7 +191,8 @@ def test_diverging_recovery_flagged_and_not_counted():
   from recovery_jax.experiments import setup as setup_lib  # pylint: disable=import-outside-toplevel
   from recovery_jax.tasks import refusal as task  # pylint: disable=import-outside-toplevel
   from recovery_jax.tasks import refusal_recovery as rec_lib  # pylint: disable=import-outside-toplevel
-  c = _config(modes=("none",), variants=("faithful",), lr1=float("inf"), steps1=1, steps2=1, n_ans=2)
+  c = _config(modes=("none",), variants=("faithful",), n_ans=2)
+  c.recovery.stage1.lr, c.recovery.stage1.steps, c.recovery.stage2.steps = float("inf"), 1, 1
   params, mcfg, tok = setup_lib.load_model(c.model, seed=0)
   sites = tuple(c.sites)
   saes = {s: setup_lib.load_sae("random", mcfg, s) for s in sites}

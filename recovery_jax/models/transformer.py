@@ -316,7 +316,7 @@ def forward(
       its weight slicing included, in ``jax.checkpoint``, so a backward pass re-slices the weights
       instead of saving a copy of every layer's slice; "full" also recomputes the block's
       activations, "dots" keeps its matmul outputs and recomputes only the elementwise rest. Less
-      memory, and less time where weight traffic bounds the step (see BENCHMARKS.md). Layers
+      memory, and less time where weight traffic bounds the step (see docs/benchmarks.md). Layers
       carrying a site run as they are.
   """
   edits = dict(edits or {})

@@ -30,6 +30,9 @@ Every delta, readout and monitor column must lie in [p, p + S) (``check_problems
 otherwise; ``suffix_len_for`` computes the smallest S); monitored features at a site before s0 are
 read from the delta-free run, exact because they do not depend on delta. ``suffix_len=None``
 recomputes the full forward every step (any site kind).
+
+Size: the defended forward, the prefix cache and the compiled entry points share
+``RecoverySpec`` and the column bookkeeping; each entry point is a few lines over the same core.
 """
 
 from __future__ import annotations
@@ -380,31 +383,42 @@ def evaluate(spec: RecoverySpec, params, clamps: Sequence[Clamp], pb: Problem, d
   return jax.vmap(make_evaluator(spec, params, clamps, pb, prep))(deltas)
 
 
-def _examples(spec, params, clamps, pbs, hp, key):
-  """vmap over a stack of N problems; problem i uses fold_in(key, i)."""
-  n = pbs.tokens.shape[0]
-  return jax.vmap(lambda pb, i: recover(spec, params, clamps, pb, hp, jax.random.fold_in(key, i)))(
-      pbs, jnp.arange(n))
+def _examples(spec, params, clamps, pbs, hp, key, ids):
+  """vmap over a stack of N problems; problem i uses fold_in(key, ids[i])."""
+  return jax.vmap(lambda pb, i: recover(spec, params, clamps, pb, hp, jax.random.fold_in(key, i)))(pbs, ids)
 
 
-def _grid(spec, params, clamps, pbs, hp, key_data):
+def _grid(spec, params, clamps, pbs, hp, key_data, ids):
   """vmap over G points (stacked clamps params, hp, keys) of the N-problem recovery."""
   def one_point(cl, h, kd):
-    return _examples(spec, params, cl, pbs, h, jax.random.wrap_key_data(kd))
+    return _examples(spec, params, cl, pbs, h, jax.random.wrap_key_data(kd), ids)
   return jax.vmap(one_point, in_axes=(intervene.clamp_axes(clamps), 0, 0))(clamps, hp, key_data)
+
+
+def problem_ids(problems, ids=None) -> Array:
+  """Example ids [N] (int32) of a problem stack: ``ids``, or 0..N-1. Keys are ``fold_in(key, id)``, so a
+  caller that splits a stack into batches passes each problem's id in the whole stack."""
+  n = jax.tree.leaves(problems)[0].shape[0]
+  if ids is None:
+    return jnp.arange(n, dtype=jnp.int32)
+  ids = jnp.asarray(ids, jnp.int32)
+  if ids.shape != (n,):
+    raise ValueError(f"ids of shape {ids.shape}: expected ({n},), one per problem")
+  return ids
 
 
 _examples_jit = jax.jit(_examples, static_argnums=0)
 
 
 def recover_examples(spec: RecoverySpec, params, clamps: Sequence[Clamp], problems: Problem, hp: HParams,
-                     key: Array) -> RecoveryOutput:
+                     key: Array, ids=None) -> RecoveryOutput:
   """Recovers every problem of a stack (leading axis N) in one compiled program; problem i uses
-  ``fold_in(key, i)``. Outputs have a leading axis N. Compiled once per ``spec.canonical()``, the
-  clamps' specs and array shapes."""
+  ``fold_in(key, ids[i])`` (ids [N], default 0..N-1: the problems' ids in the whole set, so that a
+  batch of a larger set gets the same keys). Outputs have a leading axis N. Compiled once per
+  ``spec.canonical()``, the clamps' specs and array shapes."""
   clamps = tuple(clamps)
   check_problems(spec, clamps, problems)
-  return _examples_jit(spec.canonical(), params, clamps, problems, hp, key)
+  return _examples_jit(spec.canonical(), params, clamps, problems, hp, key, problem_ids(problems, ids))
 
 
 @functools.lru_cache(maxsize=None)
@@ -438,13 +452,13 @@ def grid_shardings(spec: RecoverySpec, mesh: Mesh, params, clamps: Sequence[Clam
 
 
 def recover_grid(spec: RecoverySpec, params, clamps: Sequence[Clamp], problems: Problem, hp: HParams,
-                 keys: Array, mesh: Mesh | None = None) -> RecoveryOutput:
+                 keys: Array, mesh: Mesh | None = None, ids=None) -> RecoveryOutput:
   """A grid of G sweep points x N problems in one compiled program.
 
   clamps: tuple of Clamps whose ``params`` are stacked over G (``intervene.stack_clamps``; SAE
-  params shared); hp: HParams with leaves [G]; keys: [G] typed PRNG keys (point g's problems use
-  ``fold_in(keys[g], i)``). With a ``mesh`` the points are sharded over its ``data`` axis (G must
-  be a multiple of its size; ``sweep.pad_to_multiple``) and problems are replicated; model params
+  params shared); hp: HParams with leaves [G]; keys: [G] typed PRNG keys (problem i of point g uses
+  ``fold_in(keys[g], ids[i])``, ids [N] default 0..N-1). With a ``mesh`` the points are sharded over
+  its ``data`` axis (G must be a multiple of its size; ``sweep.pad_to_multiple``) and problems are replicated; model params
   and SAEs are replicated, or tensor-parallel over a ``model`` axis > 1 (``grid_shardings``; the
   program is then traced under ``jax.set_mesh(mesh)`` so the forward's sharding constraints apply).
   Outputs have leading axes [G, N], sharded over ``data`` with a mesh (on several processes they
@@ -456,13 +470,14 @@ def recover_grid(spec: RecoverySpec, params, clamps: Sequence[Clamp], problems: 
   typed = jax.dtypes.issubdtype(keys.dtype, jax.dtypes.prng_key)
   key_data = jax.random.key_data(keys) if typed else jnp.asarray(keys)
   program = _grid_program(spec.canonical(), mesh)
+  ids = problem_ids(problems, ids)
   if mesh is None:
-    return program(params, clamps, problems, hp, key_data)
+    return program(params, clamps, problems, hp, key_data, ids)
   g, n_data = key_data.shape[0], mesh.shape["data"]
   if g % n_data:
     raise ValueError(f"recover_grid: {g} points do not split over the mesh's data axis of {n_data}")
   args = (params, clamps, problems, hp, key_data)
-  args = jax.device_put(args, grid_shardings(spec, mesh, *args))
+  args = jax.device_put(args, grid_shardings(spec, mesh, *args)) + (jax.device_put(ids, NamedSharding(mesh, P())),)
   if _model_axis(mesh) == 1:
     return program(*args)
   with jax.set_mesh(mesh):

@@ -93,31 +93,33 @@ def recover_probe(spec: ProbeSpec, clamp: Clamp, pb: ProbeProblem, hp: HParams, 
 
 
 @functools.partial(jax.jit, static_argnames=("spec",))
-def _recover_probe_examples(spec, clamp, pbs, hp, key):
-  n = pbs.h.shape[0]
-  return jax.vmap(lambda pb, i: recover_probe(spec, clamp, pb, hp, jax.random.fold_in(key, i)))(pbs, jnp.arange(n))
+def _recover_probe_examples(spec, clamp, pbs, hp, key, ids):
+  return jax.vmap(lambda pb, i: recover_probe(spec, clamp, pb, hp, jax.random.fold_in(key, i)))(pbs, ids)
 
 
-def recover_probe_examples(spec: ProbeSpec, clamp: Clamp, problems: ProbeProblem, hp: HParams, key: Array):
-  """TPP recovery of a stack of problems (leading axis N), one compiled program."""
-  return _recover_probe_examples(spec.canonical(), clamp, problems, hp, key)
+def recover_probe_examples(spec: ProbeSpec, clamp: Clamp, problems: ProbeProblem, hp: HParams, key: Array,
+                           ids=None):
+  """TPP recovery of a stack of problems (leading axis N), one compiled program; problem i uses
+  ``fold_in(key, ids[i])`` (``engine.problem_ids``)."""
+  return _recover_probe_examples(spec.canonical(), clamp, problems, hp, key, engine.problem_ids(problems, ids))
 
 
 @functools.partial(jax.jit, static_argnames=("spec",))
-def _recover_probe_grid(spec, clamps, pbs, hp, keys):
-  n = pbs.h.shape[0]
+def _recover_probe_grid(spec, clamps, pbs, hp, keys, ids):
   axes = intervene.clamp_axes((clamps,))[0]
 
   def point(c, hp, key):
     one = lambda cc, pb, i: recover_probe(spec, cc, pb, hp, jax.random.fold_in(key, i))
-    return jax.vmap(one, in_axes=(axes, 0, 0))(c, pbs, jnp.arange(n))
+    return jax.vmap(one, in_axes=(axes, 0, 0))(c, pbs, ids)
 
   return jax.vmap(point, in_axes=(axes, 0, 0))(clamps, hp, keys)
 
 
-def recover_probe_grid(spec: ProbeSpec, clamps: Clamp, problems: ProbeProblem, hp: HParams, keys: Array):
+def recover_probe_grid(spec: ProbeSpec, clamps: Clamp, problems: ProbeProblem, hp: HParams, keys: Array,
+                       ids=None):
   """TPP recovery over G grid points x N problems in one compiled program, a clamp per (point,
   problem): each problem may have its own target class (its probe in ``problems``, its latents in
   ``clamps``). clamps: ClampParams [G, N, K_max] (SAE shared); problems [N, ...]; hp leaves [G];
-  keys [G] (problem i of point g uses ``fold_in(keys[g], i)``). Outputs gain leading axes [G, N]."""
-  return _recover_probe_grid(spec.canonical(), clamps, problems, hp, keys)
+  keys [G] (problem i of point g uses ``fold_in(keys[g], ids[i])``, ids [N] the problems' ids in the
+  whole set, default 0..N-1). Outputs gain leading axes [G, N]."""
+  return _recover_probe_grid(spec.canonical(), clamps, problems, hp, keys, engine.problem_ids(problems, ids))

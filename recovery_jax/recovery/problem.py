@@ -34,7 +34,7 @@ class RecoverySpec:
   config: RecoveryConfig; its traced numbers are ignored here (see ``RecoveryConfig.canonical``).
   remat: rematerialise each scanned layer in the step's backward pass (``transformer.forward(remat=...)``:
     False, True / "full", or "dots"): the same gradients, without saving a copy of every layer's
-    weights per step; which is faster depends on batch and device (BENCHMARKS.md).
+    weights per step; which is faster depends on batch and device (docs/benchmarks.md).
   """
 
   model_cfg: ModelConfig

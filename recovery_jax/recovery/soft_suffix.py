@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from recovery_jax import report
+from recovery_jax import batching, outputs
 from recovery_jax.intervene import Clamp
 from recovery_jax.models import transformer
 from recovery_jax.recovery import objectives as obj_lib
@@ -150,25 +150,22 @@ def run(params, mcfg, tokenizer, clamp: Clamp, batch, cfg: SuffixConfig, seed: i
   ids = tokenizer.encode(cfg.init_text, add_special_tokens=False).ids
   if len(ids) != 1:
     raise ValueError(f"SuffixConfig.init_text={cfg.init_text!r} is {len(ids)} tokens; expected one")
-  n = len(batch)
   d = mcfg.d_model
   tok_emb = transformer.embed(params, mcfg, jnp.asarray([[ids[0]]], jnp.int32))[0, 0]  # [d]
   init_all = jnp.broadcast_to(tok_emb, (cfg.batch_size, cfg.suffix_len, d)).astype(jnp.float32)
   prog = _program(mcfg, cfg, clamp.spec)
-  outs = []
-  for s in range(0, n, cfg.batch_size):
-    sl = np.arange(s, min(n, s + cfg.batch_size))
-    rows = np.concatenate([sl, np.repeat(sl[-1:], cfg.batch_size - len(sl))])
-    tokens = jnp.asarray(batch.tokens[rows])
+  normal = jax.vmap(lambda k: jax.random.normal(k, (cfg.suffix_len, d), jnp.float32))
+
+  def one_batch(rows, ids):  # row i's noise from fold_in(key, i), whatever the batch
+    tokens, mask, choices, gold = (jnp.asarray(a) for a in rows)
     emb = transformer.embed(params, mcfg, tokens).astype(jnp.float32)
-    key = jax.random.fold_in(jax.random.PRNGKey(seed), s)
-    noise = cfg.noise * jax.random.normal(key, init_all.shape, jnp.float32)
-    o = prog(params, clamp, emb, jnp.asarray(batch.attention_mask[rows]), init_all, noise,
-             jnp.asarray(batch.choices[rows]), jnp.asarray(batch.gold[rows]))
-    k = len(sl)
-    outs.append([np.asarray(a)[:k] for a in o[:5]] + [np.asarray(o[5])[:, :k]])
-  cl0, z0, cl1, z1, norm, hist = (np.concatenate(parts, axis=1 if i == 5 else 0) for i, parts in
-                                  enumerate(zip(*outs)))
+    noise = cfg.noise * normal(batching.example_keys(jax.random.PRNGKey(seed), ids))
+    cl0, z0, cl1, z1, norm, hist = prog(params, clamp, emb, mask, init_all, noise, choices, gold)
+    return cl0, z0, cl1, z1, norm, hist.T  # hist [steps, B] -> [B, steps]
+
+  cl0, z0, cl1, z1, norm, hist = batching.map_batched(
+      one_batch, (batch.tokens, batch.attention_mask, batch.choices, batch.gold), cfg.batch_size, exact=True)
+  hist = hist.T
   gold = np.asarray(batch.gold)
   diff = z1.astype(np.float64) - z0.astype(np.float64)
   return {"success_init": np.argmax(cl0, -1) == gold, "success": np.argmax(cl1, -1) == gold,
@@ -194,7 +191,7 @@ def summarize(rows: list[dict]) -> list[dict]:
 
 def render(summary: list[dict]) -> str:
   f = lambda x: "-" if x is None else f"{x:.4g}"
-  return report.format_table(
+  return outputs.format_table(
       ["variant", "recovered", "rate [95% CI]", "init suffix recovered", "drift mean", "drift>0", "violation mean",
        "||suffix-init|| mean"],
       [[s["variant"], f"{s['recovered']}/{s['n']}",

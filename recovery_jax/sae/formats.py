@@ -21,8 +21,8 @@ Every loader returns ``(params, SAEConfig)`` with SAELens names and shapes (``W_
 * **Llama Scope** (``hyperparams.json`` + ``checkpoints/final.safetensors``): see ``load_llamascope``.
 * **dictionary_learning** (``ae.pt`` + ``config.json``): see ``load_dictionary_learning``.
 
-Errors (``SAEFileError``) name the file and the problem (missing tensor, wrong shape, unknown
-architecture). ``check_compatible`` compares d_in, hook name and model name with the model an SAE is
+Errors (``SAEFileError``, a ``UserError``) name the file and the problem (missing tensor, wrong shape,
+a non-floating dtype, NaN or inf values with the features that hold them, unknown architecture). ``check_compatible`` compares d_in, hook name and model name with the model an SAE is
 attached to (``SAECompatibilityError`` names the file and field; ``override=True`` only warns).
 
 Size: the SAELens reader/writer, the format dispatch and the compatibility check share the
@@ -41,6 +41,7 @@ from typing import Any, Mapping
 import numpy as np
 from absl import logging
 
+from recovery_jax.errors import UserError
 from recovery_jax.sae.config import ARCHITECTURES, NORMALIZATIONS, SAEConfig
 
 SAELENS_CFG = "cfg.json"
@@ -59,11 +60,11 @@ _REQUIRED = {
 _OPTIONAL = {"batchtopk": ("threshold",)}
 
 
-class SAEFileError(ValueError):
+class SAEFileError(UserError):
   """An SAE file that cannot be used; the message names the file and the problem."""
 
 
-class SAECompatibilityError(ValueError):
+class SAECompatibilityError(UserError):
   """An SAE attached to a model or site it was not made for; names the file and the field."""
 
 
@@ -99,6 +100,48 @@ def validate_params(params: Mapping[str, Any], cfg: SAEConfig, source: str = "")
           f"(d_in={cfg.d_in}, d_sae={cfg.d_sae}, architecture={cfg.architecture!r})")
 
 
+# the axis of each tensor that runs over the d_sae features (b_dec has none)
+_FEATURE_AXIS = {"W_enc": 1, "W_dec": 0, "b_enc": 0, "threshold": 0, "b_gate": 0, "r_mag": 0, "b_mag": 0}
+
+
+def _is_float(a: np.ndarray) -> bool:
+  return a.dtype.kind == "f" or "float" in a.dtype.name  # bfloat16 (ml_dtypes) has kind 'V'
+
+
+def nonfinite_report(name: str, a) -> str | None:
+  """None when every value of tensor ``name`` is finite; else what is wrong and where, e.g.
+  "tensor 'W_dec' [48, 16] holds 16 NaN values in feature 3"."""
+  a = np.asarray(a)
+  a = a if a.dtype.kind == "f" else a.astype(np.float32)
+  bad = ~np.isfinite(a)
+  if not bad.any():
+    return None
+  n_nan = int(np.isnan(a).sum())
+  kinds = " and ".join(f"{n} {k}" for n, k in ((n_nan, "NaN"), (int(bad.sum()) - n_nan, "inf")) if n)
+  msg = f"tensor {name!r} {list(a.shape)} holds {kinds} value{'s' if int(bad.sum()) > 1 else ''}"
+  axis = _FEATURE_AXIS.get(name)
+  if a.ndim and axis is not None and axis < a.ndim:
+    hit = np.nonzero(bad.any(axis=tuple(i for i in range(a.ndim) if i != axis)))[0]
+    more = ", ..." if len(hit) > 8 else ""
+    msg += (f" in feature {int(hit[0])}" if len(hit) == 1 else
+            f" in {len(hit)} features ({', '.join(str(int(i)) for i in hit[:8])}{more})")
+  elif a.ndim:
+    hit = np.argwhere(bad)[:4]
+    msg += f" (first at index {tuple(int(i) for i in hit[0])})"
+  return msg
+
+
+def check_finite(params: Mapping[str, Any], cfg: SAEConfig, source: str = "") -> None:
+  """Raises SAEFileError naming ``source`` and the tensor when a weight holds NaN or inf (a corrupt
+  file, or one saved from a diverged run: every score computed with it would be NaN)."""
+  src = source or cfg.source or "<in-memory SAE>"
+  for name in sorted(params):
+    report = nonfinite_report(name, params[name])
+    if report:
+      raise SAEFileError(f"{src}: {report}; the SAE weights must be finite (a corrupt file, or one saved from a "
+                         "diverged training run); a NaN weight would make every score of a run NaN")
+
+
 def _np_dtype(name: str):
   if name in ("bfloat16", "bf16"):
     import ml_dtypes
@@ -110,12 +153,17 @@ def _finalize(params: dict, cfg: SAEConfig, source: str, dtype: str | None) -> t
   """Casts (threshold always float32), drops unused tensors, validates shapes."""
   keep = set(_REQUIRED[cfg.architecture]) | set(_OPTIONAL.get(cfg.architecture, ()))
   params = {k: np.asarray(v) for k, v in params.items() if k in keep}
+  for k in sorted(params):
+    if not _is_float(params[k]):
+      raise SAEFileError(f"{source}: tensor {k!r} has dtype {params[k].dtype}, expected a floating dtype "
+                         f"(float32, float16 or bfloat16; config dtype {cfg.dtype!r})")
   if dtype is not None:
     params = {k: v.astype(_np_dtype(dtype)) for k, v in params.items()}
     cfg = cfg.replace(dtype=str(dtype))
   if "threshold" in params:
     params["threshold"] = params["threshold"].astype(np.float32)
   validate_params(params, cfg, source)
+  check_finite(params, cfg, source)  # after the cast: a value past float16's range is inf too
   return params, cfg
 
 
@@ -239,6 +287,8 @@ def load_saelens(path: str | os.PathLike, *, dtype: str | None = "float32",
     if s is None:
       _warn(f"{cfg_path}: normalize_activations='expected_average_only_in' but no norm_scaling_factor "
             "was given or stored; the SAE runs unscaled (as SAELens does when it cannot fold it)")
+    if s is not None and not (np.isfinite(float(s)) and float(s) > 0):
+      raise SAEFileError(f"{cfg_path}: field 'norm_scaling_factor' = {s!r}: expected a finite number > 0")
     params = fold_norm_scaling_factor(params, float(s)) if s is not None else params
     cfg = cfg.replace(normalize_activations="none")
   return params, cfg
@@ -384,7 +434,8 @@ def _base_name(name: str) -> str:
   return re.sub(r"-(it|instruct|chat|pt|base)$", "", _norm_model_name(name))
 
 
-def _site_width(model_cfg, hook: str) -> int:
+def site_width(model_cfg, hook: str) -> int:
+  """Width of the model's activation at ``hook``: n_heads * d_head for attn.hook_z, else d_model."""
   if hook.endswith("attn.hook_z"):
     return model_cfg.n_heads * model_cfg.d_head
   return model_cfg.d_model
@@ -414,7 +465,7 @@ def check_compatible(sae_cfg: SAEConfig, model_cfg, hook_name: str | None = None
         sites_lib.parse_site(site, model_cfg.n_layers)
       except ValueError as e:
         problems.append(f"{src}: field 'hook_name': {e}")
-    width = _site_width(model_cfg, site)
+    width = site_width(model_cfg, site)
     if sae_cfg.d_in != width:
       hard.append(f"{src}: field 'd_in' = {sae_cfg.d_in} does not match the model's width {width} at "
                       f"{site!r} (model {model_cfg.name or model_cfg.family!r}, d_model={model_cfg.d_model})")

@@ -6,12 +6,14 @@ Workdir layout:
                               state.json; resumable)
   ckpt/                       orbax checkpoints of the TrainState
   metrics.jsonl               training metrics every ``log_every`` steps
-  export/<name>/              each SAE in SAELens format (cfg.json + sae_weights.safetensors)
+  export/<name>/              each SAE in SAELens format (cfg.json + sae_weights.safetensors), and
+                              checksums.sha256 (``verify_export_checksum``)
   eval.json                   held-out explained variance, MSE, L0, dead fraction of each export
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -22,6 +24,7 @@ import jax
 import numpy as np
 from absl import logging
 
+from recovery_jax import errors, outputs
 from recovery_jax.data import corpus as corpus_lib
 from recovery_jax.sae import formats, harvest, metrics, train as train_lib
 
@@ -168,6 +171,8 @@ def run(cfg, workdir: str, *, stop_after: int | None = None) -> dict[str, Any]:
                          "l0_target": tc.l0_target,
                          "sites_trained_together": list(sites)}}
     formats.save_saelens(params, sae_cfg, export_dir, dtype=cfg.export.dtype, metadata=meta)
+    write_export_checksum(export_dir)
+    verify_export_checksum(export_dir)
     loaded, loaded_cfg = formats.load_sae(export_dir)  # evaluate what was written (dtype round trip included)
     ev = metrics.evaluate(loaded, loaded_cfg, metrics.batched(heldout))
     per_site[hook] = {"heldout": ev, "train_subset": train_eval, "export": str(export_dir)}
@@ -184,9 +189,53 @@ def run(cfg, workdir: str, *, stop_after: int | None = None) -> dict[str, Any]:
 
 def evaluate_export(export_dir: str, workdir: str) -> dict[str, float]:
   """Re-evaluates an exported SAE on the workdir's held-out store of its site."""
+  verify_export_checksum(export_dir)
   params, cfg = formats.load_sae(export_dir)
   heldout = harvest.open_store(Path(workdir) / "acts" / "heldout")
   if cfg.hook_name not in heldout:
     raise ValueError(f"{export_dir}: field 'hook_name' = {cfg.hook_name!r} has no held-out store in {workdir} "
                      f"(sites: {sorted(heldout)})")
   return metrics.evaluate(params, cfg, metrics.batched(np.asarray(heldout[cfg.hook_name])))
+
+
+EXPORT_CHECKSUMS = "checksums.sha256"  # ``sha256sum -c`` format: "<hex>  <file name>" a line
+
+
+def _sha256_file(path: Path) -> str:
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      h.update(block)
+  return h.hexdigest()
+
+
+def write_export_checksum(folder: str | os.PathLike) -> Path:
+  """Writes ``EXPORT_CHECKSUMS`` into an export folder: the sha256 of each file there (atomically)."""
+  folder = Path(folder)
+  names = sorted(p.name for p in folder.iterdir() if p.is_file() and p.name != EXPORT_CHECKSUMS and ".tmp" not in p.name)
+  path = folder / EXPORT_CHECKSUMS
+  outputs.atomic_write(str(path), "".join(f"{_sha256_file(folder / n)}  {n}\n" for n in names))
+  return path
+
+
+def verify_export_checksum(folder: str | os.PathLike) -> bool:
+  """Checks an export folder against its ``EXPORT_CHECKSUMS``: True when every listed file matches,
+  False when there is no checksum file (an export from elsewhere); a UserError naming the file that
+  is missing or differs otherwise. Call it before loading an export (``formats.load_sae``)."""
+  folder = Path(folder)
+  path = folder / EXPORT_CHECKSUMS
+  if folder.is_file() or not path.exists():
+    return False
+  with open(path) as f:
+    lines = [l.rstrip("\n") for l in f if l.strip()]
+  for i, line in enumerate(lines):
+    digest, sep, name = line.partition("  ")
+    if not sep or len(digest) != 64 or not name:
+      raise errors.UserError(f"{path}: line {i + 1} is {line[:80]!r}: expected '<sha256 hex>  <file name>'")
+    target = folder / name.lstrip("*")
+    if not target.is_file():
+      raise errors.UserError(f"{target}: missing (listed in {path}); export the SAE again")
+    if _sha256_file(target) != digest.lower():
+      raise errors.UserError(f"{target}: its sha256 differs from the one in {path} (the file changed or is "
+                             "corrupt); export the SAE again")
+  return True

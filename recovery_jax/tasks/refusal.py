@@ -13,15 +13,13 @@ last prompt token is the ``anchor`` (``prompt_len - 1``) of the paper.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import json
 import os
 from typing import Sequence
 
 import numpy as np
 
-from recovery_jax import errors
+from recovery_jax import errors, rowfile
 from recovery_jax.models import chat
 
 INSTRUCTION_FIELDS = ("instruction", "goal", "prompt", "behavior")
@@ -48,49 +46,48 @@ def _pick(row: dict, where: str) -> str:
   raise errors.UserError(f"{where}: none of the fields {INSTRUCTION_FIELDS} is present (fields: {sorted(row)})")
 
 
-def load_prompts(path: str = "", limit: int = 0) -> list[Instruction]:
+def load_prompts(path: str = "", limit: int = 0, *, max_rows: int = rowfile.MAX_ROWS) -> list[Instruction]:
   """Instructions from a JSONL or CSV file (``""``: the shipped benign file); the first ``limit`` if > 0.
 
   JSONL: one JSON object (or string) per non-blank line. CSV: a header row naming one of
-  ``INSTRUCTION_FIELDS``. Errors name the file and the 1-based line.
+  ``INSTRUCTION_FIELDS``. The file is streamed: reading stops after ``limit`` rows, and a file of more
+  than ``max_rows`` rows (0: no cap) is an error. Errors (not UTF-8, bad JSON, a missing field, no
+  rows) name the file and the 1-based line.
   """
   path = path or SHIPPED_PROMPTS
   if not os.path.exists(path):
     raise errors.UserError(f"config field 'task.prompts_file': {path!r} does not exist (a .jsonl or .csv file)")
   ext = os.path.splitext(path)[1].lower()
+  hint = (f"take the first N rows with config field 'task.n_prompts' (N <= {max_rows}), or use a file of at most "
+          f"{max_rows} rows")
+  want = f"one JSON object per line with a field {' / '.join(INSTRUCTION_FIELDS)}"
   out: list[Instruction] = []
   if ext in (".jsonl", ".json"):
-    with open(path, encoding="utf-8") as f:
-      for n, line in enumerate(f, 1):
-        if not line.strip():
-          continue
-        where = f"{path}, line {n}"
-        try:
-          row = json.loads(line)
-        except json.JSONDecodeError as e:
-          raise errors.UserError(f"{where}: not valid JSON ({e.msg}); expected one object per line") from e
-        if isinstance(row, str):
-          row = {"instruction": row}
-        if not isinstance(row, dict):
-          raise errors.UserError(f"{where}: a JSON {type(row).__name__}; expected an object with an instruction field")
-        out.append(Instruction(_pick(row, where), str(row.get("id", f"{os.path.basename(path)}:{n}")), path))
+    for n, row in rowfile.jsonl_rows(path, expected=want, max_rows=max_rows, cap_hint=hint):
+      where = f"{path}, line {n}"
+      if isinstance(row, str):
+        row = {"instruction": row}
+      if not isinstance(row, dict):
+        raise errors.UserError(f"{where}: a JSON {type(row).__name__}; expected an object with an instruction field")
+      out.append(Instruction(_pick(row, where), str(row.get("id", f"{os.path.basename(path)}:{n}")), path))
+      if 0 < limit <= len(out):
+        break
   elif ext == ".csv":
-    with open(path, encoding="utf-8", newline="") as f:
-      reader = csv.DictReader(f)
-      if not reader.fieldnames or not set(INSTRUCTION_FIELDS) & set(reader.fieldnames):
-        raise errors.UserError(f"{path}, line 1: the header {reader.fieldnames} names none of {INSTRUCTION_FIELDS}")
-      for row in reader:
-        n = reader.line_num
-        where = f"{path}, line {n}"
-        if None in row:
-          raise errors.UserError(f"{where}: more cells than header columns")
-        row = {k: v for k, v in row.items() if v is not None}
-        out.append(Instruction(_pick(row, where), str(row.get("id") or f"{os.path.basename(path)}:{n}"), path))
+    header, rows = rowfile.csv_rows(path, max_rows=max_rows, cap_hint=hint)
+    if not header or not set(INSTRUCTION_FIELDS) & set(header):
+      raise errors.UserError(f"{path}, line 1: the header {header} names none of {INSTRUCTION_FIELDS}; expected a "
+                             "header row naming the instruction column")
+    for n, row in rows:
+      out.append(Instruction(_pick(row, f"{path}, line {n}"), str(row.get("id") or f"{os.path.basename(path)}:{n}"),
+                             path))
+      if 0 < limit <= len(out):
+        break
   else:
     raise errors.UserError(f"config field 'task.prompts_file': {path!r} has extension {ext!r}; expected .jsonl or .csv")
   if not out:
-    raise errors.UserError(f"{path}: no instructions")
-  return out[:limit] if limit > 0 else out
+    raise errors.UserError(f"{path}: no instructions (the file is empty or holds only blank lines); expected "
+                           + (want if ext != ".csv" else "a header row and one instruction per row"))
+  return out
 
 
 def format_prompt(model: str, instruction: str, system: str | None = None) -> str:

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from recovery_jax import batching
 from recovery_jax.models import transformer
 from recovery_jax.sae import core as sae_core
 
@@ -79,32 +80,20 @@ def site_means(params, cfg, s: Side, sites: Sequence[str], saes: Mapping[str, tu
   sites = tuple(sites)
 
   @jax.jit
-  def chunk(params, ids, mask, sel):
+  def per_row(params, ids, mask, sel):  # ({site: [b, d]}, {site: [b, d_sae]}): each row's mean over positions
     out = transformer.forward(params, cfg, ids, attention_mask=mask, capture=sites, compute_logits=False)
     w = sel.astype(jnp.float32) / jnp.maximum(sel.sum(1, keepdims=True), 1)  # [b, T]
     res, act = {}, {}
     for site in sites:
       x = out.captures[site].astype(jnp.float32)
-      res[site] = jnp.einsum("bt,btd->d", w, x)
+      res[site] = jnp.einsum("bt,btd->bd", w, x)
       sae, scfg = saes[site]
-      act[site] = jnp.einsum("bt,btf->f", w, sae_core.encode(sae, scfg, x))
+      act[site] = jnp.einsum("bt,btf->bf", w, sae_core.encode(sae, scfg, x))
     return res, act
 
-  n = s.ids.shape[0]
-  tot_r = {k: 0.0 for k in sites}
-  tot_a = {k: 0.0 for k in sites}
-  for i in range(0, n, batch_size):
-    j = min(n, i + batch_size)
-    pad = batch_size - (j - i) if n > batch_size else 0  # one program shape for every chunk
-    take = lambda a: np.concatenate([a[i:j], np.zeros((pad,) + a.shape[1:], a.dtype)]) if pad else a[i:j]
-    mask = take(s.mask)
-    if pad:
-      mask[j - i:, -1] = 1  # padded rows: one real token, not selected
-    r, a = chunk(params, jnp.asarray(take(s.ids)), jnp.asarray(mask), jnp.asarray(take(s.select)))
-    for k in sites:
-      tot_r[k] = tot_r[k] + np.asarray(r[k])
-      tot_a[k] = tot_a[k] + np.asarray(a[k])
-  return {k: v / n for k, v in tot_r.items()}, {k: v / n for k, v in tot_a.items()}
+  res, act = batching.map_batched(lambda b, _: per_row(params, *b), (s.ids, s.mask, s.select), batch_size)
+  mean = lambda d: {k: np.asarray(v, np.float64).mean(0).astype(np.float32) for k, v in d.items()}
+  return mean(res), mean(act)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,5 +150,10 @@ def parse_feature_list(text: str, sites: Sequence[str]) -> dict:
       raise ValueError(f"feature list entry {item!r}: expected layer:feature (two integers)") from e
     if layer not in by_layer:
       raise ValueError(f"feature list entry {item!r}: layer {layer} is not a circuit layer {sorted(by_layer)}")
+    if f < 0:
+      raise ValueError(f"feature list entry {item!r}: feature {f} is negative; expected a feature index >= 0")
     out[by_layer[layer]].append(f)
+  if not any(out.values()):
+    raise ValueError(f"feature list {text!r} has no entries; expected layer:feature,... (e.g. "
+                     f"{sorted(by_layer)[0] if by_layer else 0}:123)")
   return {s: v for s, v in out.items() if v}

@@ -12,7 +12,7 @@ delta -> capture, the defence active at every site), drift is monitored on ``P_a
 
 Cases are stacked (left-padded to one length, positions counting real tokens only, as in generation)
 and recovered in one vmapped program per stage (``engine.recover_examples``);
-case i uses ``fold_in(key, i)`` in both stages.
+case i uses ``fold_in(key, id_i)`` in both stages (its example id, never its place in a batch).
 """
 
 from __future__ import annotations
@@ -24,24 +24,36 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from recovery_jax import intervene
+from recovery_jax import batching, intervene
 from recovery_jax.recovery import engine
 from recovery_jax.recovery.objectives import Objective
 from recovery_jax.recovery.optimizer import RecoveryConfig
 from recovery_jax.tasks import refusal_judge as judge
 
 
-@dataclasses.dataclass(frozen=True)
-class V4Config:
-  """The "v4strong" settings (paper-method 6.4 table); ``projection`` is the mode (none/encoder/jacobian)."""
+# The v4strong optimiser settings shared by both stages (paper-method 6.4 table); each stage adds its
+# own steps, learning rate and budget (``v4_stage``).
+V4_STAGE = dict(lambda_act=200.0, drift_penalty="relative_mse", jacobian_probes=8, correction_steps=5,
+                correction_lr=0.05, checkpoint="drift_constrained", checkpoint_tau=0.03, checkpoint_every=10,
+                checkpoint_penalty_weight=80.0)
 
-  projection: str = "jacobian"
-  steps1: int = 30
-  lr1: float = 0.1
-  budget1: float = 40.0
-  steps2: int = 120
-  lr2: float = 0.05
-  budget2: float = 40.0
+
+def v4_stage(projection: str, steps: int, lr: float, budget: float, **overrides) -> RecoveryConfig:
+  """One stage's ``RecoveryConfig``: the v4strong settings (``V4_STAGE``, then ``overrides``); the drift
+  correction steps run only in the jacobian modes."""
+  kw = {**V4_STAGE, **overrides}
+  if not projection.startswith("jacobian"):
+    kw["correction_steps"] = 0
+  return RecoveryConfig(steps=steps, lr=lr, budget=budget, projection=projection, **kw)
+
+
+@dataclasses.dataclass(frozen=True)
+class TwoStageConfig:
+  """The two-stage recovery: one ``RecoveryConfig`` per stage (the optimiser's knobs, written once,
+  in ``RecoveryConfig``) and the two objectives' layout and weights (paper-method 6.4, v4strong)."""
+
+  stage1: RecoveryConfig = v4_stage("jacobian", 30, 0.1, 40.0)
+  stage2: RecoveryConfig = v4_stage("jacobian", 120, 0.05, 40.0)
   n_ans: int = 48
   prefix_len: int = 8
   anti_len: int = 8
@@ -51,16 +63,21 @@ class V4Config:
   w_margin: float = 0.1
   w_ans: float = 5.0
   w_anti2: float = 0.1
-  lambda_act: float = 200.0
-  drift_penalty: str = "relative_mse"
-  jacobian_probes: int = 8
-  correction_steps: int = 5
-  correction_lr: float = 0.05
-  checkpoint: str = "drift_constrained"
-  checkpoint_tau: float = 0.03
-  checkpoint_every: int = 10
-  checkpoint_penalty_weight: float = 80.0
-  discourage_safety_prefixes: bool = True
+
+  def __post_init__(self):
+    if self.stage1.projection != self.stage2.projection:
+      raise ValueError(f"TwoStageConfig: stage projections differ ({self.stage1.projection!r} vs "
+                       f"{self.stage2.projection!r})")
+
+  @property
+  def projection(self) -> str:
+    return self.stage1.projection
+
+  def with_projection(self, mode: str) -> "TwoStageConfig":
+    """Both stages under projection ``mode`` (the drift correction steps dropped outside jacobian modes)."""
+    one = lambda rc: dataclasses.replace(rc, projection=mode,
+                                         correction_steps=rc.correction_steps if mode.startswith("jacobian") else 0)
+    return dataclasses.replace(self, stage1=one(self.stage1), stage2=one(self.stage2))
 
   def objective(self, stage: int) -> Objective:
     if stage == 1:
@@ -70,14 +87,7 @@ class V4Config:
                      anti_len=self.anti_len)
 
   def recovery_config(self, stage: int) -> RecoveryConfig:
-    jac = self.projection.startswith("jacobian")
-    return RecoveryConfig(
-        steps=self.steps1 if stage == 1 else self.steps2, lr=self.lr1 if stage == 1 else self.lr2,
-        budget=self.budget1 if stage == 1 else self.budget2, projection=self.projection,
-        lambda_act=self.lambda_act, drift_penalty=self.drift_penalty, jacobian_probes=self.jacobian_probes,
-        correction_steps=self.correction_steps if jac else 0, correction_lr=self.correction_lr,
-        checkpoint=self.checkpoint, checkpoint_tau=self.checkpoint_tau, checkpoint_every=self.checkpoint_every,
-        checkpoint_penalty_weight=self.checkpoint_penalty_weight)
+    return self.stage1 if stage == 1 else self.stage2
 
 
 def discouraged_ids(tok, safety: bool = True) -> list[list[int]]:
@@ -92,7 +102,7 @@ def discouraged_ids(tok, safety: bool = True) -> list[list[int]]:
 
 
 def build_problems(prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[int]], discouraged: Sequence[Sequence[int]],
-                   cfg: V4Config, pad_id: int = 0, length: int | None = None
+                   cfg: TwoStageConfig, pad_id: int = 0, length: int | None = None
                    ) -> tuple[engine.Problem, engine.Problem]:
   """(stage-1 problems, stage-2 problems without their fixed delta), stacked [N, 1, ...].
 
@@ -170,11 +180,6 @@ class TwoStage:
   stage2: engine.RecoveryOutput
 
 
-def _take(tree, idx: np.ndarray):
-  """Rows ``idx`` of the leading axis of every leaf."""
-  return jax.tree.map(lambda a: a[jnp.asarray(idx)], tree)
-
-
 class StageShapes(NamedTuple):
   """The static shapes of a run's recovery calls: cases per compiled call, padded length T and the
   two stages' suffix lengths. Calls that share them (and the defence's structure) share one compiled
@@ -186,7 +191,7 @@ class StageShapes(NamedTuple):
   suffix2: int
 
 
-def stage_shapes(prompts, answers, discouraged, cfg: V4Config, batch: int, pad_id: int = 0) -> StageShapes:
+def stage_shapes(prompts, answers, discouraged, cfg: TwoStageConfig, batch: int, pad_id: int = 0) -> StageShapes:
   """Shapes covering every case of ``prompts`` / ``answers`` and so every subset of them: a case's
   columns span the same suffix at any padded length (left padding), so the longest case and the
   widest span of the whole set bound any subset's."""
@@ -195,17 +200,18 @@ def stage_shapes(prompts, answers, discouraged, cfg: V4Config, batch: int, pad_i
 
 
 def recover_two_stage(params, model_cfg, clamps: Sequence, sites: Sequence[str], prompts, answers, discouraged,
-                      cfg: V4Config, key, pad_id: int = 0, batch_size: int | None = None,
-                      shapes: StageShapes | None = None) -> TwoStage:
+                      cfg: TwoStageConfig, key, pad_id: int = 0, batch_size: int | None = None,
+                      shapes: StageShapes | None = None, ids=None, mesh=None) -> TwoStage:
   """The v4 two-stage recovery of every case (module docstring). ``clamps``: the defence (multiply/set
   Clamps at ``sites``, all monitored).
 
-  batch_size: cases per compiled call (None: all at once). Cases are padded to one length and one
-  suffix, and the last chunk with copies of its first case, so one program per stage serves every
-  chunk and every budget (budgets are traced). ``shapes`` (``stage_shapes`` of a superset of the cases)
-  fixes the chunk size, length and suffixes instead, so calls on different case sets share the
-  programs too. One chunk uses ``key``; with several, chunk c uses ``fold_in(key, c)`` (case i of a
-  chunk then ``fold_in(that, i)``).
+  batch_size: cases per compiled call (None: all at once; ``batching.map_batched``). Cases are padded
+  to one length and one suffix, and the last batch with copies of its last case, so one program per
+  stage serves every batch and every budget (budgets are traced). ``shapes`` (``stage_shapes`` of a
+  superset of the cases) fixes the batch size, length and suffixes instead, so calls on different
+  case sets share the programs too. Case i uses ``fold_in(key, ids[i])`` in both stages (ids [N]: the
+  cases' example ids, default 0..N-1), whatever the batch size or the device count; with a ``mesh``
+  every batch is sharded over its ``data`` axis.
   """
   p1, p2 = build_problems(prompts, answers, discouraged, cfg, pad_id, None if shapes is None else shapes.length)
   sites = tuple(sites)
@@ -215,20 +221,20 @@ def recover_two_stage(params, model_cfg, clamps: Sequence, sites: Sequence[str],
   spec2 = engine.RecoverySpec(model_cfg, sites, cfg.objective(2), cfg.recovery_config(2),
                               suffix_len=engine.suffix_len_for(p2) if shapes is None else shapes.suffix2,
                               semantics="live")
-  n = len(prompts)
-  bs = shapes.batch if shapes is not None else (n if not batch_size else min(batch_size, n))
-  outs = []
-  for c, i in enumerate(range(0, n, bs)):
-    idx = np.arange(i, min(n, i + bs))
-    idx = np.concatenate([idx, np.full(bs - len(idx), idx[0])])
-    k = key if n <= bs else jax.random.fold_in(key, c)
-    out1 = engine.recover_examples(spec1, params, tuple(clamps), _take(p1, idx), cfg.recovery_config(1).hparams(), k)
-    q2 = with_fixed(_take(p2, idx), out1.delta)
-    out2 = engine.recover_examples(spec2, params, tuple(clamps), q2, cfg.recovery_config(2).hparams(), k)
-    real = min(n, i + bs) - i
-    outs.append(jax.tree.map(lambda a: np.asarray(a)[:real], (out1, out2)))
-  out1, out2 = jax.tree.map(lambda *xs: np.concatenate(xs), *outs)
-  return TwoStage(out1, out2)
+
+  case_ids = np.arange(len(prompts), dtype=np.int32) if ids is None else np.asarray(ids, np.int32)
+
+  def one_batch(pbs, pos):
+    q1, q2 = pbs
+    out1 = engine.recover_examples(spec1, params, tuple(clamps), q1, cfg.recovery_config(1).hparams(), key,
+                                   ids=case_ids[pos])
+    out2 = engine.recover_examples(spec2, params, tuple(clamps), with_fixed(q2, out1.delta),
+                                   cfg.recovery_config(2).hparams(), key, ids=case_ids[pos])
+    return out1, out2
+
+  if shapes is not None:  # exactly shapes.batch cases per call, even when fewer are given
+    return TwoStage(*batching.map_batched(one_batch, (p1, p2), shapes.batch, mesh=mesh, exact=True))
+  return TwoStage(*batching.map_batched(one_batch, (p1, p2), batch_size, mesh=mesh))
 
 
 def generation_edits(defence_edits: dict, sites: Sequence[str], delta1, delta2, anchor_pos, ans_pos, ans_valid,

@@ -13,7 +13,7 @@ from typing import Sequence
 
 import numpy as np
 
-from recovery_jax import metrics, report
+from recovery_jax import metrics, outputs
 
 
 def rate(flags: Sequence[bool], n: int | None = None) -> dict:
@@ -100,7 +100,7 @@ def recovery_table(groups: Sequence[dict]) -> str:
                  f"{s['cooperative']['k']}/{s['valid']}", f"{s['base_like']['k']}/{s['valid']}",
                  f"{s['strict']['k']}/{s['valid']}", fmt_mean(s["rel_delta_norm"]), _f(s["delta_norm"]["mean"], 2),
                  fmt_mean(s["drift_rel"]), _f(s["floor_rel"]["mean"]), _f(s["reactivation"]["mean"])])
-  return report.format_table(RECOVERY_HEADER, rows)
+  return outputs.format_table(RECOVERY_HEADER, rows)
 
 
 def attribution_table(rows: Sequence[dict]) -> str:
@@ -108,14 +108,14 @@ def attribution_table(rows: Sequence[dict]) -> str:
   body = [[r["mode"], r["component"], fmt_rate(r["recovered"]),
            fmt_rate(r["recovered_eff"]) if r.get("recovered_eff") else "-", f"{r['base_like']}/{r['recovered']['n']}",
            f"{r['strict']}/{r['recovered']['n']}", _f(r["energy"]), _f(r["norm"], 2)] for r in rows]
-  return report.format_table(["mode", "replayed component", "recovered (not R)", "not R_eff", "base-like", "strict",
+  return outputs.format_table(["mode", "replayed component", "recovered (not R)", "not R_eff", "base-like", "strict",
                               "energy fraction", "||component||"], body)
 
 
 def budget_table(rows: Sequence[dict]) -> str:
   body = [[_f(r["budget"], 0), r["variant"], fmt_rate(r["recovered"]), f"{r['base_like']}/{r['recovered']['n']}",
            f"{r['strict']}/{r['recovered']['n']}", _f(r["drift_rel"]), _f(r["delta_norm"], 2)] for r in rows]
-  return report.format_table(["budget (both stages)", "variant", "recovered (not R)", "base-like", "strict",
+  return outputs.format_table(["budget (both stages)", "variant", "recovered (not R)", "base-like", "strict",
                               "drift rel", "||delta||"], body)
 
 
@@ -124,7 +124,7 @@ def k_table(rows: Sequence[dict]) -> str:
   body = [[str(r["k"]), str(r["preflight_valid"]), r["variant"], fmt_rate(r["recovered"]),
            f"{r['base_like']}/{r['recovered']['n']}", f"{r['strict']}/{r['recovered']['n']}", _f(r["drift_rel"]),
            _f(r["delta_norm"], 2)] for r in rows]
-  return report.format_table(["K (features)", "preflight valid", "variant", "recovered (not R)", "base-like", "strict",
+  return outputs.format_table(["K (features)", "preflight valid", "variant", "recovered (not R)", "base-like", "strict",
                               "drift rel", "||delta||"], body)
 
 
@@ -145,7 +145,7 @@ def plot_drift(path: str, rows: Sequence[dict], title: str) -> bool:
   groups = drift_groups(rows)
   if not groups:
     return False
-  report.plot_recovery_vs_drift(path, groups, "defended-feature drift (relative L2, stage 2)",
+  outputs.plot_recovery_vs_drift(path, groups, "defended-feature drift (relative L2, stage 2)",
                                 "stage-2 objective (teacher-forced base answer)", title)
   return True
 
@@ -162,7 +162,7 @@ def plot_k(path: str, rows: Sequence[dict], title: str) -> None:
 
 def plot_rate(path: str, rows: Sequence[dict], x_key: str, xlabel: str, title: str) -> None:
   """Recovery rate vs ``row[x_key]`` (log axis) with Wilson intervals, one line per variant (PNG)."""
-  plt = report._pyplot()  # pylint: disable=protected-access
+  plt = outputs._pyplot()  # pylint: disable=protected-access
   fig, ax = plt.subplots(figsize=(5.5, 4))
   for v in sorted({r["variant"] for r in rows}):
     rs = sorted((r for r in rows if r["variant"] == v and r["recovered"]["n"]), key=lambda r: r[x_key])
@@ -178,4 +178,4 @@ def plot_rate(path: str, rows: Sequence[dict], x_key: str, xlabel: str, title: s
   ax.set_xticks(ticks, [f"{t:g}" for t in ticks])  # the swept values, not powers of ten
   ax.minorticks_off()
   ax.set_ylim(-0.02, 1.02)
-  report._finish(fig, ax, path, xlabel, "recovery rate (not R), Wilson 95%", title)  # pylint: disable=protected-access
+  outputs._finish(fig, ax, path, xlabel, "recovery rate (not R), Wilson 95%", title)  # pylint: disable=protected-access

@@ -19,7 +19,6 @@ tokens SAEBench mean-pools over (BOS, pad and EOS ids excluded).
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import zlib
@@ -27,7 +26,7 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
-from recovery_jax import errors
+from recovery_jax import batching, errors, rowfile
 from recovery_jax.data import corpus as corpus_lib
 from recovery_jax.sae import harvest
 
@@ -131,36 +130,33 @@ def _cut(docs, tokenizer, body, min_tokens, rng, p_test, want, got) -> None:
 
 
 def _read_rows(path: str) -> list[tuple[int, dict]]:
-  """(line number, row dict) of a .jsonl / .json / .csv file; errors name the file and line."""
+  """(line number, row dict) of a .jsonl / .json / .csv file, streamed (a progress record every
+  ``rowfile.PROGRESS_EVERY`` rows: every row is needed for the per-class split); errors (not UTF-8,
+  bad JSON) name the file and line."""
   if not os.path.exists(path):
     raise errors.UserError(f"config field 'task.data_file': {path!r} does not exist")
   ext = os.path.splitext(path)[1].lower()
-  rows = []
   if ext == ".jsonl":
-    with open(path, encoding="utf-8") as f:
-      for i, line in enumerate(f, 1):
-        if not line.strip():
-          continue
-        try:
-          r = json.loads(line)
-        except json.JSONDecodeError as e:
-          raise errors.UserError(f"{path}: line {i}: not valid JSON ({e.msg})") from e
-        rows.append((i, r))
-  elif ext == ".json":
-    with open(path, encoding="utf-8") as f:
-      try:
-        data = json.load(f)
-      except json.JSONDecodeError as e:
-        raise errors.UserError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from e
+    return list(rowfile.jsonl_rows(path, expected="one JSON object per line", max_rows=0))
+  if ext == ".json":
+    with open(path, "rb") as f:
+      raw = f.read()
+    try:
+      text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+      line = raw[:e.start].count(b"\n") + 1
+      raise errors.UserError(f"{path}, line {line}: not UTF-8 text (byte "
+                             f"0x{raw[e.start]:02x}); expected a UTF-8 file (re-save it as UTF-8)") from e
+    try:
+      data = json.loads(text.lstrip("\ufeff"))
+    except json.JSONDecodeError as e:
+      raise errors.UserError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from e
     if not isinstance(data, list):
       raise errors.UserError(f"{path}: expected a JSON list of rows, got {type(data).__name__}")
-    rows = [(i, r) for i, r in enumerate(data, 1)]
-  elif ext == ".csv":
-    with open(path, encoding="utf-8", newline="") as f:
-      rows = [(i, r) for i, r in enumerate(csv.DictReader(f), 2)]
-  else:
-    raise errors.UserError(f"config field 'task.data_file': {path!r}: expected a .jsonl, .json or .csv file")
-  return rows
+    return list(enumerate(data, 1))
+  if ext == ".csv":
+    return list(rowfile.csv_rows(path, max_rows=0)[1])
+  raise errors.UserError(f"config field 'task.data_file': {path!r}: expected a .jsonl, .json or .csv file")
 
 
 def _label_name(value, label_names: Sequence[str] | None):
@@ -183,7 +179,8 @@ def load_saebench_file(path: str, tokenizer, *, classes: Sequence[str], text_fie
   """
   rows = _read_rows(path)
   if not rows:
-    raise errors.UserError(f"{path}: no rows")
+    raise errors.UserError(f"{path}: no rows (the file is empty or holds only blank lines / a header); expected rows "
+                           f"with fields {text_field!r} and {label_field!r}")
   by_class: dict[str, list[str]] = {c: [] for c in classes}
   for line, r in rows:
     where = f"{path}: row at line {line}" if path.endswith((".jsonl", ".csv")) else f"{path}: row {line}"
@@ -239,14 +236,6 @@ def last_pooled(mask: np.ndarray) -> np.ndarray:
 
 def site_activations(params, model_cfg, site: str, tokens: np.ndarray, batch_size: int = 32) -> np.ndarray:
   """Residual at ``site`` for every context: tokens [n, T] -> [n, T, d] float32 (one truncated
-  forward per batch; the last batch is padded so that one program serves all)."""
+  forward per batch of ``batching.map_batched``: one program serves all)."""
   fn = harvest.make_site_fn(model_cfg, site)
-  out = []
-  n = tokens.shape[0]
-  for s in range(0, n, batch_size):
-    b = tokens[s:s + batch_size]
-    pad = batch_size - b.shape[0]
-    if pad:
-      b = np.concatenate([b, np.repeat(b[-1:], pad, 0)])
-    out.append(np.asarray(fn(params, b), np.float32)[:batch_size - pad])
-  return np.concatenate(out)
+  return batching.map_batched(lambda b, _: np.asarray(fn(params, b), np.float32), tokens, batch_size)

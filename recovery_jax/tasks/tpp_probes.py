@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from recovery_jax import intervene
+from recovery_jax import batching, intervene
 from recovery_jax.sae import core as sae_core
 
 Array = jax.Array
@@ -143,10 +143,7 @@ def _pooled_latents(sae, cfg, h, mask):
 
 def pooled_latents(sae, cfg, h: np.ndarray, mask: np.ndarray, batch_size: int = 32) -> np.ndarray:
   """zbar [n, d_sae]: the per-input mean SAE activation over pooled tokens (h [n, T, d])."""
-  out = []
-  for s in range(0, h.shape[0], batch_size):
-    out.append(np.asarray(_pooled_latents(sae, cfg, jnp.asarray(h[s:s + batch_size]), jnp.asarray(mask[s:s + batch_size]))))
-  return np.concatenate(out)
+  return batching.map_batched(lambda b, _: _pooled_latents(sae, cfg, *b), (h, mask), batch_size)
 
 
 def latent_effects(zbar: np.ndarray, idx: np.ndarray, y: np.ndarray, probes: ProbeSet, w_dec: np.ndarray) -> np.ndarray:
@@ -196,11 +193,8 @@ def ablated_pooled(clamps: intervene.Clamp, h: np.ndarray, mask: np.ndarray, bat
   if clamps.spec.mode != "zero" or clamps.spec.error_term != "keep":
     raise ValueError("ablated_pooled: TPP ablation is a zero clamp with the error term kept")
   idx, keep = clamps.params.feature_idx, clamps.params.feature_mask
-  out = []
-  for s in range(0, h.shape[0], batch_size):
-    out.append(np.asarray(_ablated_pooled(clamps.sae, clamps.sae_cfg, idx, keep, jnp.asarray(h[s:s + batch_size]),
-                                          jnp.asarray(mask[s:s + batch_size]))))
-  return np.concatenate(out, axis=1)
+  fn = lambda b, _: jnp.moveaxis(_ablated_pooled(clamps.sae, clamps.sae_cfg, idx, keep, *b), 1, 0)  # [b, C, d]
+  return np.moveaxis(batching.map_batched(fn, (h, mask), batch_size), 0, 1)
 
 
 class TPPRow(NamedTuple):

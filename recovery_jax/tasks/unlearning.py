@@ -25,16 +25,15 @@ Question files: JSONL (one object per line) or CSV (header row) with the fields
 
 from __future__ import annotations
 
-import csv
+import collections
 import dataclasses
 import itertools
-import json
 import os
 from typing import Sequence
 
 import numpy as np
 
-from recovery_jax import errors
+from recovery_jax import errors, rowfile
 
 LETTERS = ("A", "B", "C", "D")
 PERMUTATIONS = tuple(itertools.permutations(range(4)))  # 24 orders, perm_id = index
@@ -92,41 +91,37 @@ def _question(obj: dict, where: str, default_id: str) -> Question:
                   _answer_index(obj["answer"], where), stem.strip(), str(obj.get("topic", "") or ""))
 
 
-def load_questions(path: str) -> list[Question]:
-  """Questions of a JSONL or CSV file (by extension; see the module docstring); errors name file and row."""
+def load_questions(path: str, *, max_rows: int = rowfile.MAX_ROWS) -> list[Question]:
+  """Questions of a JSONL or CSV file (by extension; see the module docstring), streamed; a file of more
+  than ``max_rows`` rows (0: no cap) is an error. Errors (not UTF-8, bad JSON, a missing field, no
+  rows, duplicate ids) name the file and the 1-based row (line)."""
   if not os.path.exists(path):
     raise errors.UserError(f"question file {path!r} does not exist (a .jsonl or .csv file)")
+  hint = f"use a question file of at most {max_rows} rows (e.g. its first {max_rows})"
+  want = "one JSON object per line with fields question, choices, answer"
   out = []
   if path.endswith(".csv"):
-    with open(path, newline="", encoding="utf-8") as f:
-      reader = csv.DictReader(f)
-      need = {"question", "A", "B", "C", "D", "answer"}
-      missing = need - set(reader.fieldnames or ())
-      if missing:
-        raise errors.UserError(f"{path}, row 1 (header): missing column(s) {sorted(missing)}; expected question, A, B, "
-                               "C, D, answer (optional id, stem, topic)")
-      for i, row in enumerate(reader, start=2):
-        obj = {k: row[k] for k in ("question", "answer", "id", "stem", "topic") if row.get(k) is not None}
-        obj["choices"] = [row[k] or "" for k in LETTERS]
-        out.append(_question(obj, f"{path}, row {i}", f"row{i}"))
+    header, rows = rowfile.csv_rows(path, max_rows=max_rows, cap_hint=hint)
+    need = {"question", "A", "B", "C", "D", "answer"}
+    missing = need - set(header)
+    if missing:
+      raise errors.UserError(f"{path}, row 1 (header): missing column(s) {sorted(missing)}; expected question, A, B, "
+                             "C, D, answer (optional id, stem, topic)")
+    for i, row in rows:
+      obj = {k: row[k] for k in ("question", "answer", "id", "stem", "topic") if row.get(k) is not None}
+      obj["choices"] = [row.get(k) or "" for k in LETTERS]
+      out.append(_question(obj, f"{path}, row {i}", f"row{i}"))
   elif path.endswith(".jsonl") or path.endswith(".json"):
-    with open(path, encoding="utf-8") as f:
-      for i, line in enumerate(f, start=1):
-        if not line.strip():
-          continue
-        try:
-          obj = json.loads(line)
-        except json.JSONDecodeError as e:
-          raise errors.UserError(f"{path}, row {i}: not valid JSON ({e.msg} at column {e.colno})") from e
-        if not isinstance(obj, dict):
-          raise errors.UserError(f"{path}, row {i}: expected a JSON object, got {type(obj).__name__}")
-        out.append(_question(obj, f"{path}, row {i}", f"row{i}"))
+    for i, obj in rowfile.jsonl_rows(path, expected=want, max_rows=max_rows, cap_hint=hint, unit="row"):
+      if not isinstance(obj, dict):
+        raise errors.UserError(f"{path}, row {i}: expected a JSON object, got {type(obj).__name__}")
+      out.append(_question(obj, f"{path}, row {i}", f"row{i}"))
   else:
     raise errors.UserError(f"question file {path!r}: expected a .jsonl or .csv file")
   if not out:
-    raise errors.UserError(f"question file {path!r} holds no questions")
-  ids = [q.qid for q in out]
-  dup = sorted({i for i in ids if ids.count(i) > 1})
+    raise errors.UserError(f"question file {path!r} holds no questions (empty, or only blank lines / a header); "
+                           f"expected {want if not path.endswith('.csv') else 'a header row and one question per row'}")
+  dup = sorted(i for i, c in collections.Counter(q.qid for q in out).items() if c > 1)
   if dup:
     raise errors.UserError(f"question file {path!r}: duplicate id(s) {dup[:5]}")
   return out

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from recovery_jax import errors
+from recovery_jax import batching, errors
 from recovery_jax.data import corpus as corpus_lib
 from recovery_jax.models import sites as sites_lib
 from recovery_jax.models import transformer
@@ -120,20 +120,15 @@ def firing_frequency(params, model_cfg, sae, sae_cfg, site: str, tokens, attenti
   layer = sites_lib.parse_site(site, model_cfg.n_layers).layer
 
   @jax.jit
-  def counts(params, sae, tok, attn, cnt):
+  def counts(params, sae, tok, attn, cnt):  # [b, d_sae]: each row's counted tokens where each feature fires
     out = transformer.forward(params, model_cfg, tok, attention_mask=attn, stop_layer=layer + 1, capture=(site,),
                               compute_logits=False)
     z = sae_core.encode(sae, sae_cfg, out.captures[site].astype(jnp.float32))
-    return jnp.sum((z > 0) & cnt[..., None], axis=(0, 1))
+    return jnp.sum((z > 0) & cnt[..., None], axis=1)
 
-  total = np.zeros((sae_cfg.d_sae,), np.float64)
-  n = tokens.shape[0]
-  for s in range(0, n, batch_size):
-    sl = slice(s, min(n, s + batch_size))
-    pad = batch_size - (sl.stop - sl.start)
-    grab = lambda a: np.concatenate([a[sl], np.zeros((pad,) + a.shape[1:], a.dtype)]) if pad else a[sl]
-    total += np.asarray(counts(params, sae, grab(tokens), grab(attention_mask), grab(count_mask)), np.float64)
-  return total / max(int(np.asarray(count_mask).sum()), 1)
+  per_row = batching.map_batched(lambda b, _: counts(params, sae, *b), (tokens, attention_mask, count_mask),
+                                 batch_size)
+  return per_row.sum(0, dtype=np.float64) / max(int(np.asarray(count_mask).sum()), 1)
 
 
 def top_features(forget_freq: np.ndarray, retain_freq: np.ndarray, retain_threshold: float, n_features: int

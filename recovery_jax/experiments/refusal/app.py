@@ -1,0 +1,222 @@
+"""The refusal app: validation, model/SAE/feature loading, the defence preflight at every strength,
+and the recovery stage (``results.recovery_stage``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+import numpy as np
+
+from recovery_jax import errors, outputs
+from recovery_jax.experiments import runner
+from recovery_jax.experiments import setup as setup_lib
+from recovery_jax.models import chat, sites as sites_lib
+from recovery_jax.tasks import refusal as task
+from recovery_jax.tasks import refusal_defence as defence_lib
+from recovery_jax.tasks import refusal_features as feat_lib
+from recovery_jax.tasks import refusal_judge as judge
+from recovery_jax.tasks import refusal_recovery as rec_lib
+from recovery_jax.tasks import refusal_soft_suffix as soft_lib
+from recovery_jax.experiments.refusal.preflight import _table, count_valid, generate_answers, make_mesh, preflight_row
+from recovery_jax.experiments.refusal.jobs import RecoveryContext, VARIANTS, choose_strength, defence_k_max, run_shapes
+from recovery_jax.experiments.refusal.results import recovery_stage, summary_rows
+
+
+def validate(config) -> None:
+  """Config values that need no model; errors name the field."""
+  if not config.sites:
+    raise errors.UserError("config field 'sites' is empty: expected blocks.L.hook_resid_post sites")
+  for s in config.sites:
+    if not s.endswith((".hook_resid_post", ".hook_resid_pre")):
+      raise errors.UserError(f"config field 'sites' has {s!r}: the defence acts at blocks.L.hook_resid_post (the "
+                             "paper) or blocks.L.hook_resid_pre sites")
+  if config.defence.kind not in defence_lib.DEFENCES:
+    raise errors.UserError(f"config field 'defence.kind'={config.defence.kind!r}: expected one of "
+                           f"{defence_lib.DEFENCES}")
+  if config.features.contrast not in feat_lib.CONTRASTS:
+    raise errors.UserError(f"config field 'features.contrast'={config.features.contrast!r}: expected one of "
+                           f"{feat_lib.CONTRASTS}")
+  if config.features.k < 1 or config.features.n_candidates < 1:
+    raise errors.UserError(f"config fields 'features.k'={config.features.k}, 'features.n_candidates'="
+                           f"{config.features.n_candidates}: expected >= 1")
+  if config.generation.max_new_tokens < 1 or config.generation.batch_size < 1:
+    raise errors.UserError("config fields 'generation.max_new_tokens' and 'generation.batch_size' must be >= 1")
+  if not config.defence.strengths:
+    raise errors.UserError("config field 'defence.strengths' is empty")
+  r = config.recovery
+  if r.enabled:
+    if config.defence.kind == "add":
+      raise errors.UserError("config field 'defence.kind'='add': the recovery needs an SAE clamp defence (multiply or "
+                             "set); set recovery.enabled=False for the additive steering preflight")
+    for field, values, allowed in (("modes", r.modes, ("none", "encoder", "jacobian")),
+                                   ("drop_modes", r.drop_modes, ("none", "encoder", "jacobian")),
+                                   ("attribution_modes", r.attribution_modes, tuple(r.modes)),
+                                   ("variants", r.variants, VARIANTS)):
+      for v in values:
+        if v not in allowed:
+          raise errors.UserError(f"config field 'recovery.{field}' has {v!r}: expected one of {allowed}")
+    if not r.variants:
+      raise errors.UserError("config field 'recovery.variants' must not be empty")  # modes may be () (baselines only)
+    for v in config.soft_suffix.variants if config.soft_suffix.enabled else ():
+      if v not in soft_lib.VARIANTS:
+        raise errors.UserError(f"config field 'soft_suffix.variants' has {v!r}: expected one of {soft_lib.VARIANTS}")
+    if r.budget_mode not in ("none", "encoder", "jacobian"):
+      raise errors.UserError(f"config field 'recovery.budget_mode'={r.budget_mode!r}: expected none, encoder or jacobian")
+    for b in r.budgets:
+      if float(b) <= 0:
+        raise errors.UserError(f"config field 'recovery.budgets' has {b}: expected > 0")
+    ks = tuple(r.get("ks", ()))
+    if ks and config.features.list:
+      raise errors.UserError("config field 'recovery.ks': the K sweep takes the global top K of the contrast ranking; "
+                             "with a user 'features.list' set recovery.ks=()")
+    n_pairs = int(config.features.n_candidates) * len(config.sites)
+    for k in ks:
+      if not 1 <= int(k) <= n_pairs:
+        raise errors.UserError(f"config field 'recovery.ks' has {k}: expected 1 <= K <= features.n_candidates x "
+                               f"sites = {n_pairs}")
+    for f, v in (("stage1.steps", r.stage1.steps), ("stage2.steps", r.stage2.steps), ("n_ans", r.n_ans)):
+      if int(v) < 1:
+        raise errors.UserError(f"config field 'recovery.{f}'={v}: expected >= 1")
+
+
+def sae_path(sae: str, site: str) -> str:
+  """A config's ``sae`` for one site: ``{layer}`` and ``{site}`` filled in (named SAEs pass unchanged)."""
+  if "{" not in sae:
+    return sae
+  return sae.format(layer=sites_lib.parse_site(site).layer, site=site)
+
+
+def _features(config, params, mcfg, tok, saes, sites, pad_id, log) -> tuple[dict, dict, Any]:
+  """The defended feature set (site -> ids), its record for features.json and the ranking (None for a
+  user list)."""
+  f = config.features
+  if f.list:
+    if f.list.startswith("REQUIRED"):
+      raise errors.UserError(f"config field 'features.list': {f.list}")
+    try:
+      feats = feat_lib.parse_feature_list(f.list, sites)
+    except ValueError as e:
+      raise errors.UserError(f"config field 'features.list': {e}") from e
+    return feats, {"source": "user list", "features": feats}, None
+  tmpl = task.template_name(mcfg)
+  if f.contrast == "files":
+    if not (f.harmful_file and f.harmless_file):
+      raise errors.UserError("config fields 'features.harmful_file' and 'features.harmless_file' are required for "
+                             "features.contrast='files'")
+    n = f.n_contrast or None
+    pos = [task.format_prompt(tmpl, r.text) for r in task.load_prompts(f.harmful_file)[:n]]
+    neg = [task.format_prompt(tmpl, r.text) for r in task.load_prompts(f.harmless_file)[:n]]
+    sides = feat_lib.side(tok, pos, pad_id), feat_lib.side(tok, neg, pad_id)
+  else:
+    rows = task.load_prompts(f.contrast_file)
+    rows = rows[-f.n_contrast:] if f.n_contrast else rows  # the file's last rows; the preflight uses its first
+    if f.contrast == "openings":
+      prompts = [task.format_prompt(tmpl, r.text) for r in rows]
+      sides = (feat_lib.opening_side(tok, prompts, feat_lib.REFUSAL_OPENING, pad_id),
+               feat_lib.opening_side(tok, prompts, feat_lib.COMPLIANCE_OPENING, pad_id))
+    else:
+      sides = (feat_lib.side(tok, [task.format_prompt(tmpl, r.text, feat_lib.DECLINING_SYSTEM) for r in rows], pad_id),
+               feat_lib.side(tok, [task.format_prompt(tmpl, r.text, feat_lib.HELPFUL_SYSTEM) for r in rows], pad_id))
+  refuse = feat_lib.site_means(params, mcfg, sides[0], sites, saes)
+  comply = feat_lib.site_means(params, mcfg, sides[1], sites, saes)
+  ranking = feat_lib.rank(saes, refuse, comply, f.n_candidates, f.vector_site)
+  feats = ranking.features(f.k)
+  for s in sites:
+    log(f"contrast {f.contrast} at {s}: |v| {np.linalg.norm(ranking.vectors[s]):.3f}, top cosine "
+        f"{ranking.cosines[s][0]:.3f}, chosen {len(feats.get(s, []))}")
+  record = {"source": f"contrast {f.contrast}", "n_contrast_rows": int(sides[0].ids.shape[0]),
+            "vector_norm": {s: float(np.linalg.norm(v)) for s, v in ranking.vectors.items()},
+            "candidates": {s: ranking.candidates[s].tolist() for s in sites},
+            "cosines": {s: np.round(ranking.cosines[s], 5).tolist() for s in sites},
+            "scores": {s: np.round(ranking.scores[s], 6).tolist() for s in sites},
+            "top": [[s, f_, round(x, 6)] for s, f_, x in ranking.top[:max([f.k, *config.recovery.get("ks", ())])]],
+            "features": feats}
+  return feats, record, ranking
+
+
+def run(config, workdir: str) -> dict[str, Any]:
+  """Features, defence and preflight of ``config`` into ``workdir``; returns the counts per defence value."""
+  validate(config)
+  log = runner.log
+  os.makedirs(workdir, exist_ok=True)
+  runner.snapshot_config(config, workdir)
+  t0 = time.time()
+  rows_in = task.load_prompts(config.task.prompts_file, config.task.n_prompts)  # a bad file fails before loading
+  params, mcfg, tok = setup_lib.load_model(config.model, seed=config.seed)
+  sites = tuple(config.sites)
+  for s in sites:
+    try:
+      sites_lib.parse_site(s, mcfg.n_layers)
+    except ValueError as e:
+      raise errors.UserError(f"config field 'sites': {e}") from e
+  if config.features.list and not config.features.list.startswith("REQUIRED"):  # SAEs only where features are
+    try:
+      sites = tuple(feat_lib.parse_feature_list(config.features.list, sites))
+    except ValueError as e:
+      raise errors.UserError(f"config field 'features.list': {e}") from e
+  saes = {s: setup_lib.load_sae(sae_path(config.sae, s), mcfg, s, model_name=config.model) for s in sites}
+  pad_id = int(mcfg.pad_token_id if mcfg.pad_token_id is not None else 0)
+  tmpl = task.template_name(mcfg)
+  stop_ids = tuple(sorted(set(chat.stop_token_ids(tmpl, tok.token_to_id)) | set(mcfg.eos_token_ids or ())))
+  log(f"model {config.model}, SAEs at {', '.join(sites)} ({config.sae}); template {tmpl}, stop ids {stop_ids}")
+
+  feats, record, ranking = _features(config, params, mcfg, tok, saes, sites, pad_id, log)
+  outputs.atomic_write(os.path.join(workdir, "features.json"), json.dumps(record, indent=1))
+  log(f"defended features: {sum(len(v) for v in feats.values())} over {len(feats)} sites")
+
+  system = config.task.system or None
+  prompts = [task.format_prompt(tmpl, r.text, system) for r in rows_in]
+  g = config.generation
+  mesh = make_mesh(config)
+  kw = dict(max_new_tokens=g.max_new_tokens, batch_size=g.batch_size, stop_ids=stop_ids, pad_id=pad_id, mesh=mesh)
+  base, base_len, base_ids = generate_answers(params, mcfg, tok, prompts, None, **kw)
+  spec = defence_lib.DefenceSpec(config.defence.kind, config.defence.error_term)
+  k_max = defence_k_max(config, feats, ranking)
+  rows, counts = [], {}
+  for value in config.defence.strengths:
+    defence = defence_lib.make_defence(spec, saes, feats, float(value), k_max=k_max)
+    dtexts, dlen, _ = generate_answers(params, mcfg, tok, prompts, defence, **kw)
+    vrows = []
+    for i, r in enumerate(rows_in):
+      row = {"value": float(value), "prompt": i, "id": r.id, **preflight_row(base[i], dtexts[i]),
+             "base_tokens": int(base_len[i]), "defended_tokens": int(dlen[i])}
+      if config.save_text:
+        row.update(base_text=base[i], defended_text=dtexts[i])
+      vrows.append(row)
+    counts[float(value)] = count_valid(vrows)
+    c = counts[float(value)]
+    log(f"preflight {config.defence.kind} {value:g}: valid {c['valid']}/{c['n']} (substring "
+        f"{c['valid_' + judge.SUBSTRING]}, safety cue {c['valid_' + judge.SAFETY_CUE]}, negative/degenerate "
+        f"{c['valid_' + judge.NEGATIVE]}); base refusals {c['base_refusal']}")
+    rows += vrows
+  outputs.atomic_write(os.path.join(workdir, "preflight.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
+  md = (f"# Refusal steering preflight\n\nmodel {config.model}, SAEs {config.sae} at {', '.join(sites)}; defence "
+        f"{config.defence.kind} (error term {config.defence.error_term}) on {sum(len(v) for v in feats.values())} "
+        f"features ({record['source']}); {len(prompts)} prompts, greedy, {g.max_new_tokens} new tokens; "
+        f"{time.time() - t0:.0f} s\n\nvalid = not R(base) and not S(base) and R_eff(defended), split by the R_eff "
+        f"rule that fired.\n\n{_table(counts)}\n")
+  outputs.atomic_write(os.path.join(workdir, "preflight.md"), md)
+  print(md, flush=True)
+  preflight_md = md
+  out = {"counts": counts, "features": feats, "rows": rows}
+  summary = preflight_md
+  if config.recovery.enabled:
+    value = choose_strength(config, rows)
+    valid = np.asarray([r["valid"] for r in rows if r["value"] == value], bool)
+    order = tuple(sorted(sites, key=lambda x: sites_lib.visit_key(x, mcfg.n_layers)))
+    discouraged = rec_lib.discouraged_ids(tok, config.recovery.discourage_safety_prefixes)
+    ctx = RecoveryContext(config=config, params=params, mcfg=mcfg, tok=tok, sites=order, saes=saes, feats=feats,
+                          value=value, prompts=prompts, base_texts=base, base_ids=base_ids, valid=valid,
+                          stop_ids=stop_ids, pad_id=pad_id, discouraged=discouraged, ranking=ranking, k_max=k_max,
+                          shapes=run_shapes(config, tok, prompts, base_ids, discouraged, pad_id), mesh=mesh)
+    rec = recovery_stage(ctx, workdir, [r.id for r in rows_in], log)
+    out["recovery"] = rec
+    summary += "\n" + rec["markdown"]
+    outputs.write_jsonl(os.path.join(workdir, "summary.jsonl"), summary_rows(rec, n_examples=len(prompts)))
+    print(rec["markdown"], flush=True)
+  outputs.atomic_write(os.path.join(workdir, "summary.md"), summary + f"\n(wall time {time.time() - t0:.0f} s)\n")
+  return out
+

@@ -1,0 +1,153 @@
+"""Batch size, device count and resume change no number: each setting's tiny variant run at batch
+size 1, at its default batch and on 8 fake CPU devices gives the same per-example rows (JSONL,
+field by field to float tolerance), and a run killed after its first work unit resumes to the same
+rows. Keys are ``fold_in(point_key, example_id)`` (``batching.example_keys``), never a function of a
+position in a batch."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from recovery_jax import batching, intervene
+from recovery_jax.intervene import ClampSpec
+from recovery_jax.models.random_init import random_tokens
+from recovery_jax.recovery import api, engine
+from recovery_jax.recovery.objectives import Objective
+from recovery_jax.recovery.optimizer import RecoveryConfig
+from recovery_jax.sae.testing import random_sae
+from tests import batch_invariance as bi
+
+TPP_WORDS = {"garden": "rose tulip soil seed water leaf bloom petal root sun",
+             "kitchen": "bread butter oven flour sugar salt pan spoon bake dough",
+             "harbor": "boat ship sail anchor wave tide dock rope mast harbor"}
+
+
+def _tpp_data(path):
+  import random  # pylint: disable=import-outside-toplevel
+  rng = random.Random(0)
+  rows = [{"text": " ".join(rng.choice(ws.split()) for _ in range(24)) + ".", "label": lab}
+          for lab, ws in TPP_WORDS.items() for _ in range(40)]
+  rng.shuffle(rows)
+  path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+  return str(path)
+
+
+def test_map_batched_pads_drops_and_passes_ids():
+  x = np.arange(7 * 2, dtype=np.float32).reshape(7, 2)
+  seen = []
+
+  def fn(batch, ids):
+    seen.append((batch.shape[0], ids.tolist()))
+    return {"y": batch * 2, "id": ids}
+
+  out = batching.map_batched(fn, x, 3)
+  np.testing.assert_array_equal(out["y"], x * 2)
+  np.testing.assert_array_equal(out["id"], np.arange(7))
+  assert seen == [(3, [0, 1, 2]), (3, [3, 4, 5]), (3, [6, 6, 6])]
+  assert batching.batch_size_for(5, 8) == 5 and batching.batch_size_for(5, 8, exact=True) == 8
+
+
+def test_engine_keys_follow_example_ids_not_positions(tiny_gpt2):
+  """jacobian (sketched, random) projection: a permuted stack with its ids permuted gives the
+  permuted results exactly; with positions as ids it would not (checked, so the test can fail)."""
+  params, cfg = tiny_gpt2
+  site, n, t = "blocks.1.hook_resid_pre", 4, 8
+  sae, scfg = random_sae(cfg.d_model, 40, seed=3, site=site)
+  pbs = api.site_problems(random_tokens(5, n, t), np.ones((n, t), bool), 5, 7,
+                          {"pos": np.array([3, 8, 21, 5]), "neg": np.array([40, 2, 17, 9])}, shared=False)
+  rc = RecoveryConfig(steps=6, lr=0.1, budget=2.0, projection="jacobian", jacobian_probes=2)
+  spec = engine.RecoverySpec(cfg, (site,), Objective("logit_diff"), rc, suffix_len=3)
+  clamp = intervene.make_clamp(ClampSpec(site, scfg, mode="set", positive_only=True), sae, [1, 4, 6, 9, 12], -1.0)
+  key, perm = jax.random.key(7), np.array([2, 0, 3, 1])
+  run = lambda p, ids=None: np.asarray(engine.recover_examples(spec, params, (clamp,), p, rc.hparams(), key,
+                                                               ids=ids).delta)
+  ref = run(pbs)
+  permuted = jax.tree.map(lambda a: a[perm], pbs)
+  np.testing.assert_allclose(run(permuted, ids=perm), ref[perm], atol=1e-6)
+  assert np.abs(run(permuted) - ref[perm]).max() > 1e-4  # keys by position differ
+
+
+@pytest.mark.slow
+def test_tpp_rows_do_not_depend_on_batch_devices_or_resume(tmp_path):
+  data = _tpp_data(tmp_path / "topics.jsonl")
+  common = ("--config.task.source=file", f"--config.task.data_file={data}",
+            "--config.task.classes=('garden', 'kitchen', 'harbor')", "--config.recovery.modes=('none', 'encoder')",
+            "--config.recovery.variants=('last', 'all')", "--config.recovery.steps=8")
+  runs = {"all": ("--config.task.recover_chunk=0",), "one": ("--config.task.recover_chunk=1",),
+          "five": ("--config.task.recover_chunk=5",)}
+  rows = {}
+  for name, flags in runs.items():
+    bi.run_app("configs/tpp.py:tiny", tmp_path / name, *common, *flags)
+    rows[name] = bi.read_rows(tmp_path / name / "results.jsonl")
+  bi.run_app("configs/tpp.py:tiny", tmp_path / "mesh8", *common, "--config.task.recover_chunk=5",
+             "--config.mesh.data=8", devices=8)
+  rows["mesh8"] = bi.read_rows(tmp_path / "mesh8" / "results.jsonl")
+  assert sum(r["valid"] for r in rows["all"]) >= 5
+  for name in ("one", "five", "mesh8"):
+    bi.assert_same_rows(rows[name], rows["all"])
+  # killed after the first work unit: the resumed run recomputes the rest and gives the same rows
+  assert bi.drop_units(tmp_path / "five", keep=1) >= 1
+  bi.run_app("configs/tpp.py:tiny", tmp_path / "five", *common, "--config.task.recover_chunk=5")
+  bi.assert_same_rows(bi.read_rows(tmp_path / "five" / "results.jsonl"), rows["all"])
+
+
+REFUSAL = ("--config.recovery.modes=('encoder',)", "--config.recovery.max_cases=3",
+           "--config.recovery.attribution_modes=()", "--config.recovery.drop_modes=()",
+           "--config.recovery.budget_mode=encoder", "--config.recovery.budgets=(2.0,)", "--config.recovery.ks=()",
+           "--config.soft_suffix.variants=('corrected',)")
+
+
+@pytest.mark.slow
+def test_refusal_rows_do_not_depend_on_batch_devices_or_resume(tmp_path):
+  runs = {"default": (), "one": ("--config.generation.batch_size=1", "--config.recovery.batch_size=1")}
+  for name, flags in runs.items():
+    bi.run_app("configs/refusal.py:tiny", tmp_path / name, *REFUSAL, *flags)
+  bi.run_app("configs/refusal.py:tiny", tmp_path / "mesh8", *REFUSAL, "--config.mesh.data=8", devices=8)
+  rows = {n: {f: bi.read_rows(tmp_path / n / f) for f in ("preflight.jsonl", "recovery.jsonl")}
+          for n in ("default", "one", "mesh8")}
+  assert sum(r["valid"] for r in rows["default"]["preflight.jsonl"]) >= 1
+  assert len(rows["default"]["recovery.jsonl"]) >= 2
+  for name in ("one", "mesh8"):
+    for f in ("preflight.jsonl", "recovery.jsonl"):
+      bi.assert_same_rows(rows[name][f], rows["default"][f])
+  assert bi.drop_units(tmp_path / "one", keep=1) >= 1
+  bi.run_app("configs/refusal.py:tiny", tmp_path / "one", *REFUSAL, "--config.generation.batch_size=1",
+             "--config.recovery.batch_size=1")
+  bi.assert_same_rows(bi.read_rows(tmp_path / "one" / "recovery.jsonl"), rows["default"]["recovery.jsonl"])
+
+
+@pytest.mark.slow
+def test_unlearning_rows_do_not_depend_on_batch_devices_or_resume(tmp_path):
+  files = ("results.jsonl", "soft_suffix.jsonl")
+  runs = {"default": (), "one": ("--config.eval_batch_size=1", "--config.soft_suffix.batch_size=1",
+                                 "--config.features.batch_size=1")}
+  for name, flags in runs.items():
+    bi.run_app("configs/unlearning.py:tiny", tmp_path / name, *flags)
+  bi.run_app("configs/unlearning.py:tiny", tmp_path / "mesh8", devices=8)
+  rows = {n: {f: bi.read_rows(tmp_path / n / f) for f in files} for n in ("default", "one", "mesh8")}
+  assert sum(r["valid"] for r in rows["default"]["results.jsonl"]) >= 2
+  for name in ("one", "mesh8"):
+    for f in files:
+      bi.assert_same_rows(rows[name][f], rows["default"][f])
+  assert bi.drop_units(tmp_path / "one", keep=1) >= 1
+  bi.run_app("configs/unlearning.py:tiny", tmp_path / "one", *runs["one"])
+  for f in files:
+    bi.assert_same_rows(bi.read_rows(tmp_path / "one" / f), rows["default"][f])
+
+
+@pytest.mark.slow
+def test_ioi_rows_do_not_depend_on_units_devices_or_resume(tmp_path):
+  grid = ("--config.sweep.clamp_value=(-5.0, -2.0)",)
+  runs = {"default": (), "one": ("--config.unit_size=1",)}
+  for name, flags in runs.items():
+    bi.run_app("configs/ioi.py:tiny", tmp_path / name, *grid, *flags)
+  bi.run_app("configs/ioi.py:tiny", tmp_path / "mesh8", *grid, "--config.mesh.data=8", devices=8)
+  rows = {n: bi.read_rows(tmp_path / n / "results.jsonl") for n in ("default", "one", "mesh8")}
+  assert sum(r["valid"] for r in rows["default"]) >= 2
+  for name in ("one", "mesh8"):
+    bi.assert_same_rows(rows[name], rows["default"])
+  assert bi.drop_units(tmp_path / "one", keep=1) >= 1
+  bi.run_app("configs/ioi.py:tiny", tmp_path / "one", *grid, *runs["one"])
+  bi.assert_same_rows(bi.read_rows(tmp_path / "one" / "results.jsonl"), rows["default"])
