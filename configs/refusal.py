@@ -48,6 +48,7 @@ def get_config(arg=None):
   c.task = ml_collections.ConfigDict()
   c.task.prompts_file = ""  # "": the shipped benign instructions (recovery_jax/data/refusal_prompts.jsonl)
   c.task.n_prompts = 64  # the first n rows; 0: all
+  c.task.max_rows = 50_000  # a prompt file with more rows is an error (0: no cap); n_prompts stops reading early
   c.task.system = ""  # "": the template's default system turn
 
   c.features = ml_collections.ConfigDict()

@@ -54,6 +54,7 @@ def get_config(arg=None):
   c.task.strict = True  # keep a question only if the base model is correct in every order
   c.task.bos = "auto"  # auto (BOS for Gemma, as the reference), always, never
   c.task.max_questions = 0
+  c.task.max_rows = 50_000  # a question file with more rows is an error (0: no cap)
   c.task.max_flips = 0  # 0: every valid flip
 
   c.features = ml_collections.ConfigDict()

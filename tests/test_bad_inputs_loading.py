@@ -427,3 +427,16 @@ def test_ioi_no_flips_message_blames_the_clamp_only_for_finite_scores():
   assert "non-finite" in ioi.no_flips_message({(8, -5.0): 0}, {(8, -5.0): 2}, base, "s", "m")
   msg = ioi.no_flips_message({(8, -5.0): 0}, {(8, -5.0): 0}, np.array([np.nan, 1.0]), "s", "tiny")
   assert "base logit difference is non-finite" in msg and "'tiny'" in msg
+
+
+def test_generation_past_the_context_is_an_error(tiny_llama):
+  """Refusal generation: prompt + max_new_tokens beyond the model's context names the prompt and the field."""
+  import dataclasses  # pylint: disable=import-outside-toplevel
+  from recovery_jax.experiments.refusal import preflight  # pylint: disable=import-outside-toplevel
+  params, cfg = tiny_llama
+  cfg = dataclasses.replace(cfg, n_positions=12)
+  ids = np.full((2, 6), 3, np.int32)
+  mask = np.ones((2, 6), bool)
+  mask[0, :2] = False  # prompt 1 is the longest (6 tokens)
+  with pytest.raises(errors.UserError, match=r"prompt 1 has 6 tokens .* 'generation.max_new_tokens'.* 12 positions"):
+    preflight.generate_rows(params, cfg, ids, mask, max_new_tokens=8, batch_size=2, stop_ids=(), pad_id=0)

@@ -263,6 +263,8 @@ def test_export_checksum(tmp_path):
   with pytest.raises(errors.UserError, match=r"sae_weights\.safetensors: its sha256 differs from the one in "
                      r"\S+checksums\.sha256"):
     pipeline.verify_export_checksum(folder)
+  with pytest.raises(errors.UserError, match=r"sae_weights\.safetensors: its sha256 differs"):
+    formats.load_saelens(folder)  # the loader checks an export before it reads the weights
   os.remove(weights)
   with pytest.raises(errors.UserError, match=r"sae_weights\.safetensors: missing \(listed in"):
     pipeline.verify_export_checksum(folder)

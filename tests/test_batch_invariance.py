@@ -4,13 +4,13 @@ field by field to float tolerance), and a run killed after its first work unit r
 rows. Keys are ``fold_in(point_key, example_id)`` (``batching.example_keys``), never a function of a
 position in a batch."""
 
-import json
+import re
 
 import jax
 import numpy as np
 import pytest
 
-from recovery_jax import batching, intervene
+from recovery_jax import batching, intervene, report
 from recovery_jax.intervene import ClampSpec
 from recovery_jax.models.random_init import random_tokens
 from recovery_jax.recovery import api, engine
@@ -18,20 +18,19 @@ from recovery_jax.recovery.objectives import Objective
 from recovery_jax.recovery.optimizer import RecoveryConfig
 from recovery_jax.sae.testing import random_sae
 from tests import batch_invariance as bi
-
-TPP_WORDS = {"garden": "rose tulip soil seed water leaf bloom petal root sun",
-             "kitchen": "bread butter oven flour sugar salt pan spoon bake dough",
-             "harbor": "boat ship sail anchor wave tide dock rope mast harbor"}
+from tests.test_tpp_app import CLASSES as TPP_CLASSES, _data as _tpp_data
 
 
-def _tpp_data(path):
-  import random  # pylint: disable=import-outside-toplevel
-  rng = random.Random(0)
-  rows = [{"text": " ".join(rng.choice(ws.split()) for _ in range(24)) + ".", "label": lab}
-          for lab, ws in TPP_WORDS.items() for _ in range(40)]
-  rng.shuffle(rows)
-  path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-  return str(path)
+def _rerendered_equal(workdir, name, drop=None):
+  """``report.render`` of a finished run rewrites ``name`` as the run wrote it (``drop``: a regex of
+  what may differ, e.g. a wall time)."""
+  before = (workdir / name).read_text()
+  (workdir / name).unlink()
+  report.render(str(workdir), plots=False)
+  after = (workdir / name).read_text()
+  if drop:
+    before, after = re.sub(drop, "", before), re.sub(drop, "", after)
+  assert after == before
 
 
 def test_map_batched_pads_drops_and_passes_ids():
@@ -73,7 +72,7 @@ def test_engine_keys_follow_example_ids_not_positions(tiny_gpt2):
 def test_tpp_rows_do_not_depend_on_batch_devices_or_resume(tmp_path):
   data = _tpp_data(tmp_path / "topics.jsonl")
   common = ("--config.task.source=file", f"--config.task.data_file={data}",
-            "--config.task.classes=('garden', 'kitchen', 'harbor')", "--config.recovery.modes=('none', 'encoder')",
+            TPP_CLASSES, "--config.recovery.modes=('none', 'encoder')",
             "--config.recovery.variants=('last', 'all')", "--config.recovery.steps=8")
   runs = {"all": ("--config.task.recover_chunk=0",), "one": ("--config.task.recover_chunk=1",),
           "five": ("--config.task.recover_chunk=5",)}
@@ -85,6 +84,8 @@ def test_tpp_rows_do_not_depend_on_batch_devices_or_resume(tmp_path):
              "--config.mesh.data=8", devices=8)
   rows["mesh8"] = bi.read_rows(tmp_path / "mesh8" / "results.jsonl")
   assert sum(r["valid"] for r in rows["all"]) >= 5
+  _rerendered_equal(tmp_path / "all", "summary.md")
+  _rerendered_equal(tmp_path / "all", "tpp.md")
   for name in ("one", "five", "mesh8"):
     bi.assert_same_rows(rows[name], rows["all"])
   # killed after the first work unit: the resumed run recomputes the rest and gives the same rows
@@ -109,6 +110,7 @@ def test_refusal_rows_do_not_depend_on_batch_devices_or_resume(tmp_path):
           for n in ("default", "one", "mesh8")}
   assert sum(r["valid"] for r in rows["default"]["preflight.jsonl"]) >= 1
   assert len(rows["default"]["recovery.jsonl"]) >= 2
+  _rerendered_equal(tmp_path / "default", "recovery.md", drop=r"; (\d+|nan) s\.")
   for name in ("one", "mesh8"):
     for f in ("preflight.jsonl", "recovery.jsonl"):
       bi.assert_same_rows(rows[name][f], rows["default"][f])
@@ -128,6 +130,7 @@ def test_unlearning_rows_do_not_depend_on_batch_devices_or_resume(tmp_path):
   bi.run_app("configs/unlearning.py:tiny", tmp_path / "mesh8", devices=8)
   rows = {n: {f: bi.read_rows(tmp_path / n / f) for f in files} for n in ("default", "one", "mesh8")}
   assert sum(r["valid"] for r in rows["default"]["results.jsonl"]) >= 2
+  _rerendered_equal(tmp_path / "default", "summary.md")
   for name in ("one", "mesh8"):
     for f in files:
       bi.assert_same_rows(rows[name][f], rows["default"][f])
@@ -146,6 +149,7 @@ def test_ioi_rows_do_not_depend_on_units_devices_or_resume(tmp_path):
   bi.run_app("configs/ioi.py:tiny", tmp_path / "mesh8", *grid, "--config.mesh.data=8", devices=8)
   rows = {n: bi.read_rows(tmp_path / n / "results.jsonl") for n in ("default", "one", "mesh8")}
   assert sum(r["valid"] for r in rows["default"]) >= 2
+  _rerendered_equal(tmp_path / "default", "summary.md")
   for name in ("one", "mesh8"):
     bi.assert_same_rows(rows[name], rows["default"])
   assert bi.drop_units(tmp_path / "one", keep=1) >= 1

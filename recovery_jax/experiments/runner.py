@@ -128,6 +128,15 @@ def gather(tree, name: str):
   return multihost_utils.process_allgather(tree, tiled=True)
 
 
+def on_corrupt(config) -> str:
+  """What a resumed run does with a stored work unit that fails its checksum: ``recompute`` (default:
+  a warning naming it, then it is computed again) or ``stop`` (config field ``on_corrupt``)."""
+  value = config.get("on_corrupt", "recompute")
+  if value not in ("recompute", "stop"):
+    raise errors.UserError(f"config field 'on_corrupt'={value!r}: expected 'recompute' or 'stop'")
+  return value
+
+
 def grid_points(config) -> list[dict]:
   """config.sweep x recovery.modes x recovery.variants; ``grid_id`` is the sweep point."""
   points = []
@@ -306,7 +315,7 @@ def grid_rows(config, workdir: str, setting: Setting, compute: Callable | None =
   compute = compute or setting.compute or compute_unit
   try:
     results = sweep.run_units(units, lambda u: compute(setting, config, mesh, u), store, log=log,
-                              progress=config.get("progress", True))
+                              progress=config.get("progress", True), on_corrupt=on_corrupt(config))
   finally:
     store.close()
 

@@ -107,7 +107,7 @@ def render(workdir: str, plots: bool = True) -> tuple[str, list[dict]]:
            "budget.\n\n")
   n_div = sum(s["n_diverged"] for s in summary)
   if n_div:
-    notes += (f"**{n_div} example-points diverged** (a non-finite objective, gradient or delta norm); they count "
+    notes += (f"**{n_div} example-points diverged** (a non-finite objective, gradient, delta or behaviour score); they count "
               "as not recovered and their drifts are void (column 'diverged'; field 'diverged' in results.jsonl)."
               "\n\n")
   links = "".join(f"{line}\n" for line in meta.get("links", ()))

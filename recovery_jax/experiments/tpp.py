@@ -36,6 +36,7 @@ from recovery_jax import batching, errors, intervene, metrics, outputs, sweep
 from recovery_jax.experiments import runner
 from recovery_jax.experiments import summary as summary_lib
 from recovery_jax.experiments import setup as setup_lib
+from recovery_jax.recovery import api
 from recovery_jax.recovery import probe as probe_lib
 from recovery_jax.sae import core as sae_core
 from recovery_jax.sae import harvest
@@ -112,6 +113,7 @@ def setup(config, workdir: str) -> runner.Setting:
   bos = mcfg.bos_token_id if harvest.wants_bos(mcfg) else None
   pad = mcfg.pad_token_id if mcfg.pad_token_id is not None else (mcfg.eos_token_ids or (0,))[0]
   data = load_data(config, tok, bos, pad)
+  api.check_prompts(data.tokens, model_cfg=mcfg)  # ids, and the padded length vs the model's context
   exclude = harvest.excluded_ids(mcfg)
   mask = tpp_task.pool_mask(data.tokens, exclude)
   tpp_task.last_pooled(mask)  # every context keeps a token

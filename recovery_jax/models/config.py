@@ -47,7 +47,7 @@ class ModelConfig:
   final_softcap: float | None = None
   query_pre_attn_scalar: float | None = None  # gemma: q is scaled by this**-0.5 instead of d_head**-0.5
   tie_embeddings: bool = True
-  n_positions: int = 0  # gpt2: learned positions
+  n_positions: int = 0  # the context length (gpt2: its learned positions); 0: unknown, not checked
   bos_token_id: int | None = None
   eos_token_ids: tuple[int, ...] = ()
   pad_token_id: int | None = None

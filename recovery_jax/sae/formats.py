@@ -256,6 +256,8 @@ def load_saelens(path: str | os.PathLike, *, dtype: str | None = "float32",
   if flat.get("reshape_activations", "none") not in ("none", None):
     raise SAEFileError(f"{cfg_path}: field 'reshape_activations' = {flat['reshape_activations']!r} "
                        "is not supported (only 'none'; hook_z SAEs take [.., n_heads*d_head] inputs)")
+  from recovery_jax.sae import pipeline  # pylint: disable=import-outside-toplevel  (pipeline imports formats)
+  pipeline.verify_export_checksum(os.path.dirname(w_path))  # an export of ours: its files as written
   tensors = _read_safetensors(w_path)
   if "log_threshold" in tensors and "threshold" not in tensors:  # older JumpReLU training checkpoints
     tensors["threshold"] = np.exp(np.asarray(tensors.pop("log_threshold"), np.float32))

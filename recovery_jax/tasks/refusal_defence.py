@@ -87,7 +87,7 @@ def make_defence(spec: DefenceSpec, saes: Mapping[str, tuple], features: Mapping
       raise ValueError(f"make_defence: no SAE for site {site!r}; SAEs at {sorted(saes)}")
     sae, cfg = saes[site]
     if spec.kind == "add":
-      cp = intervene.make_clamp_params(features[site], value, k_max=k_max)
+      cp = intervene.make_clamp_params(features[site], value, k_max=k_max, d_sae=cfg.d_sae)
       rows = sae_core.effective_decoder(sae, cfg)[cp.feature_idx].astype(jnp.float32)
       out.append(AddSteer(site, rows, cp.feature_mask, cp.value))
     else:

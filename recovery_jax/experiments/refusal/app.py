@@ -144,7 +144,8 @@ def run(config, workdir: str) -> dict[str, Any]:
   os.makedirs(workdir, exist_ok=True)
   runner.snapshot_config(config, workdir)
   t0 = time.time()
-  rows_in = task.load_prompts(config.task.prompts_file, config.task.n_prompts)  # a bad file fails before loading
+  rows_in = task.load_prompts(config.task.prompts_file, config.task.n_prompts,  # a bad file fails before loading
+                              max_rows=int(config.task.get("max_rows", 50_000)))
   params, mcfg, tok = setup_lib.load_model(config.model, seed=config.seed)
   sites = tuple(config.sites)
   for s in sites:

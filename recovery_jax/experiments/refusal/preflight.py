@@ -44,6 +44,12 @@ def generate_rows(params, mcfg, ids: np.ndarray, mask: np.ndarray, *, defence=No
   (recovered deltas) handed with the defence to ``make_edits((defence, rows))``, a static builder.
   Batches of ``batching.map_batched`` (the last padded, the padding dropped): one program serves every batch.
   """
+  n_pos = int(getattr(mcfg, "n_positions", 0) or 0)
+  longest = int(np.asarray(mask).sum(-1).max()) if len(mask) else 0
+  if n_pos and longest + max_new_tokens > n_pos:
+    raise errors.UserError(f"prompt {int(np.asarray(mask).sum(-1).argmax())} has {longest} tokens and generation adds "
+                           f"up to {max_new_tokens} (config field 'generation.max_new_tokens'): more than the model's "
+                           f"context of {n_pos} positions; shorten the prompt or generate fewer tokens")
   if defence is not None and make_edits is None:
     make_edits = _defence_edits
   kw = dict(max_new_tokens=max_new_tokens, stop_tokens=stop_ids, pad_id=pad_id)

@@ -11,6 +11,7 @@ from typing import Sequence
 import numpy as np
 
 from recovery_jax import errors, outputs, sweep
+from recovery_jax.experiments import runner
 from recovery_jax.tasks import refusal as task
 from recovery_jax.tasks import refusal_judge as judge
 from recovery_jax.tasks import refusal_stats as stats
@@ -177,7 +178,7 @@ def recovery_stage(ctx: RecoveryContext, workdir: str, ids: Sequence[str], log) 
   store = sweep.UnitStore(os.path.join(workdir, "units"))
   try:
     results = sweep.run_units(units, lambda u: compute_job(ctx, u.points[0]), store, log=log,
-                              progress=ctx.config.get("progress", False))
+                              progress=ctx.config.get("progress", False), on_corrupt=runner.on_corrupt(ctx.config))
   finally:
     store.close()
   case_rows = []

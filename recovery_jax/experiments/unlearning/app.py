@@ -179,7 +179,8 @@ def _select_features(config, params, mcfg, tok, sae, scfg, questions, retain, bo
 def prepare(config) -> Context:
   """Loads everything, picks features, runs the preflight; the flips the grid recovers."""
   log = runner.log
-  questions = ul.load_questions(config.task.questions_file or ul.DEFAULT_QUESTIONS)
+  questions = ul.load_questions(config.task.questions_file or ul.DEFAULT_QUESTIONS,
+                                max_rows=int(config.task.get("max_rows", 50_000)))
   if config.task.max_questions:
     questions = questions[:config.task.max_questions]
   retain = ul.load_questions(config.task.retain_file or ul.DEFAULT_RETAIN) if config.retain_check else []
@@ -199,6 +200,7 @@ def prepare(config) -> Context:
   bos, pad = _bos(config, mcfg), mcfg.pad_token_id or 0
   fmt = config.task.format
   batch = ul.build_batch(tok, questions, fmt, bos_id=bos, pad_id=pad)
+  api.check_prompts(batch.tokens, batch.attention_mask, model_cfg=mcfg)  # ids and lengths vs the model
   fw = Forwards(mcfg, config.site)
   bs = config.eval_batch_size
   cl_base = over_rows(lambda t, m, c: fw.base(params, t, m, c), batch, bs)
