@@ -2,8 +2,9 @@
 
 ``claim(workdir, config)`` (every app, before it writes anything):
 
-  config.sha256  the hash of the config that made the run (then the config's JSON); a workdir made under another config is a
-                 ``UserError`` naming the fields that differ, unless overwriting was asked for
+  config.sha256  the hash of the config that made the run (then the config's JSON); a workdir made
+                 under another config is a ``UserError`` naming the fields that differ, unless
+                 overwriting was asked for
                  (``--overwrite`` of ``recovery_jax.main``: ``allow_overwrite``), which clears the old
                  run's outputs first. A workdir from before the hash file is judged by its config.json.
   .lock          ``fcntl.flock``-ed for the life of the process (pid, host and start time inside): a

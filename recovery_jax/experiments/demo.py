@@ -2,7 +2,7 @@
 
 Each setting of ``config.settings`` (name -> a config file spec and ``dotted.key=value`` overrides)
 runs with its own experiment module in ``workdir/<name>`` (so each keeps its own resume), and
-``workdir/outputs.md`` gets one row per (setting, mode, variant): valid cases, recovered with a Wilson
+``workdir/report.md`` gets one row per (setting, mode, variant): valid cases, recovered with a Wilson
 95% interval, drift, reactivation and relative delta norm, with links to the setting's summary, plots
 and feature cards. A finished setting (``workdir/<name>/demo_done.json``) is not run again; a failing
 setting is reported in its row, the others still run, and the command then fails naming it.
@@ -92,7 +92,7 @@ def report_rows(workdir: str, name: str, wall_s: float | None, error: str | None
 
 
 def run(config, workdir: str) -> dict[str, Any]:
-  """Runs every setting of ``config.settings`` into ``workdir/<name>``; writes ``outputs.md``."""
+  """Runs every setting of ``config.settings`` into ``workdir/<name>``; writes ``report.md``."""
   validate(config)
   os.makedirs(workdir, exist_ok=True)
   t0 = time.time()
@@ -127,9 +127,9 @@ def run(config, workdir: str) -> dict[str, Any]:
           "features; 'react. frac' the fraction of clamped features that fire again; wall time per setting "
           f"(this run: {time.time() - t0:.0f} s in all; a setting finished earlier shows its own run's time).\n")
   if runner.is_writer():
-    outputs.atomic_write(os.path.join(workdir, "outputs.md"), text)
+    outputs.atomic_write(os.path.join(workdir, "report.md"), text)
   print(text, flush=True)
   if failed:
-    raise errors.UserError(f"{len(failed)} setting(s) failed: {', '.join(failed)} (see {workdir}/outputs.md and the "
+    raise errors.UserError(f"{len(failed)} setting(s) failed: {', '.join(failed)} (see {workdir}/report.md and the "
                            "log above); rerun the same command to retry them")
   return {"rows": rows, "wall_s": done}

@@ -132,10 +132,10 @@ def _plots(workdir: str, rows: Sequence[dict], curves: Sequence[dict], objective
       y.append(r["recovered_score"])
   if scatter:
     outputs.plot_recovery_vs_drift(os.path.join(workdir, "recovery_vs_drift.png"),
-                                  {k: (np.asarray(x), np.asarray(y)) for k, (x, y) in scatter.items()},
-                                  f"defended-feature drift ({drift_key})", f"recovered {objective_name}",
-                                  "recovery vs drift (valid examples)")
+                                   {k: (np.asarray(x), np.asarray(y)) for k, (x, y) in scatter.items()},
+                                   f"defended-feature drift ({drift_key})", f"recovered {objective_name}",
+                                   "recovery vs drift (valid examples)")
   lines = {c["name"]: np.asarray(c["objective"]) for c in curves if c["grid_id"] == 0}
   if lines:
     outputs.plot_curves(os.path.join(workdir, "objective_curves.png"), lines, f"objective (mean {objective_name})",
-                       "recovery objective per step")
+                        "recovery objective per step")

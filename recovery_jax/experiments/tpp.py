@@ -314,13 +314,13 @@ def render_tpp(summary: dict, tpp_info: dict) -> str:
   f = lambda x: f"{x:.3f}" if isinstance(x, float) and np.isfinite(x) else "-"
   classes = tpp_info["classes"]
   acc = outputs.format_table(["class", "probe acc (train)", "probe acc (test)", "latents with effect > 0"],
-                            [[c, f(a), f(b), n] for c, a, b, n in zip(classes, tpp_info["probe_acc_train"],
+                             [[c, f(a), f(b), n] for c, a, b, n in zip(classes, tpp_info["probe_acc_train"],
                                                                        tpp_info["probe_acc_test"],
                                                                        tpp_info["n_positive_effects"])])
   tpp_rows = [[r["n"], f(r["total"]), f(float(np.mean(r["intended"]))), f(float(np.mean(r["unintended"])))]
               + [f(x) for x in r["intended"]] for r in tpp_info["tpp"]]
   tpp_tab = outputs.format_table(["N", "TPP metric", "intended", "unintended"] + [f"intended {c}" for c in classes],
-                                tpp_rows)
+                                 tpp_rows)
   lines = [f"# TPP ({tpp_info['dataset']})", "", "TPP is used here as a defence (ablate a class's latents, then "
            "recover the probe's decision), not as an SAE score: as a metric it was found unreliable for ranking SAEs "
            "(Chanin, arXiv 2605.18229).", "", "## Probes", "", acc, "", "## TPP metric (intended - unintended "

@@ -146,7 +146,7 @@ def plot_drift(path: str, rows: Sequence[dict], title: str) -> bool:
   if not groups:
     return False
   outputs.plot_recovery_vs_drift(path, groups, "defended-feature drift (relative L2, stage 2)",
-                                "stage-2 objective (teacher-forced base answer)", title)
+                                 "stage-2 objective (teacher-forced base answer)", title)
   return True
 
 

@@ -125,7 +125,7 @@ def budget_diagnostic(config, ctx: Context, workdir: str) -> dict:
     curves[f"{mode}, budget {budgets[-1]:g}"] = drift_steps[-1, 0]
   if config.plots and curves:
     outputs.plot_curves(os.path.join(workdir, "budget_trajectory_drift.png"), curves,
-                       "drift ||E_S(h_def+delta) - E_S(h_def)|| at the readout", "trajectory drift (first flip)")
+                        "drift ||E_S(h_def+delta) - E_S(h_def)|| at the readout", "trajectory drift (first flip)")
   return out
 
 
@@ -160,14 +160,14 @@ def render_extras(ex: dict) -> str:
          "flips with ||z0|| = 0, where they are undefined).\n",
          outputs.format_table(["mode", "K", "clamp", "budget", "valid", "recovered", "rec. with violation<=1e-3",
                               "drift mean", "drift median", "drift max", "drift>0", "frac viol>1e-3", "ref zero"],
-                             [[s["mode"], s["n_features"], s["clamp_value"], s["budget"], s["n_valid"],
+                              [[s["mode"], s["n_features"], s["clamp_value"], s["budget"], s["n_valid"],
                                s["n_recovered"], s["zero_violation_recovered"], fmt(s["drift_abs_mean"]),
                                fmt(s["drift_abs_median"]), fmt(s["drift_abs_max"]), s["n_drift_nonzero"],
                                fmt(s["frac_violation_gt_1e-3"]), s["n_ref_zero"]] for s in ex["posthoc"]])]
   if "retain_check" in ex:
     out += ["\n## Retain check (held-out general questions)\n",
             outputs.format_table(["K", "clamp", "retain n", "base acc", "defended acc", "ratio", "forget defended acc"],
-                                [[r["n_features"], r["clamp_value"], r["retain_n"], fmt(r["retain_base_acc"]),
+                                 [[r["n_features"], r["clamp_value"], r["retain_n"], fmt(r["retain_base_acc"]),
                                   fmt(r["retain_defended_acc"]), fmt(r["retain_ratio"]),
                                   fmt(r["forget_defended_acc"])] for r in ex["retain_check"]])]
   bd = ex.get("budget_diagnostic")
