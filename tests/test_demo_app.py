@@ -7,6 +7,10 @@ import random
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.slow  # app runs in subprocesses: not in make test-fast
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORDS = {"garden": "rose tulip soil seed water leaf bloom petal root sun",
          "kitchen": "bread butter oven flour sugar salt pan spoon bake dough",

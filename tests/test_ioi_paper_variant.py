@@ -9,6 +9,8 @@ import pytest
 
 from tests.test_ioi_app import _app
 
+pytestmark = pytest.mark.slow  # app runs in subprocesses: not in make test-fast
+
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 

@@ -16,6 +16,8 @@ import pytest
 from recovery_jax.experiments import refusal as app
 from recovery_jax.tasks import refusal_stats as stats
 
+pytestmark = pytest.mark.slow  # app runs in subprocesses: not in make test-fast
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "configs"))
 

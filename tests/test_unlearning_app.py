@@ -9,6 +9,8 @@ import pytest
 from recovery_jax import errors
 from recovery_jax.experiments import unlearning
 
+pytestmark = pytest.mark.slow  # app runs in subprocesses: not in make test-fast
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -229,7 +229,8 @@ def render_finished(workdir: str, plots: bool = True) -> str:
   """Re-renders a refusal run from ``config.json``, ``preflight.jsonl`` / ``preflight.md`` and the
   finished recovery units alone (no model): with every unit finished, ``recovery.md``, the plots,
   ``summary.md`` and ``summary.jsonl`` as the run wrote them; with some missing (a run still going,
-  or one stopped early) ``recovery_partial.md``, which names the finished units. Returns the markdown."""
+  or one stopped early) ``recovery_partial.md``, which names the finished units. Returns the recovery
+  tables (``recovery.md`` or the partial ones); a run without recovery returns its preflight.md."""
   import ml_collections  # pylint: disable=import-outside-toplevel
   need = [os.path.join(workdir, n) for n in ("config.json", "preflight.jsonl", "preflight.md")]
   missing = [p for p in need if not os.path.exists(p)]
@@ -284,12 +285,17 @@ def render_finished(workdir: str, plots: bool = True) -> str:
     if summ["k"]:
       stats.plot_k(os.path.join(workdir, "recovery_vs_k.png"), summ["k"],
                    f"refusal recovery vs feature-set size ({config.recovery.budget_mode})")
-  text = preflight_md + "\n" + md
-  outputs.atomic_write(os.path.join(workdir, "summary.md"), text)
+  outputs.atomic_write(os.path.join(workdir, "summary.md"), preflight_md + "\n" + md)
   outputs.write_jsonl(os.path.join(workdir, "summary.jsonl"), summary_rows(summ, n_examples=n_prompts))
-  return text
+  return md
 
 
 def render(workdir: str, plots: bool = True) -> str:
-  """``python -m recovery_jax.report`` for a refusal run (``render_finished``)."""
-  return render_finished(workdir, plots=plots)
+  """``python -m recovery_jax.report`` for a refusal run (``render_finished``): the summary of a
+  finished run, the partial recovery tables of an unfinished one."""
+  md = render_finished(workdir, plots=plots)
+  path = os.path.join(workdir, "summary.md")
+  if md.startswith("(partial:") or not os.path.exists(path):
+    return md
+  with open(path) as f:
+    return f.read()
