@@ -12,8 +12,9 @@ and exit status 2, without a traceback.
 
 The workdir is the run's (``recovery_jax.workdir``): locked while the run lives (a second process in
 it fails at once, naming the first) and refused when it holds a run of another config, unless
-``--overwrite`` discards that run. INFO records of
-other libraries (orbax, jax) are hidden unless ``--verbosity`` is 1 or more (``-v``).
+``--overwrite`` discards that run. Compiled programs persist across runs
+(``recovery_jax.compilation_cache``). INFO records of other libraries (orbax, jax) are hidden unless
+``--verbosity`` is 1 or more (``-v``).
 """
 
 from __future__ import annotations
