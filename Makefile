@@ -22,8 +22,12 @@ corpus: .cache/corpus/MANIFEST.json
 	bash scripts/build_corpus.sh
 
 # pytest prints the 25 slowest tests after every run; compiled programs persist across sessions under
-# ~/.cache/recovery_jax/jax (RECOVERY_JAX_COMPILATION_CACHE=off for a cold run).
-PYTEST := HF_HUB_OFFLINE=1 WANDB_MODE=disabled $(PY) -m pytest -q -p no:cacheprovider --durations=25
+# ~/.cache/recovery_jax/jax (RECOVERY_JAX_COMPILATION_CACHE=off for a cold run). Test files run on
+# TEST_WORKERS pytest-xdist workers (a file stays on one worker, so module fixtures load once);
+# XLA compiles on one thread, so 2 workers keep both cores of a 2-core machine busy.
+TEST_WORKERS ?= 2
+PYTEST := HF_HUB_OFFLINE=1 WANDB_MODE=disabled $(PY) -m pytest -q -p no:cacheprovider --durations=25 \
+	-n $(TEST_WORKERS) --dist loadfile
 
 test: setup-test
 	$(PYTEST) tests; rc=$$?; \

@@ -30,7 +30,7 @@ DEMO = {
                                "sweep.n_features=(100,)", "task.tpp_ns=(2, 10, 100)")),
 }
 TINY = {
-    "ioi": ("configs/ioi.py:tiny", ()),
+    "ioi": ("configs/ioi.py:tiny", ("cards=2",)),
     "refusal": ("configs/refusal.py:tiny", ()),
     "unlearning": ("configs/unlearning.py:tiny", ()),
     "tpp": ("configs/tpp.py:tiny", ()),

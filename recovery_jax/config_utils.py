@@ -132,3 +132,36 @@ def load_config_file(spec: str, overrides: Sequence[str] = (), *, root: str | No
     except TypeError as e:
       raise ValueError(f"config {spec!r}: override {item!r}: {e}") from e
   return cfg
+
+
+def get_field(cfg, name: str):
+  """The value of the dotted config field ``name`` (``"clamp.mode"``)."""
+  for part in name.split("."):
+    cfg = cfg[part]
+  return cfg
+
+
+def check_one_of(cfg, name: str, choices: Sequence) -> None:
+  """A ``UserError`` naming field ``name``, its value, the nearest choice and all of them, unless the
+  value is one of ``choices``."""
+  value = get_field(cfg, name)
+  if value not in tuple(choices):
+    hint = nearest(value, choices) if isinstance(value, str) else ""
+    raise errors.UserError(f"config field {name!r}={value!r}: expected one of {tuple(choices)}{hint}")
+
+
+def check_each_one_of(cfg, name: str, choices: Sequence) -> None:
+  """Every entry of the sequence field ``name`` one of ``choices`` (else a ``UserError`` naming it)."""
+  for value in get_field(cfg, name):
+    if value not in tuple(choices):
+      hint = nearest(value, choices) if isinstance(value, str) else ""
+      raise errors.UserError(f"config field {name!r} has {value!r}: expected one of {tuple(choices)}{hint}")
+
+
+def check_at_least(cfg, name: str, low: float, each: bool = False) -> None:
+  """Field ``name`` (every entry with ``each``) at least ``low`` (else a ``UserError`` naming it)."""
+  values = get_field(cfg, name) if each else (get_field(cfg, name),)
+  for value in values:
+    if float(value) < low:
+      what = f" has {value}" if each else f"={value}"
+      raise errors.UserError(f"config field {name!r}{what}: expected >= {low:g}")

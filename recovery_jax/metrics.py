@@ -219,10 +219,35 @@ def bootstrap_ci(values: Sequence, n_boot: int = 2000, seed: int = 0) -> tuple[f
   xs = finite_values(values)
   if not xs:
     return None, None, None
-  rng = random.Random(seed)
   n = len(xs)
-  boots = sorted(mean(rng.choice(xs) for _ in range(n)) for _ in range(n_boot))
+  idx = _choice_indices(random.Random(seed), n, n * n_boot).reshape(n_boot, n)
+  # statistics.mean is the correctly rounded exact mean; so is (the draws' sum as integers over one power-of-two
+  # denominator) / (denominator * n) in Python's correctly rounded int division: the same numbers, fast.
+  ratios = [x.as_integer_ratio() for x in xs]  # (m, 2**e): floats are dyadic
+  den = max(d for _, d in ratios)
+  ints = [m * (den // d) for m, d in ratios]
+  counts = np.bincount((np.arange(n_boot)[:, None] * n + idx).ravel(), minlength=n_boot * n).reshape(n_boot, n)
+  if max(abs(v) for v in ints) * n < 2 ** 62:  # exact in int64
+    sums = (counts @ np.asarray(ints, np.int64)).tolist()
+  else:
+    sums = [sum(int(c) * v for c, v in zip(row, ints) if c) for row in counts]
+  boots = sorted(t / (den * n) for t in sums)
   return mean(xs), boots[int(0.025 * (n_boot - 1))], boots[int(0.975 * (n_boot - 1))]
+
+
+def _choice_indices(rng: random.Random, n: int, size: int) -> np.ndarray:
+  """The indices of ``size`` successive ``rng.choice`` calls on a sequence of length ``n`` (< 2**32),
+  drawn in bulk: CPython's choice is ``getrandbits(k)`` (one 32-bit Mersenne word >> (32 - k),
+  k = n.bit_length()) until the value is < n, and ``getrandbits(32 * m)`` is m successive words, least
+  significant first."""
+  k = n.bit_length()
+  out = np.empty(0, np.int64)
+  while out.size < size:
+    m = 2 * (size - out.size) + 64  # the acceptance rate is above 1/2
+    words = np.frombuffer(rng.getrandbits(32 * m).to_bytes(4 * m, "little"), "<u4")
+    r = (words >> np.uint32(32 - k)).astype(np.int64)
+    out = np.concatenate([out, r[r < n]])
+  return out[:size]
 
 
 def bootstrap_ci_fast(values: Sequence, n_boot: int = 2000, seed: int = 0) -> tuple[float | None, float | None, float | None]:

@@ -113,14 +113,15 @@ def format_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
   return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, cells)])
 
 
-def _pyplot():
+def pyplot():
+  """matplotlib.pyplot on the Agg backend (no display needed)."""
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
   return plt
 
 
-def _finish(fig, ax, path: str, xlabel: str, ylabel: str, title: str) -> None:
+def save_figure(fig, ax, path: str, xlabel: str, ylabel: str, title: str) -> None:
   """Labels, legend, and an atomic save to ``path``."""
   ax.set_xlabel(xlabel)
   ax.set_ylabel(ylabel)
@@ -128,25 +129,25 @@ def _finish(fig, ax, path: str, xlabel: str, ylabel: str, title: str) -> None:
   ax.legend(fontsize=8)
   fig.tight_layout()
   fig.savefig(path + ".tmp.png", dpi=120)
-  _pyplot().close(fig)
+  pyplot().close(fig)
   os.replace(path + ".tmp.png", path)
 
 
 def plot_recovery_vs_drift(path: str, groups: Mapping[str, tuple[np.ndarray, np.ndarray]], xlabel: str,
                            ylabel: str, title: str) -> None:
   """Scatter per group (e.g. projection mode): x = defended-feature drift, y = recovered objective."""
-  plt = _pyplot()
+  plt = pyplot()
   fig, ax = plt.subplots(figsize=(5.5, 4))
   for name, (x, y) in groups.items():
     ax.scatter(x, y, s=14, alpha=0.75, label=name)
   ax.axhline(0.0, color="grey", lw=0.8, ls="--")
-  _finish(fig, ax, path, xlabel, ylabel, title)
+  save_figure(fig, ax, path, xlabel, ylabel, title)
 
 
 def plot_curves(path: str, curves: Mapping[str, np.ndarray], ylabel: str, title: str) -> None:
   """Per-step curves, one line per name."""
-  plt = _pyplot()
+  plt = pyplot()
   fig, ax = plt.subplots(figsize=(5.5, 4))
   for name, y in curves.items():
     ax.plot(np.arange(1, len(y) + 1), y, label=name)
-  _finish(fig, ax, path, "step", ylabel, title)
+  save_figure(fig, ax, path, "step", ylabel, title)

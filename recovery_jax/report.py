@@ -1,8 +1,8 @@
 """``python -m recovery_jax.report --workdir=<run>``: re-renders any finished run of any setting.
 
-The workdir's ``config.json`` names the experiment; its module's ``render(workdir, plots)`` writes the
-summary, the setting's own sections and plots from the stored rows and units alone (no model). A
-setting without its own ``render`` uses the runner's (``experiments.summary.render``).
+The workdir's ``config.json`` names the experiment; its setting's ``render(workdir, plots)`` (the
+module's ``SETTING``, ``experiments.setting.Setting``) writes the summary, the setting's own sections
+and plots from the stored rows and units alone (no model).
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import os
 import sys
 
 from recovery_jax import errors, experiments
-from recovery_jax.experiments import summary
 
 
 def render(workdir: str, plots: bool = True) -> str:
@@ -25,11 +24,11 @@ def render(workdir: str, plots: bool = True) -> str:
       name = json.load(f).get("experiment", "")
   except (OSError, ValueError) as e:
     raise errors.UserError(f"{path}: unreadable ({e}); expected the run's config as JSON") from e
-  module = experiments.load(name)
-  fn = getattr(module, "render", None)
-  if fn is None:
-    return summary.render(workdir, plots=plots)[0]
-  return fn(workdir, plots=plots)
+  setting = getattr(experiments.load(name), "SETTING", None)
+  if setting is None:
+    raise errors.UserError(f"{workdir}: experiment {name!r} has no report (only the settings do: "
+                           f"{', '.join(n for n in experiments.names() if n not in ('demo', 'train_sae'))})")
+  return setting.render(workdir, plots=plots)
 
 
 def _main(argv) -> None:  # pragma: no cover - exercised through the CLI test

@@ -6,22 +6,48 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_app(config: str, workdir, *flags, devices: int = 1, timeout: int = 900) -> subprocess.CompletedProcess:
-  """``python -m recovery_jax.main --config=<config> --workdir=<workdir> <flags>``; fails with its output."""
+def _cmd_env(config: str, workdir, flags, devices: int) -> tuple[list[str], dict]:
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
   if devices > 1:
     env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}".strip()
-  cmd = [sys.executable, "-m", "recovery_jax.main", f"--config={config}", f"--workdir={workdir}", *flags]
+  return [sys.executable, "-m", "recovery_jax.main", f"--config={config}", f"--workdir={workdir}", *flags], env
+
+
+def run_app(config: str, workdir, *flags, devices: int = 1, timeout: int = 900) -> subprocess.CompletedProcess:
+  """``python -m recovery_jax.main --config=<config> --workdir=<workdir> <flags>``; fails with its output."""
+  cmd, env = _cmd_env(config, workdir, flags, devices)
   proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
   if proc.returncode != 0:
     raise AssertionError(f"app failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
   return proc
+
+
+def kill_after_units(config: str, workdir, *flags, units: int = 1, timeout: int = 600) -> None:
+  """Starts the app and SIGKILLs it once ``units`` work units are stored (a real kill, mid-run);
+  fails if the run finished first or left a results file behind."""
+  cmd, env = _cmd_env(config, workdir, flags, 1)
+  proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  store = os.path.join(workdir, "units")
+  deadline = time.time() + timeout
+  try:
+    while time.time() < deadline:
+      if os.path.isdir(store) and sum(d.isdigit() for d in os.listdir(store)) >= units:
+        break
+      if proc.poll() is not None:
+        raise AssertionError(f"the run ended ({proc.returncode}) before it could be killed")
+      time.sleep(0.1)
+  finally:
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+  assert not any(os.path.exists(os.path.join(workdir, f)) for f in ("results.jsonl", "recovery.jsonl"))
 
 
 def read_rows(path) -> list[dict]:

@@ -20,7 +20,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from recovery_jax import errors, intervene
-from recovery_jax.experiments import runner
+from recovery_jax.experiments import grid
 from recovery_jax.models import hf, random_init
 from recovery_jax.models.config import ModelConfig
 from recovery_jax.recovery import api
@@ -345,7 +345,7 @@ def test_clamp_checks_skip_tracers_and_padding(api_setting):
 
 
 def _setting(n_examples):
-  return runner.Setting(title="t", header="h", params=None, problems=None, spec=None, clamps=None,
+  return grid.Grid(title="t", header="h", params=None, problems=None, spec=None, clamps=None,
                         valid=lambda rb, rd: (rb > 0) & (rd <= 0), recovered=lambda rr: rr > 0,
                         examples=[{"prompt": i} for i in range(n_examples)])
 
@@ -382,7 +382,7 @@ ROW_CASES = [
 def test_point_rows(case):
   _, res, expected = case
   p = {"point_id": 0, "grid_id": 0, "mode": "none", "variant": "shared", "budget": 2.0}
-  rows, _ = runner.point_rows(_setting(len(expected)), p, res, 0)
+  rows, _ = grid.point_rows(_setting(len(expected)), p, res, 0)
   got = [(bool(r["valid"]), bool(r["recovered"]), bool(r["diverged"])) for r in rows]
   assert got == expected
 
@@ -415,7 +415,7 @@ def test_ioi_no_valid_flips_names_nonfinite_scores(monkeypatch, case):
 
   monkeypatch.setattr(setup_lib, "load_sae", nan_sae)
   with pytest.raises(exc) as e:
-    ioi.setup(config)
+    ioi.prepare(config)
   for w in words:
     assert w in str(e.value), (w, str(e.value))
 

@@ -141,17 +141,17 @@ def test_unlearning_rows_do_not_depend_on_batch_devices_or_resume(tmp_path):
 
 
 @pytest.mark.slow
-def test_ioi_rows_do_not_depend_on_units_devices_or_resume(tmp_path):
+def test_ioi_rows_do_not_depend_on_units_devices_or_a_kill(tmp_path):
+  """One unit per grid point vs all in one unit vs 8 devices; the one-unit run is SIGKILLed after its
+  first unit and resumed (it says so) to the same rows."""
   grid = ("--config.sweep.clamp_value=(-5.0, -2.0)",)
-  runs = {"default": (), "one": ("--config.unit_size=1",)}
-  for name, flags in runs.items():
-    bi.run_app("configs/ioi.py:tiny", tmp_path / name, *grid, *flags)
+  bi.run_app("configs/ioi.py:tiny", tmp_path / "default", *grid)
   bi.run_app("configs/ioi.py:tiny", tmp_path / "mesh8", *grid, "--config.mesh.data=8", devices=8)
+  bi.kill_after_units("configs/ioi.py:tiny", tmp_path / "one", *grid, "--config.unit_size=1")
+  proc = bi.run_app("configs/ioi.py:tiny", tmp_path / "one", *grid, "--config.unit_size=1")
+  assert "resuming" in proc.stdout
   rows = {n: bi.read_rows(tmp_path / n / "results.jsonl") for n in ("default", "one", "mesh8")}
   assert sum(r["valid"] for r in rows["default"]) >= 2
   _rerendered_equal(tmp_path / "default", "summary.md")
   for name in ("one", "mesh8"):
     bi.assert_same_rows(rows[name], rows["default"])
-  assert bi.drop_units(tmp_path / "one", keep=1) >= 1
-  bi.run_app("configs/ioi.py:tiny", tmp_path / "one", *grid, *runs["one"])
-  bi.assert_same_rows(bi.read_rows(tmp_path / "one" / "results.jsonl"), rows["default"])

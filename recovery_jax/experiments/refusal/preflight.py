@@ -10,23 +10,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from recovery_jax import batching, errors, sweep
+from recovery_jax import batching, errors
 from recovery_jax.models import generate
 from recovery_jax.tasks import refusal as task
 from recovery_jax.tasks import refusal_defence as defence_lib
 from recovery_jax.tasks import refusal_judge as judge
-
-
-def make_mesh(config):
-  """The ("data", "model") mesh of ``config.mesh`` on one process; None otherwise (examples are then
-  not sharded: every batch is computed on this process's default device)."""
-  m = config.get("mesh", None)
-  if m is None or jax.process_count() > 1:
-    return None
-  try:
-    return sweep.make_mesh(int(m.data), int(m.model))
-  except ValueError as e:
-    raise errors.UserError(f"config field 'mesh': {e}") from e
 
 
 def _defence_edits(args) -> dict:

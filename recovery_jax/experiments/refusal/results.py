@@ -6,26 +6,24 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from typing import Sequence
 import numpy as np
 
 from recovery_jax import errors, outputs, sweep
-from recovery_jax.experiments import runner
 from recovery_jax.tasks import refusal as task
 from recovery_jax.tasks import refusal_judge as judge
 from recovery_jax.tasks import refusal_stats as stats
-from recovery_jax.experiments.refusal.jobs import ATTR_COMPONENTS, LABELS, RecoveryContext, _prefixes, choose_strength, compute_job, recovery_jobs, v4_config
+from recovery_jax.experiments.refusal.jobs import ATTR_COMPONENTS, LABELS, RecoveryContext, _prefixes, choose_strength, recovery_jobs, v4_config
 
 
-def _case_rows(ctx: RecoveryContext, job: dict, res: dict, ids: Sequence[str]) -> list[dict]:
-  """One row per recovered case of a job: labels, drifts, norms (texts only with ``save_text``)."""
+def case_rows(ctx: RecoveryContext, unit_id: int, job: dict, res: dict, ids: Sequence[str]) -> list[dict]:
+  """One row per recovered case of job ``unit_id``: labels, drifts, norms (texts only with ``save_text``)."""
   if "case" not in res:
     return []
   rows = []
   variants = _prefixes(ctx.config, job)
   for j, i in enumerate(np.asarray(res["case"]).tolist()):
-    row = {"run": job["run"], "mode": job["mode"], "error_term": job["error_term"], "budget": job["budget"],
+    row = {"job": unit_id, "run": job["run"], "mode": job["mode"], "error_term": job["error_term"], "budget": job["budget"],
            "k": job.get("k"), "prompt": int(i), "id": ids[i], "diverged": bool(res["diverged"][j])}
     for k in ("drift_rel", "floor_rel", "reactivation", "act_drift_l2", "drift1_rel", "objective1", "objective2"):
       row[k] = float(res[k][j])
@@ -51,14 +49,15 @@ def _case_rows(ctx: RecoveryContext, job: dict, res: dict, ids: Sequence[str]) -
   return rows
 
 
-def summarize_recovery(config, jobs: Sequence[dict], results: dict, case_rows: Sequence[dict],
+def summarize_recovery(config, jobs: dict[int, dict], results: dict[int, dict], rows_all: Sequence[dict],
                        n_valid: int | None = None) -> dict:
-  """Per (run, mode, variant) summaries, the attribution rows, the budget curve and the K curve
-  (``n_valid``: the main defence's strict-valid count, its K row's preflight)."""
+  """Per (run, mode, variant) summaries, the attribution rows, the budget curve and the K curve of the
+  finished jobs (unit id -> job, unit id -> result; ``n_valid``: the main defence's strict-valid count,
+  its K row's preflight)."""
   variants = tuple(config.recovery.variants)
-  of = lambda i: [r for r in case_rows if r["_job"] == i]
+  of = lambda i: [r for r in rows_all if r["job"] == i]
   groups, attr, budget, ks = [], [], [], []
-  for i, job in enumerate(jobs):
+  for i, job in sorted(jobs.items()):
     rows = of(i)
     if job["run"] == "soft suffix":
       groups.append({"run": "soft suffix (OABD)", "mode": "-", "variant": job["mode"],
@@ -110,7 +109,7 @@ def render_recovery(config, value: float, n_valid: int, n_prompts: int, summ: di
   r = config.recovery
   v4 = v4_config(config, "jacobian")
   drop = [g for g in summ["groups"] if g["run"] == "error term dropped"]
-  out = [f"# Refusal recovery (v4 two-stage)\n",
+  out = ["# Refusal recovery (v4 two-stage)\n",
          f"defence {strength_label(config.defence.kind, value)} (error term {config.defence.error_term}); "
          f"{n_valid} strict-valid cases of {n_prompts} prompts"
          + (f" (first {r.max_cases} recovered)" if r.max_cases else "") +
@@ -167,49 +166,6 @@ def _job_name(j: dict) -> str:
           + ("" if j.get("k") is None else f"@K={j['k']}"))
 
 
-def recovery_stage(ctx: RecoveryContext, workdir: str, ids: Sequence[str], log) -> dict:
-  """Every recovery job as a resumable work unit (``workdir/units``), then rows, summaries and files."""
-  t0 = time.time()
-  jobs = recovery_jobs(ctx.config)
-  units = [sweep.WorkUnit(i, (j["run"], j["mode"], j["budget"] if j.get("k") is None else j["k"]), (j,))
-           for i, j in enumerate(jobs)]
-  log(f"recovery: {int(ctx.valid.sum())} strict-valid cases at {strength_label(ctx.config.defence.kind, ctx.value)}; "
-      f"{len(units)} work units ({', '.join(_job_name(j) for j in jobs)})")
-  store = sweep.UnitStore(os.path.join(workdir, "units"))
-  try:
-    results = sweep.run_units(units, lambda u: compute_job(ctx, u.points[0]), store, log=log,
-                              progress=ctx.config.get("progress", False), on_corrupt=runner.on_corrupt(ctx.config))
-  finally:
-    store.close()
-  case_rows = []
-  for i, job in enumerate(jobs):
-    for row in _case_rows(ctx, job, results[i], ids):
-      row["_job"] = i
-      case_rows.append(row)
-  summ = summarize_recovery(ctx.config, jobs, results, case_rows, n_valid=int(ctx.valid.sum()))
-  for row in case_rows:
-    del row["_job"]
-  n_div = sum(r["diverged"] for r in case_rows)
-  if n_div:
-    log(f"warning: {n_div} of {len(case_rows)} recovered cases diverged (non-finite objective or delta); reported "
-        "in recovery.jsonl and the tables, never counted as recovered")
-  outputs.write_jsonl(os.path.join(workdir, "recovery.jsonl"), case_rows)
-  outputs.atomic_write(os.path.join(workdir, "recovery.json"), json.dumps(
-      {"strength": ctx.value, "n_valid": int(ctx.valid.sum()), "jobs": jobs, **summ}, indent=1, default=float))
-  md = render_recovery(ctx.config, ctx.value, int(ctx.valid.sum()), len(ctx.prompts), summ, time.time() - t0)
-  outputs.atomic_write(os.path.join(workdir, "recovery.md"), md)
-  if ctx.config.plots and summ["budget"]:
-    stats.plot_budget(os.path.join(workdir, "recovery_vs_budget.png"), summ["budget"],
-                      f"refusal recovery vs budget ({ctx.config.recovery.budget_mode})")
-  if ctx.config.plots:
-    stats.plot_drift(os.path.join(workdir, "recovery_vs_drift.png"), case_rows,
-                     "refusal recovery vs drift (main run, valid cases)")
-  if ctx.config.plots and summ["k"]:
-    stats.plot_k(os.path.join(workdir, "recovery_vs_k.png"), summ["k"],
-                 f"refusal recovery vs feature-set size ({ctx.config.recovery.budget_mode})")
-  return {"markdown": md, **summ, "rows": case_rows}
-
-
 def summary_rows(summ: dict, n_examples: int | None = None) -> list[dict]:
   """summary.jsonl rows (one per run x mode x variant) in the runner's vocabulary; ``n_examples`` the
   prompts of the preflight (the valid cases are a subset of them)."""
@@ -258,26 +214,26 @@ def render_finished(workdir: str, plots: bool = True) -> str:
                         prompts=[], base_texts=[], base_ids=[], valid=np.zeros(0, bool), stop_ids=(), pad_id=0,
                         discouraged=[])
   ctx.config.save_text = False
-  case_rows = []
-  for k, i in enumerate(done):
-    for row in _case_rows(ctx, jobs[i], results[i], ids):
-      row["_job"] = k
-      case_rows.append(row)
+  rows = [row for i in done for row in case_rows(ctx, i, jobs[i], results[i], ids)]
   value = choose_strength(config, pre)  # the strength the run recovered at
   n_valid = sum(r["valid"] for r in pre if r["value"] == value)
-  summ = summarize_recovery(config, [jobs[i] for i in done], {k: results[i] for k, i in enumerate(done)}, case_rows,
-                            n_valid=n_valid)
-  md = render_recovery(config, value, n_valid, n_prompts, summ, float("nan"))
+  summ = summarize_recovery(config, {i: jobs[i] for i in done}, results, rows, n_valid=n_valid)
+  run_json = os.path.join(workdir, "run.json")
+  wall_s = float("nan")
+  if os.path.exists(run_json):
+    with open(run_json) as f:
+      wall_s = float(json.load(f).get("wall_s", "nan"))
+  md = render_recovery(config, value, n_valid, n_prompts, summ, wall_s)
   if len(done) < len(jobs):
     md = (f"(partial: {len(done)} of {len(jobs)} work units finished: "
           f"{', '.join(_job_name(jobs[i]) for i in done)})\n\n" + md)
     outputs.atomic_write(os.path.join(workdir, "recovery_partial.md"), md)
     return md
   outputs.atomic_write(os.path.join(workdir, "recovery.md"), md)
+  outputs.atomic_write(os.path.join(workdir, "recovery.json"), json.dumps(
+      {"strength": value, "n_valid": n_valid, "jobs": jobs, **summ}, indent=1, default=float))
   if plots:
-    for row in case_rows:
-      del row["_job"]
-    stats.plot_drift(os.path.join(workdir, "recovery_vs_drift.png"), case_rows,
+    stats.plot_drift(os.path.join(workdir, "recovery_vs_drift.png"), rows,
                      "refusal recovery vs drift (main run, valid cases)")
     if summ["budget"]:
       stats.plot_budget(os.path.join(workdir, "recovery_vs_budget.png"), summ["budget"],

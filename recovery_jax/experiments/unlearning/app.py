@@ -1,6 +1,6 @@
 """Output-level unlearning recovery on the shared runner (paper-method sections 4, 7, 9.1).
 
-Setup: load model + SAE -> forget questions in the configured format (``mc``: the paper's lettered
+Prepare: load model + SAE -> forget questions in the configured format (``mc``: the paper's lettered
 prompt in 24 orders; ``cloze`` / ``cloze_listed``: ``tasks.unlearning``) -> base choice logits and the
 strict filter (base correct in every order) -> features by the SAEBench rule on offline forget /
 retain corpora (``tasks.unlearning_features``; or ``features.feature_ids``) -> preflight: defended
@@ -17,7 +17,7 @@ runner sees are ``l[gold] - max(other choices)``, > 0 exactly when gold is the a
 clamped features at the readout, z0 = E_S(h_def) and zrec = E_S(h_def + delta): absolute drift
 ||zrec - z0||, violation ||ReLU(zrec - z0)|| (reactivation), relative drift only where ||z0|| > 0.
 
-Beside the grid (``run``): the retain check (accuracy on held-out general questions under the
+Beside the grid (``Unlearning.finish``, into ``unlearning.json``): the retain check (accuracy on held-out general questions under the
 defence vs the base model), the budget / trajectory diagnostic (paper-method 4.5: budgets
 ``diagnostic.budgets`` as one compiled grid on the first ``diagnostic.n_flips`` valid flips, per-step
 drift at the readout, plotted) and the soft-suffix baseline (``recovery.soft_suffix``, paper-method
@@ -29,14 +29,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import time
 from typing import Any
 
 import jax
 import numpy as np
 
+from recovery_jax import config_utils as cu
 from recovery_jax import errors, intervene, outputs, sweep
-from recovery_jax.experiments import runner
+from recovery_jax.experiments import grid, runner
 from recovery_jax.experiments import setup as setup_lib
 from recovery_jax.experiments import summary as summary_lib
 from recovery_jax.models import transformer
@@ -57,25 +57,14 @@ OBJECTIVES = ("choice_margin", "choice_ce")
 def validate(config) -> None:
   """Config values that need no model; errors name the field."""
   ul.orders(config.task.format)
-  if config.recovery.objective not in OBJECTIVES:
-    raise errors.UserError(f"config field 'recovery.objective'={config.recovery.objective!r}: expected one of "
-                           f"{OBJECTIVES}")
-  if config.clamp.mode not in intervene.CLAMP_MODES:
-    raise errors.UserError(f"config field 'clamp.mode'={config.clamp.mode!r}: expected one of {intervene.CLAMP_MODES}")
-  if config.clamp.semantics not in engine.SEMANTICS:
-    raise errors.UserError(f"config field 'clamp.semantics'={config.clamp.semantics!r}: expected one of "
-                           f"{engine.SEMANTICS}")
+  cu.check_one_of(config, "recovery.objective", OBJECTIVES)
+  cu.check_one_of(config, "clamp.mode", intervene.CLAMP_MODES)
+  cu.check_one_of(config, "clamp.semantics", engine.SEMANTICS)
   if not config.site.endswith("hook_resid_post") and not config.site.endswith("hook_resid_pre"):
     raise errors.UserError(f"config field 'site'={config.site!r}: expected a blocks.L.hook_resid_post (or _pre) site")
-  for k in config.sweep.n_features:
-    if int(k) < 1:
-      raise errors.UserError(f"config field 'sweep.n_features' has {k}: expected >= 1")
-  for b in config.diagnostic.budgets:
-    if float(b) < 0:
-      raise errors.UserError(f"config field 'diagnostic.budgets' has {b}: expected >= 0")
-  for m in config.soft_suffix.variants:
-    if m not in soft_suffix.VARIANTS:
-      raise errors.UserError(f"config field 'soft_suffix.variants' has {m!r}: expected one of {soft_suffix.VARIANTS}")
+  cu.check_at_least(config, "sweep.n_features", 1, each=True)
+  cu.check_at_least(config, "diagnostic.budgets", 0, each=True)
+  cu.check_each_one_of(config, "soft_suffix.variants", soft_suffix.VARIANTS)
 
 
 @dataclasses.dataclass
@@ -115,7 +104,7 @@ class Forwards:
 
 @dataclasses.dataclass
 class Context:
-  """What ``run`` needs beside the Setting: the model, the clamp builder, the flips and the batches."""
+  """What the unlearning setting needs beside the grid (``Grid.data``): the model, the clamp builder, the flips and the batches."""
 
   params: Any
   mcfg: Any
@@ -243,7 +232,7 @@ def prepare(config) -> Context:
                  {f"{k}|{v}": d for (k, v), d in pre.items()}, feats, info, bos)
 
 
-def make_setting(config, ctx: Context) -> runner.Setting:
+def make_grid(config, ctx: Context) -> grid.Grid:
   b = ctx.batch
   end = b.tokens.shape[1] - 1
   targets = {"choices": b.choices, "gold": b.gold}
@@ -253,7 +242,7 @@ def make_setting(config, ctx: Context) -> runner.Setting:
   def spec(mode: str, variant: str) -> engine.RecoverySpec:
     del variant
     return engine.RecoverySpec(model_cfg=ctx.mcfg, delta_sites=(config.site,), objective=objective,
-                               config=runner.recovery_config(config, mode), suffix_len=1,
+                               config=grid.recovery_config(config, mode), suffix_len=1,
                                semantics=config.clamp.semantics)
 
   header = (f"model {config.model}, SAE {ctx.scfg.source or config.sae} at {config.site}, format "
@@ -263,18 +252,18 @@ def make_setting(config, ctx: Context) -> runner.Setting:
             f"{config.recovery.lr}; success = argmax over the 4 choice tokens (scores: l[gold] - max other)")
   examples = [{"question": ctx.questions[int(b.question[i])].qid, "perm_id": int(b.perm_id[i]),
                "gold": int(b.gold[i])} for i in range(len(b))]
-  return runner.Setting(
+  return grid.Grid(
       title="Unlearning post-intervention recovery", header=header, params=ctx.params,
       problems=lambda v: problems, spec=spec,
       clamps=lambda points: (intervene.stack_clamps([ctx.make(p) for p in points]),),
       valid=lambda rb, rd: (rb > 0) & (rd <= 0), recovered=lambda rr: rr > 0, examples=examples,
-      objective_name="l[gold]-max other")
+      objective_name="l[gold]-max other", data=ctx)
 
 
-def compute_unit(setting: runner.Setting, ctx: Context, config, mesh, u: sweep.WorkUnit) -> dict:
-  """The runner's unit, then the post-hoc replay of every delta: the runner's rows become the
+def compute_unit(setting: grid.Grid, ctx: Context, config, mesh, u: sweep.WorkUnit) -> dict:
+  """The grid's unit, then the post-hoc replay of every delta: the engine's rows become the
   argmax margins (base, defended, recovered) and the post-hoc quantities join the result."""
-  res = runner.compute_unit(setting, config, mesh, u)
+  res = grid.compute_unit(setting, config, mesh, u)
   b = ctx.batch
   clamps = setting.clamps(u.points)[0]
   g = len(u.points)
@@ -311,57 +300,64 @@ def extra_fields(res: dict, j: int, b: ul.ChoiceBatch) -> list[dict]:
   return out
 
 
+class Unlearning(grid.GridSetting):
+  """The grid with the post-hoc replay in every unit; the retain check, budget diagnostic and soft
+  suffix after it (``unlearning.json``)."""
+
+  name, variants = "unlearning", VARIANTS
+
+  def check(self, config) -> None:
+    validate(config)
+
+  def prepare(self, config, workdir: str, mesh) -> grid.Grid:
+    del workdir, mesh
+    return make_grid(config, prepare(config))
+
+  def compute_unit(self, config, ctx: grid.Grid, mesh, unit: sweep.WorkUnit) -> dict:
+    return compute_unit(ctx, ctx.data, config, mesh, unit)
+
+  def example_fields(self, ctx: grid.Grid, result: dict, j: int) -> list[dict]:
+    return extra_fields(result, j, ctx.data.batch)
+
+  def finish(self, config, ctx: grid.Grid, workdir: str, rows, curves, wall_s: float) -> dict[str, Any]:
+    uctx = ctx.data
+    extras = {"preflight": uctx.preflight, "features": uctx.features.tolist(), "feature_info": uctx.feature_info,
+              "posthoc": posthoc_summary(rows)}
+    if uctx.retain_batch is not None:
+      extras["retain_check"] = retain_check(config, uctx)
+    if config.diagnostic.enabled:
+      runner.log("budget / trajectory diagnostic")
+      extras["budget_diagnostic"] = budget_diagnostic(config, uctx, workdir)
+    if config.soft_suffix.enabled:
+      runner.log("soft-suffix baseline")
+      ss = soft_suffix_rows(config, uctx)
+      if runner.is_writer():
+        outputs.write_jsonl(os.path.join(workdir, "soft_suffix.jsonl"), ss)
+      extras["soft_suffix"] = soft_suffix.summarize(ss)
+    if runner.is_writer():
+      outputs.atomic_write(os.path.join(workdir, "unlearning.json"), json.dumps(extras, indent=1))
+    return {**super().finish(config, ctx, workdir, rows, curves, wall_s), **extras}
+
+  def render(self, workdir: str, plots: bool = True) -> str:
+    """The grid's sections from the rows, then the unlearning sections (post-hoc, retain check, budget
+    diagnostic, soft suffix) from ``unlearning.json`` (no model)."""
+    path = os.path.join(workdir, "unlearning.json")
+    if not os.path.exists(path):
+      raise errors.UserError(f"{workdir}: not a finished unlearning run (missing {path})")
+    text, _ = summary_lib.render(workdir, plots=plots)
+    with open(path) as f:
+      text += render_extras(json.load(f))
+    outputs.atomic_write(os.path.join(workdir, "summary.md"), text)
+    return text
+
+
+SETTING = Unlearning()
+
+
 def run(config, workdir: str) -> dict[str, Any]:
-  """Runs the unlearning experiment of ``config`` into ``workdir``; returns the summary and rows."""
-  t_start = time.time()
-  validate(config)
-  runner.validate(config, VARIANTS)
-  os.makedirs(workdir, exist_ok=True)
-  runner.snapshot_config(config, workdir)
-  ctx = prepare(config)
-  setting = make_setting(config, ctx)
-
-  rows, curves = runner.grid_rows(config, workdir, setting,
-                                  compute=lambda s, c, mesh, u: compute_unit(s, ctx, c, mesh, u),
-                                  extra_fields=lambda res, j: extra_fields(res, j, ctx.batch))
-
-  extras = {"preflight": ctx.preflight, "features": ctx.features.tolist(), "feature_info": ctx.feature_info,
-            "posthoc": posthoc_summary(rows)}
-  if ctx.retain_batch is not None:
-    extras["retain_check"] = retain_check(config, ctx)
-  if config.diagnostic.enabled:
-    runner.log("budget / trajectory diagnostic")
-    extras["budget_diagnostic"] = budget_diagnostic(config, ctx, workdir)
-  if config.soft_suffix.enabled:
-    runner.log("soft-suffix baseline")
-    ss = soft_suffix_rows(config, ctx)
-    outputs.write_jsonl(os.path.join(workdir, "soft_suffix.jsonl"), ss)
-    extras["soft_suffix"] = soft_suffix.summarize(ss)
-  if not runner.is_writer():
-    return {"summary": summary_lib.summarize(rows), "rows": rows, **extras}
-  outputs.write_jsonl(os.path.join(workdir, "results.jsonl"), rows)
-  outputs.atomic_write(os.path.join(workdir, "curves.json"), json.dumps(curves))
-  outputs.atomic_write(os.path.join(workdir, "unlearning.json"), json.dumps(extras, indent=1))
-  outputs.atomic_write(os.path.join(workdir, "run.json"), json.dumps(
-      {"title": setting.title, "header": setting.header, "objective_name": setting.objective_name,
-       "attribution_top_k": int(config.recovery.get("attribution_top_k", 0)), "wall_s": time.time() - t_start}))
-  text, summary = summary_lib.render(workdir, plots=config.plots)
-  text += render_extras(extras)
-  outputs.atomic_write(os.path.join(workdir, "summary.md"), text)
-  print(text, flush=True)
-  return {"summary": summary, "rows": rows, **extras}
-
+  """Runs the unlearning experiment of ``config`` into ``workdir``; returns the rows, summary and extras."""
+  return runner.run(config, workdir, SETTING)
 
 
 def render(workdir: str, plots: bool = True) -> str:
-  """``python -m recovery_jax.report`` for an unlearning run: the runner's sections from the rows, then
-  the unlearning sections (post-hoc, retain check, budget diagnostic, soft suffix) from
-  ``unlearning.json`` (no model)."""
-  path = os.path.join(workdir, "unlearning.json")
-  if not os.path.exists(path):
-    raise errors.UserError(f"{workdir}: not a finished unlearning run (missing {path})")
-  text, _ = summary_lib.render(workdir, plots=plots)
-  with open(path) as f:
-    text += render_extras(json.load(f))
-  outputs.atomic_write(os.path.join(workdir, "summary.md"), text)
-  return text
+  return SETTING.render(workdir, plots)

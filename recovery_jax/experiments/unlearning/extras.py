@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from recovery_jax import batching, intervene, outputs
-from recovery_jax.experiments import runner
+from recovery_jax.experiments import grid
 from recovery_jax.recovery import api, engine, soft_suffix
 from recovery_jax.recovery.objectives import Objective
 from recovery_jax.tasks import unlearning as ul
@@ -106,7 +106,7 @@ def budget_diagnostic(config, ctx: Context, workdir: str) -> dict:
   for mode in dg.modes:
     spec = engine.RecoverySpec(model_cfg=ctx.mcfg, delta_sites=(config.site,),
                                objective=Objective(config.recovery.objective),
-                               config=runner.recovery_config(config, mode), suffix_len=1,
+                               config=grid.recovery_config(config, mode), suffix_len=1,
                                semantics=config.clamp.semantics)
     hp = spec.config.hparams(budget=budgets)
     hp = jax.tree.map(lambda a: jnp.broadcast_to(a, (g,)), hp)

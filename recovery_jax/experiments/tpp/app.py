@@ -1,6 +1,6 @@
 """TPP latent-level recovery on the shared runner (paper-method sections 3, 7 and 10.1).
 
-Setup: load model + SAE -> class data (offline corpus topics, or a SAEBench-format file) ->
+Prepare: load model + SAE -> class data (offline corpus topics, or a SAEBench-format file) ->
 residual at the SAE site (one truncated forward per batch) -> mean-pooled train inputs and SAE
 latents -> one-vs-rest probes (JAX/optax, vmapped over classes) -> latent effects -> the TPP
 metric table for N in ``task.tpp_ns`` -> recovery problems: every positive test example of every
@@ -32,8 +32,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from recovery_jax import batching, errors, intervene, metrics, outputs, sweep
-from recovery_jax.experiments import runner
+from recovery_jax import config_utils as cu
+from recovery_jax import batching, errors, intervene, outputs, sweep
+from recovery_jax.experiments import grid, runner
 from recovery_jax.experiments import summary as summary_lib
 from recovery_jax.experiments import setup as setup_lib
 from recovery_jax.recovery import api
@@ -42,30 +43,26 @@ from recovery_jax.sae import core as sae_core
 from recovery_jax.sae import harvest
 from recovery_jax.tasks import tpp as tpp_task
 from recovery_jax.tasks import tpp_probes as tp
+from recovery_jax.experiments.tpp.report import render_tpp, tpp_summary
 
 VARIANTS = ("last", "all")
 SOURCES = ("corpus", "file")
 MONITOR = ("pooled", "delta")
 
 
-def validate(config) -> None:
+def check(config) -> None:
   """TPP config values that need no model; errors name the field."""
   t = config.task
-  if t.source not in SOURCES:
-    raise errors.UserError(f"config field 'task.source'={t.source!r}: expected one of {SOURCES}")
+  cu.check_one_of(config, "task.source", SOURCES)
   if len(t.classes) < 2:
     raise errors.UserError(f"config field 'task.classes'={tuple(t.classes)}: expected at least 2 classes")
-  for name in ("n_train", "n_test", "context_len"):
-    if int(t[name]) < 1:
-      raise errors.UserError(f"config field 'task.{name}'={t[name]}: expected >= 1")
+  for name in ("task.n_train", "task.n_test", "task.context_len"):
+    cu.check_at_least(config, name, 1)
   for c in t.targets:
     if c not in t.classes:
       raise errors.UserError(f"config field 'task.targets' has {c!r}: not one of task.classes {tuple(t.classes)}")
-  if t.monitor not in MONITOR:
-    raise errors.UserError(f"config field 'task.monitor'={t.monitor!r}: expected one of {MONITOR}")
-  for k in config.sweep.n_features:
-    if int(k) < 1:
-      raise errors.UserError(f"config field 'sweep.n_features' has {k}: expected >= 1")
+  cu.check_one_of(config, "task.monitor", MONITOR)
+  cu.check_at_least(config, "sweep.n_features", 1, each=True)
   if t.label_names not in ("", "bias_in_bios"):
     raise errors.UserError(f"config field 'task.label_names'={t.label_names!r}: expected '' or 'bias_in_bios'")
 
@@ -74,7 +71,7 @@ def _resolve(path: str) -> str:
   """A relative corpus root: from the working directory, else from the repository root."""
   if os.path.isabs(path) or os.path.exists(path):
     return path
-  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
   return os.path.join(root, path)
 
 
@@ -97,11 +94,12 @@ def _pooled_stats(params, mcfg, site, sae, scfg, tokens, mask, batch):
     toks, m = b
     h = tpp_task.site_activations(params, mcfg, site, toks, batch)
     return np.asarray(tp.mean_pool(jnp.asarray(h), jnp.asarray(m))), tp.pooled_latents(sae, scfg, h, m, batch)
-  return batching.map_batched(one_batch, (tokens, mask), 8 * batch)
+  return batching.map_batched(one_batch, (tokens, mask), batch)
 
 
-def setup(config, workdir: str) -> runner.Setting:
-  """Loads everything, trains the probes, computes the TPP table; the Setting for the runner."""
+def prepare(config, workdir: str) -> grid.Grid:
+  """Loads everything, trains the probes, computes the TPP table (``tpp_metric.json``); the grid for
+  the runner."""
   log, t = runner.log, config.task
   log(f"loading model {config.model!r} and SAE {config.sae!r} at {config.site}")
   params, mcfg, tok = setup_lib.load_model(config.model, seed=config.seed)
@@ -172,11 +170,11 @@ def setup(config, workdir: str) -> runner.Setting:
             + ", ".join(f"N={r.n}: {r.total:.3f}" for r in table))
   examples = [{"target": data.class_names[k], "dataset": data.name, "test_index": int(i)}
               for i, k in zip(ex_idx, ex_cls)]
-  return runner.Setting(
+  return grid.Grid(
       title="TPP latent-level recovery", header=header, params=None, problems=problems.__getitem__,
-      spec=lambda mode, variant: probe_lib.ProbeSpec(runner.recovery_config(config, mode), variant == "all"),
+      spec=lambda mode, variant: probe_lib.ProbeSpec(grid.recovery_config(config, mode), variant == "all"),
       clamps=clamps, valid=lambda rb, rd: (rb > 0) & (rd <= 0), recovered=lambda rr: rr > 0, examples=examples,
-      objective_name="probe logit", compute=compute_unit)
+      objective_name="probe logit")
 
 
 def _problems(h, mask, probes, cls, variant, monitor) -> probe_lib.ProbeProblem:
@@ -212,7 +210,7 @@ def _drifts(clamps, out_feats, out_refs, out_masks, h_def, delta):
   return jax.vmap(per_point, in_axes=(axes, 0, 0, 0, 0, 0))(clamps, out_feats, out_refs, out_masks, h_def, delta)
 
 
-def compute_unit(setting: runner.Setting, config, mesh, u: sweep.WorkUnit) -> dict[str, Any]:
+def compute_unit(setting: grid.Grid, config, mesh, u: sweep.WorkUnit) -> dict[str, Any]:
   """One unit on the probe path: every point of the unit x every problem, in batches of problems
   sharded over the mesh's ``data`` axis (``batching.map_batched``; problem i of point g uses
   ``fold_in(key_g, i)`` whatever the batch or device count)."""
@@ -247,139 +245,54 @@ def compute_unit(setting: runner.Setting, config, mesh, u: sweep.WorkUnit) -> di
   return res
 
 
-# ----------------------------------------------------------------------------------------------
-# TPP summaries
+def _write_tpp(workdir: str, rows, info: dict) -> tuple[str, dict]:
+  """tpp.md / tpp.json from the rows and the TPP table (``tpp_metric.json``'s content)."""
+  summary = tpp_summary(rows)
+  text = render_tpp(summary, info)
+  outputs.atomic_write(os.path.join(workdir, "tpp.md"), text)
+  outputs.atomic_write(os.path.join(workdir, "tpp.json"), json.dumps({**info, **summary}, default=float))
+  return text, summary
 
 
-def _target_stats(rows) -> dict:
-  v = [r for r in rows if r["valid"]]
-  nv = len(v)
-  mean = lambda k: float(np.mean([r[k] for r in v])) if nv else float("nan")
-  return {"n_examples": len(rows), "n_valid": nv, "n_recovered": sum(r["recovered"] for r in v),
-          "recovery": mean("recovered"), "reactivation": mean("reactivated_fraction_within_eligible"),
-          "act_drift": mean("act_drift_l2"), "decode_drift": mean("decode_drift_l2"),
-          "zero_react": mean("zero_reactivation")}
+class TPP(grid.GridSetting):
+  """Units on the probe path (``compute_unit`` above); tpp.md / tpp.json beside the summary."""
+
+  name, variants = "tpp", VARIANTS
+
+  def check(self, config) -> None:
+    check(config)
+
+  def prepare(self, config, workdir: str, mesh) -> grid.Grid:
+    del mesh
+    return prepare(config, workdir)
+
+  def compute_unit(self, config, ctx: grid.Grid, mesh, unit: sweep.WorkUnit) -> dict[str, Any]:
+    return compute_unit(ctx, config, mesh, unit)
+
+  def finish(self, config, ctx: grid.Grid, workdir: str, rows, curves, wall_s: float) -> dict[str, Any]:
+    out = super().finish(config, ctx, workdir, rows, curves, wall_s)
+    return {**out, "tpp": tpp_summary(rows)}
+
+  def render(self, workdir: str, plots: bool = True) -> str:
+    """summary.md from the rows, then tpp.md / tpp.json from the rows and ``tpp_metric.json``."""
+    text = super().render(workdir, plots)
+    path = os.path.join(workdir, "tpp_metric.json")
+    if not os.path.exists(path):
+      raise errors.UserError(f"{workdir}: not a finished TPP run (missing {path})")
+    with open(path) as f:
+      info = json.load(f)
+    tpp_text, _ = _write_tpp(workdir, summary_lib.read_jsonl(os.path.join(workdir, "results.jsonl")), info)
+    return text + "\n" + tpp_text
 
 
-STATS = ("recovery", "reactivation", "act_drift", "decode_drift", "zero_react")
-
-
-def tpp_summary(rows) -> dict:
-  """Per (grid point, mode, variant): per-target stats, per-dataset and all-target rows (unweighted:
-  mean over targets with valid flips; weighted: over examples), and per (grid point, variant) the
-  sign tests of encoder vs none over targets (paper 10.1: lower recovery / reactivation / drift,
-  higher zero-reactivation)."""
-  groups: dict[tuple, dict[tuple, list]] = {}
-  for r in rows:
-    groups.setdefault((r["grid_id"], r["variant"], r["mode"]), {}).setdefault((r["dataset"], r["target"]), []).append(r)
-  out = {"points": [], "sign_tests": []}
-  for (gid, variant, mode), by_t in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2])):
-    targets = {f"{d}/{t}": _target_stats(rs) for (d, t), rs in by_t.items()}
-    datasets = {}
-    for d in sorted({d for d, _ in by_t}):
-      ts = [targets[f"{d}/{t}"] for dd, t in by_t if dd == d]
-      datasets[d] = _aggregate(ts, [r for (dd, _), rs in by_t.items() if dd == d for r in rs])
-    allrows = [r for rs in by_t.values() for r in rs]
-    first = allrows[0]
-    out["points"].append({"grid_id": gid, "variant": variant, "mode": mode, "n_features": first.get("n_features"),
-                          "budget": first.get("budget"), "targets": targets, "datasets": datasets,
-                          "all": _aggregate(list(targets.values()), allrows)})
-  by = {(p["grid_id"], p["variant"], p["mode"]): p for p in out["points"]}
-  for (gid, variant, mode), p in by.items():
-    if mode != "encoder" or (gid, variant, "none") not in by:
-      continue
-    none = by[(gid, variant, "none")]["targets"]
-    keys = [k for k in p["targets"] if k in none and p["targets"][k]["n_valid"] and none[k]["n_valid"]]
-    tests = {}
-    for stat, sign in (("recovery", -1), ("reactivation", -1), ("act_drift", -1), ("zero_react", 1)):
-      k = sum(1 for t in keys if sign * (p["targets"][t][stat] - none[t][stat]) > 0)
-      tests[stat] = {"k": k, "n": len(keys), "p": metrics.sign_test_p(k, len(keys)) if keys else float("nan"),
-                     "direction": "encoder lower" if sign < 0 else "encoder higher"}
-    out["sign_tests"].append({"grid_id": gid, "variant": variant, **tests})
-  return out
-
-
-def _aggregate(target_stats: list[dict], rows: list[dict]) -> dict:
-  ts = [s for s in target_stats if s["n_valid"]]
-  unw = {k: float(np.mean([s[k] for s in ts])) if ts else float("nan") for k in STATS}
-  w = _target_stats(rows)
-  k, nv = w["n_recovered"], w["n_valid"]
-  lo, hi = metrics.wilson_interval(k, nv) if nv else (float("nan"), float("nan"))
-  return {"n_targets": len(ts), "n_valid": nv, "n_recovered": k, "ci": [lo, hi], "unweighted": unw,
-          "weighted": {s: w[s] for s in STATS}}
-
-
-def render_tpp(summary: dict, tpp_info: dict) -> str:
-  """tpp.md: probe accuracies, the TPP metric table, per-target/per-dataset rows and sign tests."""
-  f = lambda x: f"{x:.3f}" if isinstance(x, float) and np.isfinite(x) else "-"
-  classes = tpp_info["classes"]
-  acc = outputs.format_table(["class", "probe acc (train)", "probe acc (test)", "latents with effect > 0"],
-                             [[c, f(a), f(b), n] for c, a, b, n in zip(classes, tpp_info["probe_acc_train"],
-                                                                       tpp_info["probe_acc_test"],
-                                                                       tpp_info["n_positive_effects"])])
-  tpp_rows = [[r["n"], f(r["total"]), f(float(np.mean(r["intended"]))), f(float(np.mean(r["unintended"])))]
-              + [f(x) for x in r["intended"]] for r in tpp_info["tpp"]]
-  tpp_tab = outputs.format_table(["N", "TPP metric", "intended", "unintended"] + [f"intended {c}" for c in classes],
-                                 tpp_rows)
-  lines = [f"# TPP ({tpp_info['dataset']})", "", "TPP is used here as a defence (ablate a class's latents, then "
-           "recover the probe's decision), not as an SAE score: as a metric it was found unreliable for ranking SAEs "
-           "(Chanin, arXiv 2605.18229).", "", "## Probes", "", acc, "", "## TPP metric (intended - unintended "
-           "accuracy drop)", "", tpp_tab, "", "## Recovery", ""]
-  rows = []
-  for p in summary["points"]:
-    head = [p["n_features"], p["budget"], p["mode"], p["variant"]]
-    for name, s in list(p["targets"].items()):
-      rows.append(head + [name, f"{s['n_recovered']}/{s['n_valid']}", f(s["recovery"]), f(s["reactivation"]),
-                          f(s["act_drift"]), f(s["decode_drift"]), f(s["zero_react"])])
-    for name, a in [*((f"{d} (unweighted)", v) for d, v in p["datasets"].items()), ("all targets (unweighted)",
-                                                                                     p["all"])]:
-      u = a["unweighted"]
-      rows.append(head + [f"**{name}**", f"{a['n_recovered']}/{a['n_valid']}", f(u["recovery"]),
-                          f(u["reactivation"]), f(u["act_drift"]), f(u["decode_drift"]), f(u["zero_react"])])
-    a, wt = p["all"], p["all"]["weighted"]
-    rows.append(head + ["**all examples (weighted)**", f"{a['n_recovered']}/{a['n_valid']} [{f(a['ci'][0])}, "
-                        f"{f(a['ci'][1])}]", f(wt["recovery"]), f(wt["reactivation"]), f(wt["act_drift"]),
-                        f(wt["decode_drift"]), f(wt["zero_react"])])
-  lines.append(outputs.format_table(["N", "budget", "mode", "scope", "target", "recovered/valid", "recovery",
-                                    "reactivation", "act drift", "decode drift", "zero-react"], rows))
-  if summary["sign_tests"]:
-    lines += ["", "## Encoder vs none over targets (one-sided sign test)", ""]
-    st = [[t["grid_id"], t["variant"]] + [f"{t[s]['k']}/{t[s]['n']} (p={f(t[s]['p'])})"
-                                          for s in ("recovery", "reactivation", "act_drift", "zero_react")]
-          for t in summary["sign_tests"]]
-    lines.append(outputs.format_table(["grid point", "scope", "recovery lower", "reactivation lower",
-                                      "act drift lower", "zero-react higher"], st))
-  return "\n".join(lines) + "\n"
+SETTING = TPP()
 
 
 def run(config, workdir: str) -> dict[str, Any]:
-  """Runs the TPP experiment of ``config`` into ``workdir``; returns the runner's summary, rows and
+  """Runs the TPP experiment of ``config`` into ``workdir``; returns the rows, the runner's summary and
   the TPP summary."""
-  validate(config)
-  out = runner.run(config, workdir, lambda cfg: setup(cfg, workdir), VARIANTS)
-  with open(os.path.join(workdir, "tpp_metric.json")) as f:
-    info = json.load(f)
-  summary = tpp_summary(out["rows"])
-  if runner.is_writer():
-    text = render_tpp(summary, info)
-    outputs.atomic_write(os.path.join(workdir, "tpp.md"), text)
-    outputs.atomic_write(os.path.join(workdir, "tpp.json"), json.dumps({**info, **summary}, default=float))
-    print(text, flush=True)
-  out["tpp"] = summary
-  return out
+  return runner.run(config, workdir, SETTING)
 
 
 def render(workdir: str, plots: bool = True) -> str:
-  """``python -m recovery_jax.report`` for a TPP run: summary.md from the rows, then tpp.md / tpp.json
-  from the rows and ``tpp_metric.json`` (no model)."""
-  text, _ = summary_lib.render(workdir, plots=plots)
-  path = os.path.join(workdir, "tpp_metric.json")
-  if not os.path.exists(path):
-    raise errors.UserError(f"{workdir}: not a finished TPP run (missing {path})")
-  with open(path) as f:
-    info = json.load(f)
-  summary = tpp_summary(summary_lib.read_jsonl(os.path.join(workdir, "results.jsonl")))
-  tpp_text = render_tpp(summary, info)
-  outputs.atomic_write(os.path.join(workdir, "tpp.md"), tpp_text)
-  outputs.atomic_write(os.path.join(workdir, "tpp.json"), json.dumps({**info, **summary}, default=float))
-  return text + "\n" + tpp_text
+  return SETTING.render(workdir, plots)
