@@ -94,7 +94,7 @@ def _pooled_stats(params, mcfg, site, sae, scfg, tokens, mask, batch):
     toks, m = b
     h = tpp_task.site_activations(params, mcfg, site, toks, batch)
     return np.asarray(tp.mean_pool(jnp.asarray(h), jnp.asarray(m))), tp.pooled_latents(sae, scfg, h, m, batch)
-  return batching.map_batched(one_batch, (tokens, mask), batch)
+  return batching.map_batched(one_batch, (tokens, mask), 8 * batch)
 
 
 def prepare(config, workdir: str) -> grid.Grid:
