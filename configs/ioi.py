@@ -52,6 +52,9 @@ def get_config(arg=None):
   c.recovery.steps = 100
   c.recovery.lr = 0.1
   c.recovery.ridge = 1e-4
+  # "absolute": sweep.budget bounds ||delta||_F; "relative": it is rho, the bound rho * ||h_def||_F at the
+  # delta positions (the paper's relative delta norm), per problem
+  c.recovery.budget_scale = "absolute"
   c.recovery.modes = ("none", "encoder", "encoder_exact")
   c.recovery.variants = ("shared", "per_prompt")  # the reference shares one delta across prompts
   c.recovery.attribution_top_k = 10

@@ -92,6 +92,9 @@ def get_config(arg=None):
   c.recovery.attribution_modes = ("jacobian",)  # recovery-path attribution replay (paper-method 9.4)
   c.recovery.attribution_top_k = 10
   c.recovery.drop_modes = ("jacobian",)  # the same recovery with defence.error_term=drop
+  # "absolute": stage budgets and recovery.budgets bound ||delta||_F; "relative": they are rho, the bound
+  # rho * ||h_def||_F at each stage's delta positions, per case
+  c.recovery.budget_scale = "absolute"
   c.recovery.budget_mode = "jacobian"
   c.recovery.budgets = (2.0, 5.0, 10.0, 20.0, 40.0)  # both stages; () skips the sweep
   # feature-set sizes: the global top K of the ranking (budget_mode, the chosen strength), each K with its own

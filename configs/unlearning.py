@@ -77,6 +77,9 @@ def get_config(arg=None):
   c.recovery.steps = 150
   c.recovery.lr = 0.08
   c.recovery.ridge = 1e-4
+  # "absolute": sweep.budget bounds ||delta||_F; "relative": it is rho, the bound rho * ||h_def||_F at the
+  # delta positions (the paper's relative delta norm), per problem
+  c.recovery.budget_scale = "absolute"
   c.recovery.objective = "choice_margin"  # or choice_ce
   c.recovery.modes = ("none", "encoder", "encoder_exact")
   c.recovery.variants = ("per_example",)

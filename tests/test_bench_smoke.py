@@ -9,6 +9,8 @@ import pytest
 
 from bench import recovery_throughput as rt
 
+pytestmark = pytest.mark.slow  # benchmark subprocesses (make test, not make test-fast)
+
 ARGS = ["--models=tiny-llama", "--workloads=ioi,refusal", "--ioi_batches=3", "--refusal_batches=2", "--k_max=8",
         "--ioi_steps=4", "--refusal_steps=2", "--ref_examples=2", "--refusal_ref_examples=1", "--torch_examples=0",
         "--d_sae=128", "--peak_sizes=128", "--repeats=1", "--no_torch"]

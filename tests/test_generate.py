@@ -145,6 +145,7 @@ def test_sampling_top_k_and_keys():
   np.testing.assert_array_equal(np.asarray(gen.sample_logits(logits[:2], None, 0)), [0, 0])
 
 
+@pytest.mark.slow
 def test_smollm2_chat_generation_matches_transformers_greedy():
   """Real weights: greedy answers equal transformers' greedy output (shared/docs/offline-assets.md section 3)."""
   import importlib.util

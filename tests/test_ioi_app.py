@@ -10,6 +10,8 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+pytestmark = pytest.mark.slow  # app subprocesses (make test, not make test-fast)
+
 
 def _env(devices: int = 1, cache: str | None = None) -> dict:
   env = dict(os.environ)
@@ -37,7 +39,7 @@ def cache_dir(tmp_path_factory):
 
 def test_app_runs_and_writes_outputs(tmp_path, cache_dir):
   wd = tmp_path / "run"
-  proc = _app(wd, "configs/ioi.py:tiny", "--config.plots=True", "--config.recovery.variants=('shared', 'per_prompt')",
+  proc = _app(wd, "configs/ioi.py:tiny", "--config.plots=True", "--config.recovery.variants=('per_prompt',)",
               "--config.cards=2", cache=cache_dir)
   for name in ("config.json", "results.jsonl", "summary.md", "summary.jsonl", "recovery_vs_drift.png",
                "objective_curves.png"):
@@ -52,7 +54,7 @@ def test_app_runs_and_writes_outputs(tmp_path, cache_dir):
     assert abs(s["attribution"]["full"]["energy"] - 1.0) < 1e-5
   assert "Recovery-path attribution" in (wd / "summary.md").read_text()
   rows = [json.loads(l) for l in open(wd / "results.jsonl")]
-  assert len(rows) == 4 * 16
+  assert len(rows) == 2 * 16
   assert all(r["delta_norm"] <= 20.0 + 1e-3 for r in rows)
   assert "| none" in proc.stdout and "| encoder" in proc.stdout
   # feature cards of the top clamped features, written and linked from the summary
@@ -119,8 +121,8 @@ def test_default_config_on_real_smollm2_with_shipped_sae(tmp_path, cache_dir):
   """The full IOI run (docs/settings/ioi.md), shortened: real SmolLM2-135M-Instruct + the shipped SAE, started from
   another working directory (the config and the shipped SAE resolve from anywhere)."""
   wd = tmp_path / "default"
-  _app(wd, os.path.join(ROOT, "configs/ioi.py:n_prompts=32,steps=10"),
-       "--config.recovery.variants=('shared', 'per_prompt')", "--config.recovery.modes=('none', 'encoder')",
+  _app(wd, os.path.join(ROOT, "configs/ioi.py:n_prompts=32,steps=4"),
+       "--config.recovery.variants=('shared',)", "--config.recovery.modes=('none', 'encoder')",
        "--config.plots=False", "--config.cards=0", cache=cache_dir, cwd=tmp_path)
   summary = [json.loads(l) for l in open(wd / "summary.jsonl")]
   assert {s["mode"] for s in summary} == {"none", "encoder"}

@@ -9,6 +9,8 @@ import pytest
 
 from recovery_jax import errors, experiments, main
 
+pytestmark = pytest.mark.slow  # app subprocesses (make test, not make test-fast)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = f"--config={ROOT}/configs/ioi.py:tiny"
 

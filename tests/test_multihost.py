@@ -1,7 +1,7 @@
 """Multi-host for real: the IOI app on ``configs/ioi.py:tiny,grid`` across 2 processes on this
 machine (``jax.distributed`` with a coordinator on 127.0.0.1, 4 fake CPU devices each, one ``data``
-mesh over all 8) equals a single-process run on 8 devices; only process 0 writes the outputs; a
-SIGKILL of one process mid-sweep and a restart of both resumes to identical results.
+mesh over all 8), SIGKILLed mid-sweep and restarted, resumes to the results of a single-process run
+on 8 devices; only process 0 writes the outputs.
 
 Each process runs ``python -m tests.test_multihost <app flags>``: the app itself, with every
 write-mode ``open`` and ``os.replace`` under the workdir (outside ``units/``, which orbax shares)
@@ -20,7 +20,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = "configs/ioi.py:tiny,grid"
-FLAGS = ("--config.plots=True", "--config.progress=False")
+FLAGS = ("--config.plots=True", "--config.progress=False", "--config.recovery.modes=('encoder',)")  # 2 units of 2
 OUTPUTS = ("config.json", "results.jsonl", "curves.json", "run.json", "summary.md", "summary.jsonl",
            "recovery_vs_drift.png", "objective_curves.png")
 RUN_TIMEOUT = 420  # seconds for one whole run (cold compiles ~2-3 min on this 2-core CPU)
@@ -95,7 +95,7 @@ NUMBERS = ("base", "defended", "recovered_score", "act_drift_l2", "delta_norm", 
 
 
 def _assert_same(a, b, rtol):
-  assert len(a) == len(b) == 8 * 16
+  assert len(a) == len(b) == 4 * 16
   for ra, rb in zip(a, b):
     assert (ra["point_id"], ra["prompt"], ra["valid"], ra["recovered"]) == (rb["point_id"], rb["prompt"],
                                                                              rb["valid"], rb["recovered"])
@@ -112,18 +112,9 @@ def test_two_processes_equal_one_write_once_and_resume_after_a_kill(tmp_path):
                          *FLAGS], cwd=ROOT, env=_env(8, cache), capture_output=True, text=True, timeout=RUN_TIMEOUT)
   assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
 
-  # 2 processes x 4 devices: same results; process 0 writes every output, process 1 none
-  wd, logs = tmp_path / "multi", str(tmp_path / "logs_multi")
-  _wait(_launch(wd, cache, logs), logs)
-  assert "process 1 of 2, 4 local of 8 devices" in _log(logs, 1)
-  assert "{'data': 8, 'model': 1} mesh" in _log(logs, 0)
-  multi = _rows(wd)
-  _assert_same(_rows(ref), multi, 1e-5)
-  assert set(OUTPUTS) <= _writes(logs, 0), _writes(logs, 0)
-  assert _writes(logs, 1) == set(), _writes(logs, 1)
-
-  # SIGKILL process 1 once a unit is saved (the other is stuck without it: kill it too), restart both
-  wd, logs = tmp_path / "killed", str(tmp_path / "logs_killed")
+  # 2 processes x 4 devices: SIGKILL process 1 once a unit is saved (the other is stuck without it: kill
+  # it too), restart both; the resumed run equals the single-process one and only process 0 writes
+  wd, logs = tmp_path / "multi", str(tmp_path / "logs_killed")
   procs = _launch(wd, cache, logs)
   units, deadline = wd / "units", time.time() + RUN_TIMEOUT
   while time.time() < deadline:
@@ -144,12 +135,16 @@ def test_two_processes_equal_one_write_once_and_resume_after_a_kill(tmp_path):
     pass
   _kill(procs)
   saved = sorted(d.name for d in units.iterdir() if d.name.isdigit())
-  assert 1 <= len(saved) < 4 and not (wd / "results.jsonl").exists(), saved
-  logs2 = str(tmp_path / "logs_resumed")
-  _wait(_launch(wd, cache, logs2), logs2)
-  assert f"resuming: {len(saved)} of 4 work units already finished" in _log(logs2, 0)
-  assert _rows(wd) == multi
-  assert _writes(logs2, 1) == set()
+  assert len(saved) == 1 and not (wd / "results.jsonl").exists(), saved
+  assert "config.json" in _writes(logs, 0) and _writes(logs, 1) == set(), (_writes(logs, 0), _writes(logs, 1))
+  logs = str(tmp_path / "logs_resumed")
+  _wait(_launch(wd, cache, logs), logs)
+  assert "resuming: 1 of 2 work units already finished" in _log(logs, 0)
+  assert "process 1 of 2, 4 local of 8 devices" in _log(logs, 1)
+  assert "{'data': 8, 'model': 1} mesh" in _log(logs, 0)
+  _assert_same(_rows(ref), _rows(wd), 1e-5)
+  assert set(OUTPUTS) - {"config.json"} <= _writes(logs, 0), _writes(logs, 0)
+  assert _writes(logs, 1) == set(), _writes(logs, 1)
 
 
 def test_distributed_settings_from_env():

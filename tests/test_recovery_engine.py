@@ -121,6 +121,26 @@ def test_vmap_over_feature_sets_equals_separate_runs(setting):
     assert float(np.max(grid.history["delta_norm"][g])) <= [2.0, 0.5][g] * (1 + 1e-6)
 
 
+def test_relative_budget_equals_absolute_at_rho_times_state_norm(setting):
+  """budget_scale="relative": problem i's delta is bounded by rho * ||h_def_i||_F. Each example
+  recovered alone with the absolute budget rho * ||h_def_i|| (its own norm, computed here) gives the
+  same delta; the bound binds (||delta|| reaches it), and it differs across examples."""
+  params, cfg, sae, scfg, toks, mask, targets = setting
+  pbs = api.site_problems(toks, mask, DELTA_COL, READOUT, targets, shared=False)
+  clamp, rho, key = _clamp(sae, scfg, FEATS[0], -1.0), 0.05, jax.random.PRNGKey(4)
+  rel = CFG.replace(budget=rho, budget_scale="relative")
+  out = engine.recover_examples(_spec(cfg, 3, rc=rel), params, (clamp,), pbs, rel.hparams(), key)
+  norms = np.sqrt((np.asarray(out.h_def, np.float64) ** 2).sum(axis=(1, 2, 3, 4)))  # [N] ||h_def_i||_F
+  np.testing.assert_allclose(np.asarray(out.budget), rho * norms, rtol=1e-5)
+  assert norms.max() - norms.min() > 1e-3 * norms.max()  # per-example bounds, not one shared number
+  rec, spec = jax.jit(engine.recover, static_argnums=0), _spec(cfg, 3, rc=CFG.canonical())
+  for i in range(B):
+    pb = jax.tree.map(lambda a: a[i], pbs)
+    one = rec(spec, params, (clamp,), pb, CFG.hparams(budget=float(rho * norms[i])), jax.random.fold_in(key, i))
+    np.testing.assert_allclose(np.asarray(one.delta), np.asarray(out.delta[i]), atol=1e-6)
+    assert float(jnp.linalg.norm(one.delta)) == pytest.approx(rho * norms[i], rel=1e-4)  # the bound binds
+
+
 def test_encoder_exact_keeps_preactivations(setting):
   params, cfg, sae, scfg, toks, mask, targets = setting
   args, kw = _site_kwargs(setting)
@@ -325,6 +345,7 @@ def test_diverging_recovery_is_flagged(setting):
   assert not np.asarray(ok.diverged).any()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind,n_layers,remat", [("ioi", 4, True), ("refusal", 8, True), ("refusal", 8, "dots")])
 def test_remat_gives_the_same_recovery(kind, n_layers, remat):
   """``RecoverySpec.remat`` (every scanned layer rematerialised in the step's backward, its weights

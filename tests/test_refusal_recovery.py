@@ -75,6 +75,7 @@ def two_stage(setup):
   return R.recover_two_stage(params, cfg, clamps, SITES, PROMPTS, ANSWERS, DISC, CFG, jax.random.key(3))
 
 
+@pytest.mark.slow
 def test_two_stage_equals_per_example(setup, two_stage):
   params, cfg, _, clamps = setup
   key = jax.random.key(3)
@@ -94,6 +95,7 @@ def test_two_stage_equals_per_example(setup, two_stage):
     assert float(jnp.abs(o2.delta).max()) > 0 and float(jnp.abs(o1.delta).max()) > 0
 
 
+@pytest.mark.slow
 def test_stage2_objective_by_hand(setup, two_stage):
   """The recovered stage-2 objective equals w_ans * mean log p(answer_j | prefix) over the first n_ans answer
   tokens, from a plain forward with the defence, stage 1's delta at the anchor and stage 2's at the answer."""
@@ -156,6 +158,7 @@ def test_build_problems_layout():
   assert R.with_fixed(p2, jnp.zeros((3, 2, 1, 32))).fixed_cols[:, 0, 0].tolist() == [4, 6, 5]
 
 
+@pytest.mark.slow
 def test_run_shapes_share_one_program_and_change_nothing(setup):
   """The K sweep's contract: calls on different case subsets with different feature sets (padded to one
   K_max) share one compiled program per stage when given the run's ``stage_shapes``, and padding a

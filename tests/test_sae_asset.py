@@ -12,7 +12,8 @@ from safetensors.numpy import load_file
 from recovery_jax.sae import formats
 
 ASSET = pathlib.Path(__file__).resolve().parents[1] / "assets" / "smollm2-135m-instruct-res12-topk"
-pytestmark = pytest.mark.skipif(not (ASSET / "cfg.json").exists(), reason="shipped SAE not present")
+pytestmark = [pytest.mark.skipif(not (ASSET / "cfg.json").exists(), reason="shipped SAE not present"),
+              pytest.mark.slow]  # the real model on held-out text (make test)
 
 
 def test_asset_format_and_size():

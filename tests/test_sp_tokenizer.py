@@ -12,6 +12,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from recovery_jax.models import chat, sp_tokenizer
 
+pytestmark = pytest.mark.slow  # transformers converts the real tokenizers (make test)
+
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _GGUF = os.path.join(_REPO, ".cache", "sp", "gemma-3-270m-q4_k_m.gguf")
 

@@ -13,6 +13,8 @@ import pytest
 from recovery_jax import metrics
 from recovery_jax.experiments import tpp as tpp_app
 
+pytestmark = pytest.mark.slow  # app subprocesses (make test, not make test-fast)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORDS = {"garden": "rose tulip soil seed water leaf bloom petal root sun",
          "kitchen": "bread butter oven flour sugar salt pan spoon bake dough",

@@ -33,7 +33,7 @@ from recovery_jax.experiments import runner
 from recovery_jax.experiments import setting as setting_lib
 from recovery_jax.experiments import summary as summary_lib
 from recovery_jax.recovery import attribution, engine, projections
-from recovery_jax.recovery.optimizer import RecoveryConfig
+from recovery_jax.recovery.optimizer import BUDGET_SCALES, RecoveryConfig
 
 STATIC_KEYS = ("mode", "variant")
 
@@ -129,6 +129,8 @@ def validate_grid(config, variants: Sequence[str]) -> None:
   if not r.modes or not r.variants:
     raise errors.UserError("config fields 'recovery.modes' and 'recovery.variants' must not be empty")
   cu.check_at_least(config, "recovery.steps", 1)
+  if "budget_scale" in r:
+    cu.check_one_of(config, "recovery.budget_scale", BUDGET_SCALES)
   if "budget" in config.sweep:
     cu.check_at_least(config, "sweep.budget", 0, each=True)
   try:
@@ -151,7 +153,8 @@ def grid_points(config) -> list[dict]:
 
 def recovery_config(config, mode: str) -> RecoveryConfig:
   r = config.recovery
-  return RecoveryConfig(steps=r.steps, lr=r.lr, ridge=r.ridge, projection=mode)
+  return RecoveryConfig(steps=r.steps, lr=r.lr, ridge=r.ridge, projection=mode,
+                        budget_scale=r.get("budget_scale", "absolute"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -178,7 +181,7 @@ def compute_unit(setting: Grid, config, mesh, u: sweep.WorkUnit) -> dict[str, An
          "feats": _keyed(out.feats), "refs": _keyed(out.refs), "masks": _keyed(out.masks), "delta": out.delta,
          "h_def": out.h_def,
          "history_objective": out.history["objective"], "history_delta_norm": out.history["delta_norm"],
-         "diverged": out.diverged, "budget": hp.budget}
+         "diverged": out.diverged, "budget": out.budget}
   site_clamp = attribution.clamp_at(spec, clamps, spec.delta_sites[0]) if len(spec.delta_sites) == 1 else None
   mon = engine.monitored(clamps)
   if len(mon) == 1:
@@ -265,8 +268,11 @@ def point_rows(setting: Grid, p: dict, res: dict, j: int) -> tuple[list[dict], d
   ex = metrics.example_metrics(feats, refs, masks, res["dec_rows"][j] if "dec_rows" in res else None)
   h_def = np.moveaxis(np.asarray(res["h_def"][j]), 2, 1)  # [N, B, n_sites, P, d]
   h_def = h_def.reshape((n * b,) + h_def.shape[2:])
-  budget = float(res["budget"][j])
-  at_budget = np.repeat((np.asarray(res["history_delta_norm"][j]) >= budget * (1 - 1e-4)).sum(-1), b)
+  hist = np.asarray(res["history_delta_norm"][j])  # [N, steps]
+  budget = np.broadcast_to(np.asarray(res["budget"][j], np.float64).reshape(-1, 1), (n, 1))  # per problem
+  at_budget = np.repeat((hist >= budget * (1 - 1e-4)).sum(-1), b)
+  bound = np.repeat(budget[:, 0], b)  # [E] the bound on ||delta||_F (rho * ||h_def|| when relative)
+  scale = setting.spec(p["mode"], p["variant"]).config.budget_scale
   rows = []
   for e in range(n * b):
     r = {k: p[k] for k in p if k not in ("point_id",)}
@@ -279,7 +285,7 @@ def point_rows(setting: Grid, p: dict, res: dict, j: int) -> tuple[list[dict], d
              zero_reactivation=bool(recovered[e] and ex["n_reactivated"][e] == 0),
              delta_norm=float(np.linalg.norm(delta[e])),
              rel_delta_norm=float(metrics.relative_delta_norm(delta[e][None], h_def[e][None])[0]),
-             steps_at_budget=int(at_budget[e]))
+             steps_at_budget=int(at_budget[e]), budget_bound=float(bound[e]), budget_scale=scale)
     if "decode_drift_l2" in ex:
       r["decode_drift_l2"] = ex["decode_drift_l2"][e]
     if "pre_drift" in res:

@@ -105,6 +105,10 @@ def render(workdir: str, plots: bool = True) -> tuple[str, list[dict]]:
            f"defended features are all zero: {n_zero} valid example-points here). The relative delta norm is "
            "||delta|| / ||h_def|| at the delta positions; steps at budget counts steps with ||delta|| on the "
            "budget.\n\n")
+  if any(r.get("budget_scale") == "relative" for r in rows):
+    notes += ("Budgets are relative (recovery.budget_scale=relative): the budget column is rho, and each "
+              "problem's delta is bounded by rho * ||h_def||_F at its delta positions (row field budget_bound)."
+              "\n\n")
   n_div = sum(s["n_diverged"] for s in summary)
   if n_div:
     notes += (f"**{n_div} example-points diverged** (a non-finite objective, gradient, delta or behaviour score); they count "

@@ -363,6 +363,7 @@ def recover(spec: RecoverySpec, params, clamps: Sequence[Clamp], pb: Problem, hp
   cfg = spec.config
   clamps = tuple(clamps)
   prep = prepare(spec, params, clamps, pb)
+  hp = opt_lib.absolute_budget(cfg, hp, prep.h_def, pb.row_weight)
   f = make_evaluator(spec, params, clamps, pb, prep)
   enc = None
   if cfg.projection in ("encoder", "encoder_exact"):
@@ -373,7 +374,7 @@ def recover(spec: RecoverySpec, params, clamps: Sequence[Clamp], pb: Problem, hp
     delta0 = jnp.zeros(_delta_shape(spec, pb), jnp.float32)
   res = opt_lib.optimize(f, delta0.astype(jnp.float32), monitor_of(clamps, prep.refs, prep.masks), cfg, hp, key,
                          enc, refs_from_start=from_start)
-  return output_of(res, prep.rows_base, prep.rows_defended, prep.masks, prep.h_def, pb.row_weight)
+  return output_of(res, prep.rows_base, prep.rows_defended, prep.masks, prep.h_def, pb.row_weight, hp.budget)
 
 
 def evaluate(spec: RecoverySpec, params, clamps: Sequence[Clamp], pb: Problem, deltas: Array) -> Eval:

@@ -38,6 +38,7 @@ from recovery_jax.recovery import projections as proj_lib
 Array = jax.Array
 
 CHECKPOINTS = ("final", "drift_constrained", "penalty_score")
+BUDGET_SCALES = ("absolute", "relative")
 _TRACED = ("lr", "budget", "ridge", "lambda_act", "lambda_decode", "lambda_delta", "correction_lr",
            "checkpoint_tau", "checkpoint_penalty_weight")
 
@@ -54,6 +55,8 @@ class RecoveryConfig:
   drift_penalty: l2 (core A, with lambda_act) | raw_mse | relative_mse | relative_l2 (v4).
   lambda_decode: core ``Dd`` = ||(c - r) W_dec[S]||_F. lambda_delta: core ||delta||_F term.
   checkpoint: final | drift_constrained | penalty_score (v4 best-checkpoint selection).
+  budget_scale: absolute (``budget`` is ||delta||_F's bound) | relative (``budget`` is rho, the bound is
+    rho * ||h_def||_F, the defended state at the delta sites x positions: ``absolute_budget``).
   record_delta: keep every iterate in ``history["delta"]`` ([steps, n_sites, P, d], the delta
     after each step) for trajectory analysis.
   """
@@ -61,6 +64,7 @@ class RecoveryConfig:
   steps: int = 100
   lr: float = 0.1
   budget: float = 20.0
+  budget_scale: str = "absolute"
   projection: str = "encoder"
   project_params: bool | None = None
   ridge: float = 1e-4
@@ -92,6 +96,8 @@ class RecoveryConfig:
       raise ValueError(f"RecoveryConfig.checkpoint={self.checkpoint!r}: expected one of {CHECKPOINTS}")
     if self.drift_penalty not in obj_lib.DRIFT_PENALTIES:
       raise ValueError(f"RecoveryConfig.drift_penalty={self.drift_penalty!r}: expected one of {obj_lib.DRIFT_PENALTIES}")
+    if self.budget_scale not in BUDGET_SCALES:
+      raise ValueError(f"RecoveryConfig.budget_scale={self.budget_scale!r}: expected one of {BUDGET_SCALES}")
     if self.steps < 1:
       raise ValueError(f"RecoveryConfig.steps={self.steps}: need at least one step")
 
@@ -225,6 +231,19 @@ def recovery_tx(hp: HParams, cfg: RecoveryConfig, grad_proj=None, update_proj=No
       project_parameter(param_proj or ident),
       clip_to_ball(hp.budget),
   )
+
+
+def absolute_budget(cfg: RecoveryConfig, hp: HParams, h_def: Array, row_weight: Array) -> HParams:
+  """``hp`` with its budget in the residual's units. ``budget_scale="relative"`` reads ``hp.budget`` as
+  rho and bounds ||delta||_F by rho * ||h_def||_F, h_def [n_sites, B, P, d] the defended state at the
+  delta sites x positions; over the B rows of one problem (``row_weight`` [B]) the norm is the
+  weighted root mean square, so a delta shared by B rows gets one row's budget (B = 1: the paper's
+  relative delta norm ||delta||_F / ||h_def||_F <= rho)."""
+  if cfg.budget_scale == "absolute":
+    return hp
+  sq = jnp.sum(jnp.square(h_def.astype(jnp.float32)), axis=(0, 2, 3))  # [B]
+  w = row_weight.astype(jnp.float32)
+  return hp._replace(budget=hp.budget * jnp.sqrt((sq * w).sum() / jnp.maximum(w.sum(), 1e-12)))
 
 
 def clip(delta: Array, budget: Array) -> Array:

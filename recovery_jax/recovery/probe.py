@@ -85,11 +85,13 @@ def recover_probe(spec: ProbeSpec, clamp: Clamp, pb: ProbeProblem, hp: HParams, 
     enc = engine.encoder_projector(pb.h.shape[-1], (clamp.site,), (clamp,), hp.ridge,
                                    spec.config.projection == "encoder_exact", spec.config.exact_rtol)
   delta0 = jnp.zeros((1, n_rows, pb.h.shape[-1]), jnp.float32)
+  h_def_cols = engine.gather_cols(h_def, pb.delta_cols)[None]  # [1, B, P, d]
+  hp = opt_lib.absolute_budget(spec.config, hp, h_def_cols, pb.row_weight)
   res = opt_lib.optimize(f, delta0, Monitor(feats_of(h_def), masks, (clamp.decoder_rows(),)), spec.config, hp, key,
                          enc, refs_from_start=True)
   return engine.output_of(res, probe_logit(pb.h, pb.pool_mask, pb.probe_w, pb.probe_b),
-                          probe_logit(h_def, pb.pool_mask, pb.probe_w, pb.probe_b), masks,
-                          engine.gather_cols(h_def, pb.delta_cols)[None], pb.row_weight)
+                          probe_logit(h_def, pb.pool_mask, pb.probe_w, pb.probe_b), masks, h_def_cols,
+                          pb.row_weight, hp.budget)
 
 
 @functools.partial(jax.jit, static_argnames=("spec",))

@@ -127,6 +127,7 @@ class RecoveryOutput(NamedTuple):
   objective_last: Array  # at the final iterate (differs from ``objective`` with checkpoint selection)
   drift_rel_last: Array
   diverged: Array  # [] bool: a non-finite objective or delta occurred (results are then void)
+  budget: Array  # [] the bound on ||delta||_F in the residual's units (``optimizer.absolute_budget``)
 
 
 
@@ -168,7 +169,7 @@ def check_problems(spec: RecoverySpec, clamps: Sequence[Clamp], problems: Proble
                      f"suffix_len={need} (engine.suffix_len_for) or None")
 
 
-def output_of(res: opt_lib.OptResult, rows_base, rows_defended, masks, h_def, row_weight) -> RecoveryOutput:
+def output_of(res: opt_lib.OptResult, rows_base, rows_defended, masks, h_def, row_weight, budget) -> RecoveryOutput:
   """RecoveryOutput from an optimiser result and the delta-free quantities (engine and probe path)."""
   return RecoveryOutput(
       delta=res.delta, delta_last=res.delta_last, history=res.history,
@@ -176,4 +177,4 @@ def output_of(res: opt_lib.OptResult, rows_base, rows_defended, masks, h_def, ro
       objective_defended=obj_lib.weighted_mean(rows_defended, row_weight), rows_defended=rows_defended,
       objective=res.objective, rows=res.rows, feats=res.feats, refs=res.refs, masks=masks,
       drift_rel=res.drift_rel, best_step=res.best_step, h_def=h_def, objective_last=res.objective_last,
-      drift_rel_last=res.drift_rel_last, diverged=res.diverged)
+      drift_rel_last=res.drift_rel_last, diverged=res.diverged, budget=budget)

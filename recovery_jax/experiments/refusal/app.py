@@ -24,6 +24,7 @@ from recovery_jax.tasks import refusal_features as feat_lib
 from recovery_jax.tasks import refusal_judge as judge
 from recovery_jax.tasks import refusal_recovery as rec_lib
 from recovery_jax.recovery import soft_suffix as soft_lib
+from recovery_jax.recovery.optimizer import BUDGET_SCALES
 from recovery_jax.experiments.refusal.preflight import _table, count_valid, generate_answers, preflight_row
 from recovery_jax.experiments.refusal.jobs import (RecoveryContext, VARIANTS, choose_strength, compute_job,
                                                    defence_k_max, recovery_jobs, run_shapes)
@@ -60,6 +61,8 @@ def validate(config) -> None:
     if config.soft_suffix.enabled:
       cu.check_each_one_of(config, "soft_suffix.variants", soft_lib.VARIANTS)
     cu.check_one_of(config, "recovery.budget_mode", MODES)
+    if "budget_scale" in r:
+      cu.check_one_of(config, "recovery.budget_scale", BUDGET_SCALES)
     for b in r.budgets:
       if float(b) <= 0:
         raise errors.UserError(f"config field 'recovery.budgets' has {b}: expected > 0")

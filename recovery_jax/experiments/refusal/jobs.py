@@ -92,7 +92,7 @@ def v4_config(config, mode: str, budget: float | None = None) -> rec_lib.TwoStag
   each stage's steps, lr and budget, the knobs both share are set once; ``budget`` sets both stages."""
   r = config.recovery
   shared = dict(jacobian_probes=int(r.jacobian_probes), correction_steps=int(r.correction_steps),
-                checkpoint_every=int(r.checkpoint_every))
+                checkpoint_every=int(r.checkpoint_every), budget_scale=str(r.get("budget_scale", "absolute")))
   stage = lambda s: rec_lib.v4_stage(mode, int(s.steps), float(s.lr), float(s.budget if budget is None else budget),
                                      **shared)
   return rec_lib.TwoStageConfig(stage1=stage(r.stage1), stage2=stage(r.stage2), n_ans=int(r.n_ans))

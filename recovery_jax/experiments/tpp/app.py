@@ -235,14 +235,12 @@ def compute_unit(setting: grid.Grid, config, mesh, u: sweep.WorkUnit) -> dict[st
            "feats": {"000": out.feats[0]}, "refs": {"000": out.refs[0]}, "masks": {"000": masks},
            "delta": out.delta, "h_def": out.h_def, "history_objective": out.history["objective"],
            "history_delta_norm": out.history["delta_norm"], "diverged": out.diverged, "decode_drift": dec,
-           "pre_drift": pre}
+           "pre_drift": pre, "budget": out.budget}
     return jax.tree.map(lambda a: jnp.moveaxis(a, 1, 0), res)  # [G, B, ...] -> [B, G, ...]
 
   res = batching.map_batched(one_batch, (pbs, per_problem), int(config.task.recover_chunk) or None,
                              mesh=mesh if jax.process_count() == 1 else None)
-  res = jax.tree.map(lambda a: np.moveaxis(a, 0, 1), res)  # [N, G, ...] -> [G, N, ...]
-  res["budget"] = np.asarray(hp.budget)
-  return res
+  return jax.tree.map(lambda a: np.moveaxis(a, 0, 1), res)  # [N, G, ...] -> [G, N, ...]
 
 
 def _write_tpp(workdir: str, rows, info: dict) -> tuple[str, dict]:
