@@ -96,7 +96,7 @@ class GridSetting(setting_lib.Setting):
   def unit_rows(self, config, ctx: Grid, unit: sweep.WorkUnit, result: dict) -> tuple[list[dict], list[dict]]:
     rows, curves = [], []
     for j, p in enumerate(unit.points):
-      r, c = point_rows(ctx, p, result, j)
+      r, c = point_rows(ctx, p, result, j, budget_scale=config.recovery.get("budget_scale", "absolute"))
       for row, extra in zip(r, self.example_fields(ctx, result, j) or ()):
         row.update(extra)
       rows += r
@@ -251,8 +251,9 @@ def _flat_rows(a: np.ndarray) -> np.ndarray:
   return a.reshape((-1,) + a.shape[2:])
 
 
-def point_rows(setting: Grid, p: dict, res: dict, j: int) -> tuple[list[dict], dict]:
-  """Per-example rows of point j of a unit result, and the point's curve."""
+def point_rows(setting: Grid, p: dict, res: dict, j: int, budget_scale: str = "absolute") -> tuple[list[dict], dict]:
+  """Per-example rows of point j of a unit result, and the point's curve (``budget_scale``: how the
+  point's budget reads, ``recovery.budget_scale``)."""
   n, b = res["rows_base"].shape[1:3]
   e_of = lambda a: _flat_rows(np.asarray(a[j]))  # [N, B, ...] -> [E, ...]
   per_problem = lambda a: np.repeat(np.asarray(a[j]), b, axis=0)  # [N, ...] -> [E, ...]
@@ -272,7 +273,6 @@ def point_rows(setting: Grid, p: dict, res: dict, j: int) -> tuple[list[dict], d
   budget = np.broadcast_to(np.asarray(res["budget"][j], np.float64).reshape(-1, 1), (n, 1))  # per problem
   at_budget = np.repeat((hist >= budget * (1 - 1e-4)).sum(-1), b)
   bound = np.repeat(budget[:, 0], b)  # [E] the bound on ||delta||_F (rho * ||h_def|| when relative)
-  scale = setting.spec(p["mode"], p["variant"]).config.budget_scale
   rows = []
   for e in range(n * b):
     r = {k: p[k] for k in p if k not in ("point_id",)}
@@ -285,7 +285,7 @@ def point_rows(setting: Grid, p: dict, res: dict, j: int) -> tuple[list[dict], d
              zero_reactivation=bool(recovered[e] and ex["n_reactivated"][e] == 0),
              delta_norm=float(np.linalg.norm(delta[e])),
              rel_delta_norm=float(metrics.relative_delta_norm(delta[e][None], h_def[e][None])[0]),
-             steps_at_budget=int(at_budget[e]), budget_bound=float(bound[e]), budget_scale=scale)
+             steps_at_budget=int(at_budget[e]), budget_bound=float(bound[e]), budget_scale=budget_scale)
     if "decode_drift_l2" in ex:
       r["decode_drift_l2"] = ex["decode_drift_l2"][e]
     if "pre_drift" in res:
