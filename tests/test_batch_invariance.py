@@ -144,7 +144,7 @@ def test_ioi_rows_do_not_depend_on_units_devices_or_a_kill(tmp_path):
   """One unit per grid point vs all in one unit vs 8 devices; the one-unit run is SIGKILLed after its
   first unit and resumed (it says so) to the same rows."""
   grid = ("--config.sweep.clamp_value=(-5.0, -2.0)", "--config.recovery.budget_scale=relative",
-          "--config.sweep.budget=(0.3,)")
+          "--config.sweep.budget=(0.1, 0.3)")
   bi.run_app("configs/ioi.py:tiny", tmp_path / "default", *grid)
   bi.run_app("configs/ioi.py:tiny", tmp_path / "mesh8", *grid, "--config.mesh.data=8", devices=8)
   bi.kill_after_units("configs/ioi.py:tiny", tmp_path / "one", *grid, "--config.unit_size=1")
@@ -155,8 +155,10 @@ def test_ioi_rows_do_not_depend_on_units_devices_or_a_kill(tmp_path):
   _rerendered_equal(tmp_path / "default", "summary.md")
   for name in ("one", "mesh8"):
     bi.assert_same_rows(rows[name], rows["default"])
-  # relative budgets: each problem's bound is 0.3 ||h_def||, and the deltas respect it
+  # relative budgets: each problem's bound is rho ||h_def||, the deltas respect it, and the summary gives
+  # the minimum rho per example (min_budget.from_rows; the table is re-rendered identically above)
   bounds = {r["budget_bound"] for r in rows["default"]}
   assert len(bounds) > 1 and all(r["budget_scale"] == "relative" for r in rows["default"])
   assert all(r["delta_norm"] <= r["budget_bound"] * (1 + 1e-4) for r in rows["default"])
-  assert "Budgets are relative" in (tmp_path / "default" / "summary.md").read_text()
+  text = (tmp_path / "default" / "summary.md").read_text()
+  assert "Budgets are relative" in text and "Minimum relative budget per valid example" in text

@@ -16,6 +16,7 @@ import numpy as np
 
 from recovery_jax import errors, metrics, outputs
 from recovery_jax.recovery import attribution
+from recovery_jax.recovery import min_budget
 
 SWEEP_NAMES = {"n_features": "K", "clamp_value": "clamp", "budget": "budget", "seed": "seed"}
 
@@ -83,6 +84,25 @@ def _attribution_table(summary: list[dict], top_k: int) -> str:
           f"{outputs.format_table(header, rows)}\n\n")
 
 
+def _min_budget_table(rows: Sequence[dict]) -> str:
+  """The minimum relative budget per valid example (``min_budget.from_rows``: the first rho of the
+  sweep that recovered it), median with a bootstrap interval, per K x clamp x seed x mode x variant;
+  empty unless the run swept more than one relative budget."""
+  budgets = sorted({float(r["budget"]) for r in rows if r.get("budget_scale") == "relative" and "budget" in r})
+  if len(budgets) < 2:
+    return ""
+  keys = [k for k in ("n_features", "clamp_value", "seed") if k in rows[0]] + ["mode", "variant"]
+  table = []
+  for group, mins in min_budget.from_rows(rows, keys).items():
+    med, lo, hi = min_budget.median_ci(mins)
+    fmt = lambda x: f"> {budgets[-1]:g}" if np.isinf(x) else f"{x:g}"
+    table.append([*group, len(mins), sum(1 for m in mins if np.isfinite(m)), f"{fmt(med)} [{fmt(lo)}, {fmt(hi)}]"])
+  header = [SWEEP_NAMES.get(k, k) for k in keys] + ["valid", "recovered at some rho", "median min rho [95% CI]"]
+  return (f"Minimum relative budget per valid example: the smallest rho of {budgets} that recovered it (never "
+          "recovered: beyond the sweep); median with a percentile-bootstrap interval:\n\n"
+          f"{outputs.format_table(header, table)}\n\n")
+
+
 def read_jsonl(path: str) -> list[dict]:
   with open(path) as f:
     return [json.loads(line) for line in f if line.strip()]
@@ -116,7 +136,7 @@ def render(workdir: str, plots: bool = True) -> tuple[str, list[dict]]:
               "\n\n")
   links = "".join(f"{line}\n" for line in meta.get("links", ()))
   text = (f"# {meta['title']}\n\n{meta['header']}\n\n{_table(summary, meta['objective_name'])}\n\n{notes}"
-          f"{_attribution_table(summary, meta['attribution_top_k'])}{links + chr(10) if links else ''}"
+          f"{_min_budget_table(rows)}{_attribution_table(summary, meta['attribution_top_k'])}{links + chr(10) if links else ''}"
           f"(wall time {meta['wall_s']:.0f} s)\n")
   outputs.atomic_write(os.path.join(workdir, "summary.md"), text)
   outputs.write_jsonl(os.path.join(workdir, "summary.jsonl"), summary)
