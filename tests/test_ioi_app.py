@@ -106,6 +106,7 @@ def test_bottleneck_defence_upstream_delta_and_report_rerender(tmp_path, cache_d
     (["--config.sae=/nonexistent/sae"], "sae"),
     (["--config.recovery.modes=('sideways',)"], "recovery.modes"),
     (["--config.clamp.error_term=sometimes"], "clamp.error_term"),
+    (["--config.recovery.budget_scale=percent"], "recovery.budget_scale"),
     (["--config.delta_site=blocks.0.hook_resid_post"], "delta_site"),
     (["--config.sweep.clamp_value=(1.0,)", "--config.clamp.mode=multiply"], "no valid flips"),
 ])

@@ -64,6 +64,11 @@ def test_search_needs_relative_per_example_problems(setup):
   absolute = dataclasses.replace(spec, config=spec.config.replace(budget_scale="absolute"))
   with pytest.raises(ValueError, match="budget_scale='relative'"):
     min_budget.search(absolute, params, clamps, pbs, key, [0.1], recovered)
+  shared = pbs._replace(row_weight=np.ones((N, 2), np.float32))  # two rows per problem
+  with pytest.raises(ValueError, match="per-example problems only"):
+    min_budget.search(spec, params, clamps, shared, key, [0.1], recovered)
+  with pytest.raises(ValueError, match="budget_scale='percent'"):
+    RecoveryConfig(budget_scale="percent")
 
 
 def test_rows_reduction_and_median_interval():

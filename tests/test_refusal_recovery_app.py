@@ -102,6 +102,10 @@ def test_choose_strength_and_jobs():
   c.recovery.ks = (9,)  # 4 candidates x 2 sites = 8 ranked pairs
   with pytest.raises(Exception, match="recovery.ks' has 9"):
     app.validate(c)
+  c = _config()
+  c.recovery.budget_scale = "percent"
+  with pytest.raises(Exception, match="recovery.budget_scale'='percent'"):
+    app.validate(c)
 
 
 def _app(workdir, *flags):

@@ -1,8 +1,8 @@
 """The minimum relative budget per example: how small a perturbation undoes the defence.
 
 For per-example problems under ``budget_scale="relative"``, ``search`` finds each example's smallest
-rho on a grid at which it recovers (every grid value one run of the same compiled program, the
-budget being traced), then narrows it by bisection between the last grid value that failed and the
+rho on a grid at which it recovers (the whole grid in one call: the problems tiled over the grid,
+each copy at its budget), then narrows it by bisection between the last grid value that failed and the
 first that recovered, each example at its own budget (``recover_each``). An example's key is
 ``fold_in(key, id)`` at every rho, so its Jacobian probes are the same along the search. Recovery need
 not be monotone in rho; the search reports the first grid value that recovered and keeps the
@@ -61,20 +61,24 @@ def search(spec: RecoverySpec, params, clamps, problems: Problem, key, grid: Seq
     raise ValueError(f"min_budget.search: per-example problems only (one row each); got "
                      f"{np.shape(problems.row_weight)[-1]} rows per problem")
   grid = np.sort(np.asarray(grid, np.float64))
-  n = int(np.shape(problems.delta_cols)[0])
+  n, g = int(np.shape(problems.delta_cols)[0]), len(grid)
+  ids = np.asarray(engine.problem_ids(problems, ids))
 
-  def ok(budgets):
-    out = recover_each(spec, params, clamps, problems, budgets, key, ids)
-    return np.asarray(recovered(np.asarray(out.rows)), bool).reshape(n) & ~np.asarray(out.diverged, bool)
+  def ok(budgets, reps=1):  # budgets [reps * N] for the problems tiled reps times (same ids, same keys)
+    tiled = jax.tree.map(lambda a: np.concatenate([np.asarray(a)] * reps), problems)
+    out = recover_each(spec, params, clamps, tiled, budgets, key, np.tile(ids, reps))
+    rows = np.asarray(out.rows).reshape(reps, n, -1)
+    good = np.stack([np.asarray(recovered(r), bool).reshape(n) for r in rows])
+    return good & ~np.asarray(out.diverged, bool).reshape(reps, n)
 
-  rec = np.stack([ok(np.full(n, r)) for r in grid])  # [G, N]
+  rec = ok(np.repeat(grid, n), reps=g)  # [G, N]: every grid rho in one call
   first = np.where(rec.any(0), rec.argmax(0), -1)
   found = first >= 0
   hi = np.where(found, grid[np.maximum(first, 0)], np.inf)
   lo = np.where(first > 0, grid[np.maximum(first - 1, 0)], 0.0)
   for _ in range(bisect_steps if found.any() else 0):
     mid = np.where(found, (lo + hi) / 2, grid[0])
-    good = ok(mid)
+    good = ok(mid)[0]
     hi = np.where(found & good, mid, hi)
     lo = np.where(found & ~good, mid, lo)
   return MinBudget(grid, rec, hi, lo)
