@@ -361,7 +361,7 @@ def _res(rb, rd, rr, delta=None, diverged=False, steps=3, k=2, d=4):
           "delta": delta, "h_def": np.ones((1, 1, 1, b, 1, d), np.float32),
           "history_objective": np.zeros((1, 1, steps), np.float32),
           "history_delta_norm": np.zeros((1, 1, steps), np.float32),
-          "diverged": np.full((1, 1), diverged), "budget": np.array([2.0], np.float32)}
+          "diverged": np.full((1, 1), diverged), "budget": np.full((1, 1), 2.0, np.float32)}
 
 
 NAN = float("nan")

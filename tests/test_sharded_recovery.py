@@ -21,7 +21,7 @@ SPECS = ("live_two_sites_jacobian", "frozen_one_site_encoder")
 # test_batch_invariance cover it end to end); model-only (1 x 8) on the live one.
 MESHES = {SPECS[0]: ((2, 4), (1, 8)), SPECS[1]: ((2, 4), (8, 1))}
 # delta passes the Jacobian sketch's Gram-Schmidt and Adam's normalisation, which scale float noise
-# of the differently partitioned programs up (1.3e-5 also on the data-only path); the rest is 1e-5.
+# of the differently partitioned programs up (1.3e-5 was also seen on its data-only path); the rest is 1e-5.
 TOL = {"delta": 5e-5, "rows": 1e-5, "objective": 1e-5, "h_def": 1e-5}
 G, N, B, T = 8, 2, 2, 8  # points (one per data shard at data 8), problems, rows, tokens
 N_HEADS, D_SAE = 8, 64

@@ -270,7 +270,7 @@ def point_rows(setting: Grid, p: dict, res: dict, j: int, budget_scale: str = "a
   h_def = np.moveaxis(np.asarray(res["h_def"][j]), 2, 1)  # [N, B, n_sites, P, d]
   h_def = h_def.reshape((n * b,) + h_def.shape[2:])
   hist = np.asarray(res["history_delta_norm"][j])  # [N, steps]
-  budget = np.broadcast_to(np.asarray(res["budget"][j], np.float64).reshape(-1, 1), (n, 1))  # per problem
+  budget = np.asarray(res["budget"][j], np.float64).reshape(n, 1)  # per problem
   at_budget = np.repeat((hist >= budget * (1 - 1e-4)).sum(-1), b)
   bound = np.repeat(budget[:, 0], b)  # [E] the bound on ||delta||_F (rho * ||h_def|| when relative)
   rows = []

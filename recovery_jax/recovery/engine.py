@@ -384,9 +384,11 @@ def evaluate(spec: RecoverySpec, params, clamps: Sequence[Clamp], pb: Problem, d
   return jax.vmap(make_evaluator(spec, params, clamps, pb, prep))(deltas)
 
 
-def _examples(spec, params, clamps, pbs, hp, key, ids):
-  """vmap over a stack of N problems; problem i uses fold_in(key, ids[i])."""
-  return jax.vmap(lambda pb, i: recover(spec, params, clamps, pb, hp, jax.random.fold_in(key, i)))(pbs, ids)
+def _examples(spec, params, clamps, pbs, hp, key, ids, hp_axis=None):
+  """vmap over a stack of N problems; problem i uses fold_in(key, ids[i]) and ``hp`` (``hp_axis=0``:
+  its own ``hp[i]``)."""
+  return jax.vmap(lambda pb, h, i: recover(spec, params, clamps, pb, h, jax.random.fold_in(key, i)),
+                  in_axes=(0, hp_axis, 0))(pbs, hp, ids)
 
 
 def _grid(spec, params, clamps, pbs, hp, key_data, ids):
@@ -408,18 +410,20 @@ def problem_ids(problems, ids=None) -> Array:
   return ids
 
 
-_examples_jit = jax.jit(_examples, static_argnums=0)
+_examples_jit = jax.jit(_examples, static_argnums=(0, 7))
 
 
 def recover_examples(spec: RecoverySpec, params, clamps: Sequence[Clamp], problems: Problem, hp: HParams,
-                     key: Array, ids=None) -> RecoveryOutput:
+                     key: Array, ids=None, per_example_hp: bool = False) -> RecoveryOutput:
   """Recovers every problem of a stack (leading axis N) in one compiled program; problem i uses
   ``fold_in(key, ids[i])`` (ids [N], default 0..N-1: the problems' ids in the whole set, so that a
-  batch of a larger set gets the same keys). Outputs have a leading axis N. Compiled once per
-  ``spec.canonical()``, the clamps' specs and array shapes."""
+  batch of a larger set gets the same keys) and ``hp`` (``per_example_hp``: every field [N], problem i
+  at ``hp[i]``, e.g. its own budget). Outputs have a leading axis N. Compiled once per
+  ``spec.canonical()``, the clamps' specs, array shapes and ``per_example_hp``."""
   clamps = tuple(clamps)
   check_problems(spec, clamps, problems)
-  return _examples_jit(spec.canonical(), params, clamps, problems, hp, key, problem_ids(problems, ids))
+  return _examples_jit(spec.canonical(), params, clamps, problems, hp, key, problem_ids(problems, ids),
+                       0 if per_example_hp else None)
 
 
 @functools.lru_cache(maxsize=None)

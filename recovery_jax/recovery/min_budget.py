@@ -31,23 +31,13 @@ class MinBudget(NamedTuple):
   lo: np.ndarray  # [N] the largest rho known not to recover below min_rho (0 below the grid)
 
 
-def _each(spec, params, clamps, pbs, hps, key, ids):
-  """vmap over N problems, problem i with its own hparams (budgets) and ``fold_in(key, ids[i])``."""
-  return jax.vmap(lambda pb, hp, i: engine.recover(spec, params, clamps, pb, hp, jax.random.fold_in(key, i)))(
-      pbs, hps, ids)
-
-
-_each_jit = jax.jit(_each, static_argnums=0)
-
-
 def recover_each(spec: RecoverySpec, params, clamps, problems: Problem, budgets, key, ids=None):
-  """``engine.recover`` of N stacked problems, problem i at budget ``budgets[i]`` ([N]; rho when the
-  spec's budget scale is relative); one program for every budget vector."""
+  """``engine.recover_examples`` of N stacked problems, problem i at budget ``budgets[i]`` ([N]; rho
+  when the spec's budget scale is relative); one program for every budget vector."""
   n = int(np.shape(problems.delta_cols)[0])
-  hp = spec.config.hparams()
-  hps = jax.tree.map(lambda a: np.broadcast_to(np.asarray(a), (n,)), hp)._replace(
+  hps = jax.tree.map(lambda a: np.broadcast_to(np.asarray(a), (n,)), spec.config.hparams())._replace(
       budget=np.asarray(budgets, np.float32).reshape(n))
-  return _each_jit(spec.canonical(), params, tuple(clamps), problems, hps, key, engine.problem_ids(problems, ids))
+  return engine.recover_examples(spec, params, tuple(clamps), problems, hps, key, ids, per_example_hp=True)
 
 
 def search(spec: RecoverySpec, params, clamps, problems: Problem, key, grid: Sequence[float],
