@@ -12,8 +12,8 @@ position, or [N, M, K] over positions); every per-example metric reduces all axe
   clamp-floor violation (refusal)     ||ReLU(r - c)|| / ||r||
   WMDP post-hoc drift / violation     ||c - r||, ||ReLU(c - r)|| (+ relative, direction +1)
   relative delta norm                 exact ||delta||_F / ||h_def||_F and the reference proxy ||delta|| / ||r||
-  intervals                           Wilson 95% (binary), the reference's bootstrap (continuous),
-                                      one-sided sign test (TPP)
+  intervals                           Wilson 95% (binary) and one-sided sign test (TPP) by scipy.stats;
+                                      the reference's bootstrap reproduced draw for draw (continuous)
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-Z95 = 1.959963984540054
 EPS = 1e-8
 
 
@@ -179,22 +178,24 @@ def relative_delta_norm_proxy(delta, refs, masks, eps: float = EPS) -> np.ndarra
 # intervals and tests
 
 
-def wilson(k: int, n: int, z: float = Z95) -> tuple[float | None, float | None, float | None]:
-  """(p_hat, lo, hi): the reference's Wilson score interval (None when n <= 0)."""
+def wilson(k: int, n: int, confidence_level: float = 0.95) -> tuple[float | None, float | None, float | None]:
+  """(p_hat, lo, hi): the Wilson score interval of k successes in n trials (paper-method 7: z = 1.95996..,
+  ``[max(0, center - half), min(1, center + half)]``) by ``scipy.stats.binomtest(k, n).proportion_ci``;
+  (None, None, None) when n <= 0; k = 0 gives lo = 0 and k = n gives hi = 1 exactly."""
   if n <= 0:
     return None, None, None
-  p = k / n
-  denom = 1.0 + z * z / n
-  center = (p + z * z / (2.0 * n)) / denom
-  half = z * math.sqrt((p * (1.0 - p) + z * z / (4.0 * n)) / n) / denom
-  return p, max(0.0, center - half), min(1.0, center + half)
+  if not 0 <= k <= n:
+    raise ValueError(f"wilson: k={k} successes out of n={n}; expected 0 <= k <= n")
+  import scipy.stats  # pylint: disable=import-outside-toplevel  # 0.7 s: only where intervals are computed
+  ci = scipy.stats.binomtest(int(k), int(n)).proportion_ci(confidence_level=confidence_level, method="wilson")
+  return k / n, float(ci.low), float(ci.high)
 
 
-def wilson_interval(k: int, n: int, z: float = Z95) -> tuple[float, float]:
-  """(lo, hi) Wilson 95% interval for k successes out of n (n > 0)."""
+def wilson_interval(k: int, n: int, confidence_level: float = 0.95) -> tuple[float, float]:
+  """(lo, hi) Wilson interval for k successes out of n (n > 0)."""
   if n <= 0:
     raise ValueError(f"wilson_interval: n={n}: need at least one trial")
-  _, lo, hi = wilson(int(k), int(n), z)
+  _, lo, hi = wilson(int(k), int(n), confidence_level)
   return lo, hi
 
 
@@ -215,6 +216,8 @@ def bootstrap_ci(values: Sequence, n_boot: int = 2000, seed: int = 0) -> tuple[f
 
   ``random.Random(seed)``; each of ``n_boot`` resamples is ``n`` draws of ``rng.choice`` over the
   finite values; lo/hi = sorted means at int(0.025 (n_boot - 1)) and int(0.975 (n_boot - 1)).
+  Kept beside ``bootstrap_ci_scipy`` because the paper's tables come from exactly these draws; the two
+  agree within Monte-Carlo error (tests/test_metrics.py).
   """
   xs = finite_values(values)
   if not xs:
@@ -250,16 +253,25 @@ def _choice_indices(rng: random.Random, n: int, size: int) -> np.ndarray:
   return out[:size]
 
 
-def bootstrap_ci_fast(values: Sequence, n_boot: int = 2000, seed: int = 0) -> tuple[float | None, float | None, float | None]:
-  """Vectorised percentile bootstrap (NumPy generator; same estimator, different draws)."""
+def bootstrap_ci_scipy(values: Sequence, n_boot: int = 2000, seed: int = 0, statistic=np.mean,
+                       confidence_level: float = 0.95) -> tuple[float | None, float | None, float | None]:
+  """(statistic, lo, hi): ``scipy.stats.bootstrap`` percentile interval over the finite values (NumPy
+  generator ``seed``: the same estimator as ``bootstrap_ci``, other draws); one value x gives (x, x, x)."""
   xs = np.asarray(finite_values(values), np.float64)
   if xs.size == 0:
     return None, None, None
-  rng = np.random.default_rng(seed)
-  boots = np.sort(xs[rng.integers(0, xs.size, size=(n_boot, xs.size))].mean(-1))
-  return float(xs.mean()), float(boots[int(0.025 * (n_boot - 1))]), float(boots[int(0.975 * (n_boot - 1))])
+  if xs.size == 1:
+    return float(xs[0]), float(xs[0]), float(xs[0])
+  import scipy.stats  # pylint: disable=import-outside-toplevel
+  res = scipy.stats.bootstrap((xs,), statistic, n_resamples=n_boot, confidence_level=confidence_level,
+                              method="percentile", rng=np.random.default_rng(seed))
+  return float(statistic(xs)), float(res.confidence_interval.low), float(res.confidence_interval.high)
 
 
 def sign_test_p(k: int, n: int) -> float:
-  """One-sided sign test: P(X >= k) for X ~ Binomial(n, 1/2) (TPP paired comparison)."""
-  return sum(math.comb(n, j) for j in range(k, n + 1)) / 2 ** n
+  """One-sided sign test: P(X >= k) for X ~ Binomial(n, 1/2) (TPP paired comparison), by
+  ``scipy.stats.binomtest``; n must be >= 1."""
+  if n <= 0:
+    raise ValueError(f"sign_test_p: n={n}: need at least one paired comparison")
+  import scipy.stats  # pylint: disable=import-outside-toplevel
+  return float(scipy.stats.binomtest(int(k), int(n), 0.5, alternative="greater").pvalue)
