@@ -105,12 +105,16 @@ def write_jsonl(path: str, rows: Iterable[Mapping[str, Any]]) -> None:
 
 
 def format_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-  """A GitHub-markdown table."""
+  """A GitHub-markdown table (``tabulate``, ``tablefmt="github"``): floats as ``.3f``, every other
+  cell as ``str`` (strings that look like numbers are kept as written); cells left-aligned."""
+  from tabulate import tabulate  # pylint: disable=import-outside-toplevel
   fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)
-  cells = [[fmt(v) for v in r] for r in rows]
-  widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(header)]
-  line = lambda vals: "| " + " | ".join(v.ljust(w) for v, w in zip(vals, widths)) + " |"
-  return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, cells)])
+  bad = [i for i, r in enumerate(rows) if len(r) != len(header)]
+  if bad:
+    raise ValueError(f"format_table: row {bad[0]} has {len(rows[bad[0]])} cells; expected {len(header)} "
+                     f"(header {list(header)})")
+  return tabulate([[fmt(v) for v in r] for r in rows], headers=list(header), tablefmt="github",
+                  disable_numparse=True)
 
 
 def pyplot():

@@ -141,3 +141,21 @@ def test_sign_test():
     assert metrics.sign_test_p(k, 20) == pytest.approx(sum(math.comb(20, j) for j in range(k, 21)) / 2 ** 20, rel=1e-12)
   with pytest.raises(ValueError, match="n=0"):
     metrics.sign_test_p(0, 0)
+
+
+def test_format_table_keeps_cells():
+  """outputs.format_table (tabulate, GitHub markdown): header names and cells as formatted before (floats
+  .3f, numeric-looking strings as written, not re-parsed), one row per line, a separator row."""
+  from recovery_jax import outputs  # pylint: disable=import-outside-toplevel
+  from recovery_jax.tasks import refusal_stats  # pylint: disable=import-outside-toplevel
+  rate = refusal_stats.fmt_rate(refusal_stats.rate([True] * 23 + [False]))
+  text = outputs.format_table(["run", "n", "rate", "recovered"], [["main", 24, 0.95833, rate], ["K", "007", "1e5", "-"]])
+  lines = text.splitlines()
+  cells = [[c.strip() for c in ln.strip().strip("|").split("|")] for ln in lines]
+  assert cells[0] == ["run", "n", "rate", "recovered"] and set("".join(lines[1])) <= set("|-:")
+  assert cells[2][:3] == ["main", "24", "0.958"] and cells[3] == ["K", "007", "1e5", "-"]
+  assert rate.startswith("23/24 = 0.96 [W 0.80, 0.99; B") and "|".join(cells[2]).endswith(rate.replace("|", ""))
+  assert len(lines) == 4 and len({len(ln) for ln in lines}) == 1  # aligned columns
+  assert outputs.format_table(["a", "b"], []).splitlines()[0].split() == ["|", "a", "|", "b", "|"]
+  with pytest.raises(ValueError, match="row 1 has 1 cells; expected 2"):
+    outputs.format_table(["a", "b"], [[1, 2], [3]])

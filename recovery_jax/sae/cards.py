@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from recovery_jax import outputs
 from recovery_jax.models import transformer
 from recovery_jax.sae import core, harvest
 from recovery_jax.sae.config import SAEConfig
@@ -187,10 +188,9 @@ def to_markdown(cards: Sequence[Card]) -> str:
               "Promotes: " + ", ".join(f"{_md(t)} ({v:+.2f})" for t, v in c.promoted), "",
               "Suppresses: " + ", ".join(f"{_md(t)} ({v:+.2f})" for t, v in c.suppressed), ""]
     if c.contexts:
-      lines += ["| activation | context (peak token in bold) |", "| --- | --- |"]
-      for ctx in c.contexts:
-        text = "".join(f"**{_md(t)}**" if i == ctx.peak else _md(t) for i, t in enumerate(ctx.tokens))
-        lines.append(f"| {ctx.value:.3g} | {text} |")
+      bold = lambda ctx: "".join(f"**{_md(t)}**" if i == ctx.peak else _md(t) for i, t in enumerate(ctx.tokens))
+      lines.append(outputs.format_table(["activation", "context (peak token in bold)"],
+                                        [[f"{ctx.value:.3g}", bold(ctx)] for ctx in c.contexts]))
     else:
       lines.append("Never fired on these tokens.")
     lines.append("")

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from recovery_jax import batching, errors
+from recovery_jax import batching, errors, outputs, profile
 from recovery_jax.models import generate
 from recovery_jax.tasks import refusal as task
 from recovery_jax.tasks import refusal_defence as defence_lib
@@ -22,6 +22,7 @@ def _defence_edits(args) -> dict:
   return defence_lib.edits(args[0])
 
 
+@profile.timed("generation", inside={"load": "preflight"})  # while preparing: the preflight
 def generate_rows(params, mcfg, ids: np.ndarray, mask: np.ndarray, *, defence=None, rows=None, make_edits=None,
                   max_new_tokens: int, batch_size: int, stop_ids: tuple[int, ...], pad_id: int, mesh=None
                   ) -> tuple[np.ndarray, np.ndarray]:
@@ -99,12 +100,9 @@ def count_valid(rows: Sequence[dict]) -> dict[str, int]:
 
 
 def _table(counts: dict[float, dict]) -> str:
-  head = ("| value | prompts | base R | base S | defended R_eff | valid | valid: substring | valid: safety cue | "
-          "valid: negative/degenerate |")
-  lines = [head, "|" + "---|" * 9]
-  for v, c in counts.items():
-    lines.append(f"| {v:g} | {c['n']} | {c['base_refusal']} | {c['base_safety_cue']} | {c['defended_r_eff']} | "
-                 f"{c['valid']} | {c['valid_' + judge.SUBSTRING]} | {c['valid_' + judge.SAFETY_CUE]} | "
-                 f"{c['valid_' + judge.NEGATIVE]} |")
-  return "\n".join(lines)
+  head = ["value", "prompts", "base R", "base S", "defended R_eff", "valid", "valid: substring", "valid: safety cue",
+          "valid: negative/degenerate"]
+  return outputs.format_table(head, [[f"{v:g}", c["n"], c["base_refusal"], c["base_safety_cue"], c["defended_r_eff"],
+                                      c["valid"], c["valid_" + judge.SUBSTRING], c["valid_" + judge.SAFETY_CUE],
+                                      c["valid_" + judge.NEGATIVE]] for v, c in counts.items()])
 
