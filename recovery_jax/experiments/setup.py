@@ -62,10 +62,17 @@ def load_sae(path: str, model_cfg, site: str, override: bool = False, model_name
       raise errors.UserError(f"config field 'sae'='shipped': {e}") from e
   if path.startswith("REQUIRED"):
     raise errors.UserError(f"config field 'sae': {path}")
+  load_kw = {}
+  if registry.is_name(path):  # release:id (docs/cli.md): a shipped SAE, or one under $RECOVERY_JAX_SAE_ROOT
+    try:
+      found = registry.find(path)
+    except errors.UserError as e:
+      raise errors.UserError(f"config field 'sae': {e}") from e
+    path, load_kw = str(found.path), found.load_kwargs()
   if not os.path.exists(path):
     raise errors.UserError(f"config field 'sae': {path!r} does not exist (a SAELens, Gemma Scope or sparsify folder)")
   try:
-    params, cfg = sae_formats.load_sae(path, model_cfg=model_cfg, hook_name=site, override=override)
+    params, cfg = sae_formats.load_sae(path, model_cfg=model_cfg, hook_name=site, override=override, **load_kw)
   except (sae_formats.SAEFileError, sae_formats.SAECompatibilityError, ValueError) as e:
     raise errors.UserError(f"config field 'sae': {e}") from e
   return jax.tree.map(jnp.asarray, params), cfg

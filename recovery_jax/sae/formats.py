@@ -396,10 +396,14 @@ def load_sae(path: str | os.PathLike, *, format: str = "auto", model_cfg=None, h
   loaded (``load_sae("smollm2-135m-instruct", site="blocks.9.hook_resid_post")``, see
   ``registry``; ``architecture`` picks one when several are shipped there). ``hook_name`` is the
   site the SAE will be attached to (compared with the file's; defaults to ``site``), ``override``
-  turns mismatches into warnings; ``kw`` goes to the format's loader.
+  turns mismatches into warnings; ``kw`` goes to the format's loader. ``path`` may also be a name
+  ``release:id`` (``registry.find``: a shipped SAE, or one under ``$RECOVERY_JAX_SAE_ROOT``).
   """
+  from recovery_jax.sae import registry  # pylint: disable=import-outside-toplevel  (registry imports formats lazily)
+  if registry.is_name(path):
+    found = registry.find(str(path))
+    path, kw = found.path, {**found.load_kwargs(), **kw}
   if site is not None and not Path(path).exists():
-    from recovery_jax.sae import registry
     path = registry.resolve(str(path), site, architecture=architecture)
   hook_name = hook_name if hook_name is not None else site
   fmt = detect_format(path) if format == "auto" else format
