@@ -71,6 +71,7 @@ def get_config(arg=None):
   c.mesh = ml_collections.ConfigDict({"data": -1, "model": 1})
   c.plots = True
   c.progress = True
+  c.tensorboard = True  # TensorBoard events under <workdir>/tensorboard (recovery_jax.telemetry)
   c.log_every = 25
 
   if a.variant == "paper":

@@ -101,6 +101,7 @@ def get_config(arg=None):
   # preflight; every defence padded to one K_max so all share the compiled recovery; () skips the sweep
   c.recovery.ks = (2, 4, 16)
   c.plots = True
+  c.tensorboard = True  # TensorBoard events under <workdir>/tensorboard (recovery_jax.telemetry)
   # generation and recovery batches sharded over the mesh's data axis (-1: every device; model axis unused here)
   c.mesh = ml_collections.ConfigDict({"data": 1, "model": 1})
   # OABD-style soft-suffix baseline (paper-method 9.2; paper run values) on the same valid cases

@@ -78,6 +78,7 @@ def get_config(arg=None):
   c.mesh = ml_collections.ConfigDict({"data": 1, "model": 1})
   c.plots = True
   c.progress = True
+  c.tensorboard = True  # TensorBoard events under <workdir>/tensorboard (recovery_jax.telemetry)
 
   if a.variant == "topk12":
     c.site = "blocks.12.hook_resid_pre"

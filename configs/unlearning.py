@@ -116,6 +116,7 @@ def get_config(arg=None):
   c.mesh = ml_collections.ConfigDict({"data": -1, "model": 1})
   c.plots = True
   c.progress = True
+  c.tensorboard = True  # TensorBoard events under <workdir>/tensorboard (recovery_jax.telemetry)
 
   if a.variant == "paper":
     c.model = a.model_path or "REQUIRED: model_path=<HF folder of gemma-2-2b-it>"

@@ -62,7 +62,11 @@ def map_batched(fn: Callable[[Any, np.ndarray], Any], examples, batch_size: int 
   fn(batch, ids): batch a pytree with leaves [B, ...] (numpy, or sharded over ``data`` with a
   mesh), ids int32 [B] the examples' positions in ``examples``; returns a pytree with leaves [B, ...].
   exact: every batch has exactly ``batch_size`` rows, even when ``n`` is smaller (``batch_size_for``).
-  progress: called as ``progress(done, n)`` after each batch."""
+  progress: called as ``progress(done, n)`` after each batch (None: a bar named after the current
+  phase where bars show, ``telemetry.batch_progress``)."""
+  if progress is None:
+    from recovery_jax import telemetry  # pylint: disable=import-outside-toplevel
+    progress = telemetry.batch_progress()
   leaves = jax.tree.leaves(examples)
   n = int(np.shape(leaves[0])[0]) if leaves else 0
   b = batch_size_for(n, batch_size, mesh, exact)

@@ -28,7 +28,8 @@ def render(workdir: str, plots: bool = True) -> str:
   if setting is None:
     raise errors.UserError(f"{workdir}: experiment {name!r} has no report (only the settings do: "
                            f"{', '.join(n for n in experiments.names() if n not in ('demo', 'train_sae'))})")
-  return setting.render(workdir, plots=plots)
+  from recovery_jax.experiments import runner  # pylint: disable=import-outside-toplevel
+  return runner.render(workdir, setting, plots=plots)  # the setting's render, then the run's profile
 
 
 def _main(argv) -> None:  # pragma: no cover - exercised through the CLI test

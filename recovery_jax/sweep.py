@@ -272,11 +272,15 @@ class UnitStore:
 
 def run_units(units: Sequence[WorkUnit], compute: Callable[[WorkUnit], Any], store: UnitStore,
               log: Callable[[str], None] = print, progress: bool = False,
-              on_corrupt: str = "recompute") -> dict[int, Any]:
+              on_corrupt: str = "recompute",
+              on_result: Callable[[WorkUnit, Any, float | None], None] | None = None) -> dict[int, Any]:
   """Computes every unit not yet in ``store`` (saving each as it finishes); returns all results.
-  ``progress``: a tqdm bar over the units still to compute (with an ETA). ``on_corrupt``: a saved
-  unit that fails its check (unreadable, no checksum, altered) is named in a one-line warning and
-  computed again ("recompute"), or ends the run with a UserError naming its path ("stop")."""
+  ``progress``: a tqdm bar over the units still to compute (the current unit and an ETA; quiet
+  unless ``telemetry.bars_enabled()``). ``on_corrupt``: a saved unit that fails its check
+  (unreadable, no checksum, altered) is named in a one-line warning and computed again
+  ("recompute"), or ends the run with a UserError naming its path ("stop"). ``on_result(unit,
+  result, seconds)``: called once per unit with its (numpy) result, as it is read back (seconds
+  None) or finished and saved."""
   if on_corrupt not in ON_CORRUPT:
     raise errors.UserError(f"on_corrupt={on_corrupt!r}: expected one of {ON_CORRUPT}")
   done = store.finished()
@@ -294,23 +298,33 @@ def run_units(units: Sequence[WorkUnit], compute: Callable[[WorkUnit], Any], sto
       store.discard(u.unit_id)
   if results:
     log(f"resuming: {len(results)} of {len(units)} work units already finished")
+    if on_result is not None:
+      for u in units:
+        if u.unit_id in results:
+          on_result(u, results[u.unit_id], None)
   todo = [u for u in units if u.unit_id not in results]
   bar = None
   if progress and todo:
-    from tqdm import tqdm  # pylint: disable=import-outside-toplevel
-    bar = tqdm(total=len(todo), desc="work units", unit="unit", dynamic_ncols=True)
+    from recovery_jax import telemetry  # pylint: disable=import-outside-toplevel
+    bar = telemetry.bar(len(todo), "work units", unit="unit")
+    bar = None if bar.disable else bar
   for u in todo:
     t0 = time.time()
+    if bar is not None:
+      bar.set_postfix_str(f"unit {u.unit_id + 1}/{len(units)} {u.group}", refresh=True)
     out = compute(u)
     store.save(u.unit_id, out)
     results[u.unit_id] = jax.tree.map(np.asarray, out)
+    seconds = time.time() - t0
     msg = (f"work unit {u.unit_id + 1}/{len(units)} finished: {len(u.points)} points, group {u.group}, "
-           f"{time.time() - t0:.1f} s")
+           f"{seconds:.1f} s")
     if bar is not None:
       bar.update(1)
       bar.write(msg)
     else:
       log(msg)
+    if on_result is not None:
+      on_result(u, results[u.unit_id], seconds)
   if bar is not None:
     bar.close()
   return results

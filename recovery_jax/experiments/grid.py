@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from recovery_jax import config_utils as cu
-from recovery_jax import errors, intervene, metrics, outputs, sweep
+from recovery_jax import errors, intervene, metrics, outputs, profile, sweep
 from recovery_jax.experiments import runner
 from recovery_jax.experiments import setting as setting_lib
 from recovery_jax.experiments import summary as summary_lib
@@ -181,7 +181,7 @@ def compute_unit(setting: Grid, config, mesh, u: sweep.WorkUnit) -> dict[str, An
          "feats": _keyed(out.feats), "refs": _keyed(out.refs), "masks": _keyed(out.masks), "delta": out.delta,
          "h_def": out.h_def,
          "history_objective": out.history["objective"], "history_delta_norm": out.history["delta_norm"],
-         "diverged": out.diverged, "budget": out.budget}
+         "history_drift_l2": out.history["drift_l2"], "diverged": out.diverged, "budget": out.budget}
   site_clamp = attribution.clamp_at(spec, clamps, spec.delta_sites[0]) if len(spec.delta_sites) == 1 else None
   mon = engine.monitored(clamps)
   if len(mon) == 1:
@@ -192,8 +192,9 @@ def compute_unit(setting: Grid, config, mesh, u: sweep.WorkUnit) -> dict[str, An
     res["pre_drift"] = _pre_drift(clamps[i], out.h_def, out.delta)
     k = int(config.recovery.get("attribution_top_k", 0))
     if variant != "shared" and k > 0:
-      res["attr_rows"], res["attr_energy"] = _attribution(spec, k)(setting.params, clamps, out.delta, out.h_def,
-                                                                   problems)
+      with profile.phase("evaluation"):  # the path-attribution replay
+        res["attr_rows"], res["attr_energy"] = _attribution(spec, k)(setting.params, clamps, out.delta, out.h_def,
+                                                                     problems)
   return jax.tree.map(lambda a: np.asarray(a)[:n_real], res)
 
 
@@ -299,5 +300,7 @@ def point_rows(setting: Grid, p: dict, res: dict, j: int, budget_scale: str = "a
         r[f"attr_{name}_energy"] = float(energy_c[e // b, c])
     rows.append(r)
   curve = {"point_id": p["point_id"], "grid_id": p["grid_id"], "name": f"{p['mode']} ({p['variant']})",
-           "objective": np.asarray(res["history_objective"][j]).mean(0).tolist()}
+           "objective": np.asarray(res["history_objective"][j]).mean(0).tolist(), "delta_norm": hist.mean(0).tolist()}
+  if "history_drift_l2" in res:  # per step, mean over problems (TensorBoard curves)
+    curve["drift_l2"] = np.asarray(res["history_drift_l2"][j]).mean(0).tolist()
   return rows, curve

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from recovery_jax import config_utils as cu
-from recovery_jax import errors, features, intervene
+from recovery_jax import errors, features, intervene, profile
 from recovery_jax.experiments import grid, runner
 from recovery_jax.experiments import setup as setup_lib
 from recovery_jax.models import sites as sites_lib
@@ -144,6 +144,7 @@ def no_flips_message(n_valid: dict, n_nonfinite: dict, base_ld, sae: str, model:
           "another site")
 
 
+@profile.timed("preflight")
 def _preflight(params, mcfg, make, tokens, mask, objective, base_ld, config) -> tuple[dict, dict]:
   """Defended logit differences per (n_features, clamp_value): the valid-flip counts and the counts of
   non-finite defended scores (never valid), before recovery."""

@@ -2,11 +2,13 @@
 
 The runner owns what the settings share: the workdir (claimed and locked, ``config.json``), the
 device mesh, the work units (resumable under ``workdir/units``, checksummed, ``on_corrupt``),
-progress, collection of every unit's rows, the divergence count, ``results.jsonl`` /
-``curves.json``, rendering and printing. A setting supplies validation, loading and preflight, its
+progress bars, collection of every unit's rows (as each unit finishes), the divergence count,
+``results.jsonl`` / ``curves.json``, TensorBoard events (``telemetry``), ``manifest.json``
+(``manifest``), the per-phase profile (``profile``: ``profile.json`` and the end of summary.md),
+rendering and printing. A setting supplies validation, loading and preflight, its
 units, how one unit is computed, its rows and its own sections (see ``setting.py``); settings on the
 engine's grid subclass ``grid.GridSetting``. ``python -m recovery_jax.report --workdir=...``
-re-renders any finished run through its setting's ``render``.
+re-renders any finished run through ``render`` (its setting's ``render`` and the profile).
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from typing import Any
 import jax
 from absl import logging
 
-from recovery_jax import errors, outputs, sweep
+from recovery_jax import errors, manifest, outputs, sweep, telemetry
+from recovery_jax import profile as profile_lib
 from recovery_jax.experiments import setting as setting_lib
 
 
@@ -74,42 +77,100 @@ def make_mesh(config):
     raise errors.UserError(f"config field 'mesh': {e}") from e
 
 
+def tensorboard_enabled(config) -> bool:
+  """Config field ``tensorboard`` (default True): TensorBoard events under ``workdir/tensorboard``."""
+  value = config.get("tensorboard", True)
+  if not isinstance(value, bool):
+    raise errors.UserError(f"config field 'tensorboard'={value!r}: expected True or False")
+  return value
+
+
+def write_manifest(config, workdir: str, setting: setting_lib.Setting) -> None:
+  """``workdir/manifest.json`` (``recovery_jax.manifest``) once the setting has loaded its files."""
+  manifest.write(workdir, manifest.build(config, setting.name or str(config.get("experiment", ""))))
+
+
+def render(workdir: str, setting: setting_lib.Setting, plots: bool = True) -> str:
+  """A finished run re-rendered (``python -m recovery_jax.report``): the setting's ``render``
+  (summary.md and its own files), then the run's ``profile.json``, when there is one, as the section
+  that ends summary.md; returns the markdown."""
+  text = setting.render(workdir, plots=plots)
+  prof = profile_lib.read(workdir)
+  return text if prof is None else render_profile(workdir, text, prof)
+
+
 def run(config, workdir: str, setting: setting_lib.Setting) -> dict[str, Any]:
-  """Runs ``setting`` on ``config`` into ``workdir``: validate, claim the workdir, prepare, every work
-  unit (resumed where stored), rows, the setting's own outputs, render. Returns ``{"rows": rows,
-  "text": summary markdown (writer process), **setting.finish(...)}``."""
+  """Runs ``setting`` on ``config`` into ``workdir``: validate, claim the workdir, prepare (then
+  ``manifest.json``), every work unit (resumed where stored; each unit's rows and TensorBoard events
+  as it finishes), rows, the setting's own outputs, render, the per-phase profile (``profile.json``,
+  printed and at the end of summary.md). Returns ``{"rows": rows, "text": summary markdown (writer
+  process), "profile": the profile, **setting.finish(...)}``."""
   t_start = time.time()
-  setting.validate(config)
-  os.makedirs(workdir, exist_ok=True)
-  snapshot_config(config, workdir)
-  mesh = make_mesh(config)
-  ctx = setting.prepare(config, workdir, mesh)
-  units = setting.units(config, ctx)
-  rows, curves = [], []
-  if units:
-    log(f"{setting.name}: {len(units)} work units on a {dict(mesh.shape)} mesh")
-    store = sweep.UnitStore(os.path.join(workdir, "units"))
-    try:
-      results = sweep.run_units(units, lambda u: setting.compute_unit(config, ctx, mesh, u), store, log=log,
-                                progress=config.get("progress", True), on_corrupt=on_corrupt(config))
-    finally:
-      store.close()
-    for u in units:
-      r, c = setting.unit_rows(config, ctx, u, results[u.unit_id])
-      rows += r
-      curves += c
-  n_div = sum(1 for r in rows if r.get("diverged"))
-  if n_div:
-    logging.warning("%d of %d rows diverged (non-finite objective, gradient or delta)", n_div, len(rows))
-    print(f"warning: {n_div} of {len(rows)} examples diverged (non-finite objective, gradient or delta); "
-          f"flagged 'diverged' in {setting.rows_file} and the summary, never counted as recovered", flush=True)
+  prof = profile_lib.Profile()
+  with profile_lib.active(prof), telemetry.progress(bool(config.get("progress", True))):
+    with profile_lib.phase("load"):
+      setting.validate(config)
+      use_tb = tensorboard_enabled(config)
+      os.makedirs(workdir, exist_ok=True)
+      snapshot_config(config, workdir)
+      manifest.begin()
+      mesh = make_mesh(config)
+      ctx = setting.prepare(config, workdir, mesh)
+      units = setting.units(config, ctx)
+      if is_writer():
+        write_manifest(config, workdir, setting)
+    rows, curves = [], []
+    if units:
+      log(f"{setting.name}: {len(units)} work units on a {dict(mesh.shape)} mesh")
+      events = telemetry.EventLog(workdir, enabled=use_tb and is_writer())
+      per_unit: dict[int, tuple[list, list]] = {}
+
+      def on_result(u: sweep.WorkUnit, result, seconds: float | None) -> None:
+        with profile_lib.phase("evaluation"):
+          per_unit[u.unit_id] = setting.unit_rows(config, ctx, u, result)
+          events.unit(u.unit_id, *per_unit[u.unit_id], seconds=seconds)
+
+      store = sweep.UnitStore(os.path.join(workdir, "units"))
+      try:
+        with profile_lib.phase("recovery"):
+          sweep.run_units(units, lambda u: setting.compute_unit(config, ctx, mesh, u), store, log=log,
+                          progress=config.get("progress", True), on_corrupt=on_corrupt(config), on_result=on_result)
+      finally:
+        store.close()
+        events.close()
+      for u in units:
+        r, c = per_unit[u.unit_id]
+        rows += r
+        curves += c
+    with profile_lib.phase("evaluation"):
+      n_div = sum(1 for r in rows if r.get("diverged"))
+      if n_div:
+        logging.warning("%d of %d rows diverged (non-finite objective, gradient or delta)", n_div, len(rows))
+        print(f"warning: {n_div} of {len(rows)} examples diverged (non-finite objective, gradient or delta); "
+              f"flagged 'diverged' in {setting.rows_file} and the summary, never counted as recovered", flush=True)
+      if is_writer():
+        outputs.write_jsonl(os.path.join(workdir, setting.rows_file), rows)
+        if curves:
+          outputs.atomic_write(os.path.join(workdir, "curves.json"), json.dumps(curves))
+      extra = setting.finish(config, ctx, workdir, rows, curves, time.time() - t_start)
+    out = {"rows": rows, **extra}
+    if is_writer():
+      with profile_lib.phase("report"):
+        text = setting.render(workdir, plots=config.plots)
+  out["profile"] = prof.result(time.time() - t_start)
   if is_writer():
-    outputs.write_jsonl(os.path.join(workdir, setting.rows_file), rows)
-    if curves:
-      outputs.atomic_write(os.path.join(workdir, "curves.json"), json.dumps(curves))
-  extra = setting.finish(config, ctx, workdir, rows, curves, time.time() - t_start)
-  out = {"rows": rows, **extra}
-  if is_writer():
-    out["text"] = setting.render(workdir, plots=config.plots)
+    profile_lib.write(workdir, out["profile"])
+    out["text"] = render_profile(workdir, text, out["profile"])
     print(out["text"], flush=True)
   return out
+
+
+def render_profile(workdir: str, text: str, prof: dict) -> str:
+  """``text`` (the setting's summary) with the profile section, which also ends summary.md."""
+  section = profile_lib.table(prof)
+  path = os.path.join(workdir, "summary.md")
+  if os.path.exists(path):
+    with open(path, encoding="utf-8") as f:
+      md = f.read()
+    outputs.atomic_write(path, md.split(profile_lib.SECTION_TITLE)[0].rstrip("\n") + "\n\n" + section)
+  return text.split(profile_lib.SECTION_TITLE)[0].rstrip("\n") + "\n\n" + section

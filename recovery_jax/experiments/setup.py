@@ -7,7 +7,7 @@ import os
 import jax
 import jax.numpy as jnp
 
-from recovery_jax import errors
+from recovery_jax import errors, manifest
 from recovery_jax.models import loading, sites as sites_lib
 from recovery_jax.sae import formats as sae_formats
 from recovery_jax.sae import registry, testing as sae_testing
@@ -33,6 +33,9 @@ def load_model(name: str, processing: str = "", seed: int = 0):
     raise errors.UserError(f"config field 'model_processing'={processing!r}: expected '' or 'transformer_lens'")
   if tok is None:
     raise errors.UserError(f"config field 'model': {name!r} has no tokenizer.json")
+  tiny = name in loading.TINY_MODELS  # the run's manifest names the file it read (none: random weights)
+  manifest.record("model", name, None if tiny else loading.resolve_named(name) if name in loading.NAMED_MODELS
+                  else name, **({"random_weights_seed": seed} if tiny else {}))
   return params, cfg, tok
 
 
@@ -54,7 +57,9 @@ def load_sae(path: str, model_cfg, site: str, override: bool = False, model_name
   except ValueError as e:
     raise errors.UserError(f"config field 'site': {e}") from e
   if path == "random":
+    manifest.record("sae", "random", None, site=site, random_weights_seed=1)
     return random_sae(model_cfg, site, d_sae=256)
+  value = path
   if path == "shipped":
     try:
       path = str(registry.resolve(model_name, site))
@@ -75,4 +80,5 @@ def load_sae(path: str, model_cfg, site: str, override: bool = False, model_name
     params, cfg = sae_formats.load_sae(path, model_cfg=model_cfg, hook_name=site, override=override, **load_kw)
   except (sae_formats.SAEFileError, sae_formats.SAECompatibilityError, ValueError) as e:
     raise errors.UserError(f"config field 'sae': {e}") from e
+  manifest.record("sae", value, path, site=site)
   return jax.tree.map(jnp.asarray, params), cfg

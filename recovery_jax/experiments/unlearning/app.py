@@ -35,7 +35,7 @@ import jax
 import numpy as np
 
 from recovery_jax import config_utils as cu
-from recovery_jax import errors, intervene, outputs, sweep
+from recovery_jax import errors, intervene, outputs, profile, sweep
 from recovery_jax.experiments import grid, runner
 from recovery_jax.experiments import setup as setup_lib
 from recovery_jax.experiments import summary as summary_lib
@@ -270,8 +270,9 @@ def compute_unit(setting: grid.Grid, ctx: Context, config, mesh, u: sweep.WorkUn
   deltas = np.asarray(res["delta"])[:, :, 0, 0]  # [G, N, P=1, d] of the one site
   deltas = deltas.reshape(g, len(b), -1)
   zero = np.zeros_like(deltas)
-  cl_def, z0 = ctx.fw.replay(ctx.params, clamps, b.tokens, b.attention_mask, b.choices, zero)
-  cl_rec, zrec = ctx.fw.replay(ctx.params, clamps, b.tokens, b.attention_mask, b.choices, deltas)
+  with profile.phase("evaluation"):  # the post-hoc replay
+    cl_def, z0 = ctx.fw.replay(ctx.params, clamps, b.tokens, b.attention_mask, b.choices, zero)
+    cl_rec, zrec = ctx.fw.replay(ctx.params, clamps, b.tokens, b.attention_mask, b.choices, deltas)
   cl_base = np.broadcast_to(ctx.cl_base, cl_def.shape)
   am = lambda cl: ul.argmax_margin(np.asarray(cl), b.gold)[..., None].astype(np.float32)  # [G, N, 1]
   res["objective_rows"] = np.asarray(res["rows"])

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from recovery_jax import batching, intervene, outputs
+from recovery_jax import batching, intervene, outputs, profile
 from recovery_jax.experiments import grid
 from recovery_jax.recovery import api, engine, soft_suffix
 from recovery_jax.recovery.objectives import Objective
@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 EPS = 1e-8
 
 
+@profile.timed(None, inside={"load": "preflight"})  # base / defended scoring while preparing
 def over_rows(fn, batch, batch_size: int):
   """``fn(tokens, attention_mask, choices)`` over the rows of ``batch`` (``batching.map_batched``)."""
   return batching.map_batched(lambda b, _: fn(*b), (batch.tokens, batch.attention_mask, batch.choices), batch_size)
