@@ -46,7 +46,7 @@ def get_config(arg=None):
   c = ml_collections.ConfigDict()
   c.experiment = "demo"
   c.variant = a.variant
-  c.order = tuple(n for n in a.only.split("-") if n) or ORDER
-  c.settings = ml_collections.ConfigDict(
+  c.order = tuple(n for n in a.only.split("-") if n) or ORDER  # the settings run, in this order (only=a-b: a subset)
+  c.settings = ml_collections.ConfigDict(  # per setting: its config file and the overrides applied to it
       {name: {"config": table[name][0], "overrides": table[name][1]} for name in ORDER})
   return c

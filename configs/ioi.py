@@ -33,13 +33,13 @@ def get_config(arg=None):
   c.sae_override_checks = False
   c.site = "blocks.12.hook_resid_pre"
 
-  c.task = ml_collections.ConfigDict()
+  c.task = ml_collections.ConfigDict()  # the IOI prompts: how many, which templates and name orders
   c.task.n_prompts = 64
   c.task.prompt_type = "mixed"  # BABA, ABBA or mixed
   c.task.nb_templates = 0  # 0: all templates
   c.task.prompt_seed = 0
 
-  c.clamp = ml_collections.ConfigDict()
+  c.clamp = ml_collections.ConfigDict()  # the defence: how the chosen SAE features are clamped at the site
   c.clamp.mode = "set"  # set, multiply or zero
   c.clamp.positive_only = True
   c.clamp.semantics = "frozen"
@@ -48,7 +48,7 @@ def get_config(arg=None):
   # the clamp (e.g. blocks.11.hook_resid_post for blocks.12.hook_resid_pre), so delta passes the SAE
   c.delta_site = ""
 
-  c.recovery = ml_collections.ConfigDict()
+  c.recovery = ml_collections.ConfigDict()  # the recovery: a delta optimised under the budget while the clamp stays active, per mode and variant
   c.recovery.steps = 100
   c.recovery.lr = 0.1
   c.recovery.ridge = 1e-4

@@ -45,13 +45,13 @@ def get_config(arg=None):
   # the circuit: the defence steers the chosen features at each of these sites, all positions
   c.sites = ("blocks.12.hook_resid_pre",)
 
-  c.task = ml_collections.ConfigDict()
+  c.task = ml_collections.ConfigDict()  # the prompts the defence is applied to (benign instructions by default)
   c.task.prompts_file = ""  # "": the shipped benign instructions (recovery_jax/data/refusal_prompts.jsonl)
   c.task.n_prompts = 64  # the first n rows; 0: all
   c.task.max_rows = 50_000  # a prompt file with more rows is an error (0: no cap); n_prompts stops reading early
   c.task.system = ""  # "": the template's default system turn
 
-  c.features = ml_collections.ConfigDict()
+  c.features = ml_collections.ConfigDict()  # which SAE features the defence steers: a ranking or a user list
   c.features.list = ""  # "L:f,L:f,...": a user feature list (skips the contrast)
   c.features.contrast = "openings"  # openings, system or files (harmful_file vs harmless_file, the paper's)
   c.features.contrast_file = ""  # rows for the openings/system contrast ("": the shipped file's last rows)
@@ -62,12 +62,12 @@ def get_config(arg=None):
   c.features.vector_site = ""  # "": each site's own contrast vector; else that site's for all (paper: layer 15)
   c.features.k = 8  # global top K (site, feature) pairs
 
-  c.defence = ml_collections.ConfigDict()
+  c.defence = ml_collections.ConfigDict()  # the SAE-feature defence: clamp form, strengths, error term
   c.defence.kind = "set"  # multiply (the paper), set (active or not), add (SAELens steering)
   c.defence.strengths = (3.0, 4.0, 5.0)
   c.defence.error_term = "keep"  # keep (the paper) or drop (the SAE as a full bottleneck)
 
-  c.generation = ml_collections.ConfigDict()
+  c.generation = ml_collections.ConfigDict()  # greedy generation of the base, defended and recovered answers
   c.generation.max_new_tokens = 128
   c.generation.batch_size = 16
 

@@ -34,7 +34,7 @@ def get_config(arg=None):
   c.sae_override_checks = False
   c.site = "blocks.6.hook_resid_post"
 
-  c.task = ml_collections.ConfigDict()
+  c.task = ml_collections.ConfigDict()  # the TPP task: classes, contexts and the linear probes
   c.task.source = "corpus"  # corpus: one class per offline corpus folder; file: a SAEBench-format file
   c.task.corpus_root = ".cache/corpus"  # relative: from the working directory, else the repository root
   c.task.classes = ("python_doc", "stdlib", "shakespeare", "fortunes", "wordnet")
@@ -59,7 +59,7 @@ def get_config(arg=None):
   c.task.activation_batch = 32
   c.task.recover_chunk = 128  # problems per compiled recovery call (0: all at once)
 
-  c.recovery = ml_collections.ConfigDict()
+  c.recovery = ml_collections.ConfigDict()  # the recovery: a delta optimised under the budget while the clamp stays active, per mode and variant
   c.recovery.steps = 100
   c.recovery.lr = 0.1
   c.recovery.ridge = 1e-4
@@ -69,7 +69,7 @@ def get_config(arg=None):
   c.recovery.modes = ("none", "encoder", "encoder_exact")
   c.recovery.variants = ("last",)  # delta scope: last non-pad position, or "all" (one row broadcast)
 
-  c.sweep = ml_collections.ConfigDict()
+  c.sweep = ml_collections.ConfigDict()  # the grid: every combination of these values is one point
   c.sweep.n_features = (500,)  # N latents ablated per class (paper: 500, the scan-best threshold)
   c.sweep.budget = (20.0,)
   c.sweep.seed = (0,)

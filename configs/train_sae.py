@@ -35,28 +35,28 @@ def get_config(arg=None):
   # are built there when build_corpus (stdlib always: it needs no download)
   c.corpus = "python_doc=0.35,shakespeare=0.2,wordnet=0.15,fortunes=0.15,stdlib=0.15"
   c.corpus_root = ".cache/corpus"  # "" = <workdir>/corpus
-  c.build_corpus = True
+  c.build_corpus = True  # build missing corpus sources under corpus_root (see corpus)
   c.stdlib_max_files = 0  # 0 = all
   c.heldout_frac = 0.02  # documents held out (by content hash) for evaluation
   # positions dropped: BOS/EOS/pad ids, BOS and the first text position of each window, and rows
   # whose norm exceeds outlier_factor x the forward batch's median (massive, sink-like activations)
   c.outlier_factor = 10.0
-  c.seq_len = 128
-  c.forward_batch = 32
-  c.train_tokens = a.tokens
-  c.heldout_tokens = a.heldout
+  c.seq_len = 128  # tokens per window of text the activations are harvested from
+  c.forward_batch = 32  # windows per forward pass of the harvest
+  c.train_tokens = a.tokens  # activations harvested for training
+  c.heldout_tokens = a.heldout  # activations harvested from the held-out documents (evaluation)
 
-  c.sae = ml_collections.ConfigDict(dict(
+  c.sae = ml_collections.ConfigDict(dict(  # the SAE and its optimiser (architecture, width, k, lr, batch, ...)
       architecture=a.arch, d_sae=a.d_sae, k=a.k, lr=a.lr, batch_size=a.batch, warmup_steps=100, decay_frac=0.3,
       aux_coeff=1 / 32, dead_tokens=500_000, l1_coeff=5.0, l0_coeff=1e-3, jumprelu_bandwidth=0.05,
       jumprelu_init_threshold=0.1, grad_clip=1.0))
   # total steps: `steps` if set, else `epochs` passes over the train store
   c.total_steps = a.steps
-  c.epochs = a.epochs
+  c.epochs = a.epochs  # passes over the train store when total_steps is 0
   c.log_every = 50
-  c.ckpt_every = 200
+  c.ckpt_every = 200  # checkpoint every N steps (an interrupted run resumes from the last)
 
-  c.export = ml_collections.ConfigDict(dict(
+  c.export = ml_collections.ConfigDict(dict(  # the SAELens folder written: export/<name>, weight dtype
       name=f"{a.model}-res{a.layer}-{a.arch}" if a.site == "hook_resid_pre" else f"{a.model}-{a.layer}-{a.site}-{a.arch}",
       dtype="float16"))
   c.progress = True

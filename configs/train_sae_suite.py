@@ -47,7 +47,7 @@ def get_config(arg=None):
   c.seed = a.seed
   c.model = a.model
   c.hook_name = ""  # several sites: hook_names
-  c.hook_names = tuple(f"blocks.{L}.hook_resid_post" for L in layers)
+  c.hook_names = tuple(f"blocks.{L}.hook_resid_post" for L in layers)  # one SAE per site, trained together
   c.prepend_bos = "auto"
   c.corpus = "python_doc=0.35,shakespeare=0.2,wordnet=0.15,fortunes=0.15,stdlib=0.15"
   c.corpus_root = ".cache/corpus"
@@ -57,7 +57,7 @@ def get_config(arg=None):
   c.outlier_factor = 10.0
   c.seq_len = 128
   c.forward_batch = 32
-  c.store_dtype = "float16"
+  c.store_dtype = "float16"  # dtype of the harvested activation store
   c.train_tokens = a.tokens
   c.heldout_tokens = a.heldout
   c.sae = ml_collections.ConfigDict(dict(

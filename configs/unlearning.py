@@ -47,7 +47,7 @@ def get_config(arg=None):
   c.sae_override_checks = False
   c.site = "blocks.3.hook_resid_post"
 
-  c.task = ml_collections.ConfigDict()
+  c.task = ml_collections.ConfigDict()  # the questions and the prompt format they are asked in
   c.task.questions_file = ""  # "": recovery_jax/data/unlearning_questions.jsonl (128 benign facts)
   c.task.retain_file = ""  # "": recovery_jax/data/retain_questions.jsonl (40 general questions)
   c.task.format = "cloze"  # mc (the paper's lettered prompt, 24 orders), cloze, cloze_listed (24 orders)
@@ -57,7 +57,7 @@ def get_config(arg=None):
   c.task.max_rows = 50_000  # a question file with more rows is an error (0: no cap)
   c.task.max_flips = 0  # 0: every valid flip
 
-  c.features = ml_collections.ConfigDict()
+  c.features = ml_collections.ConfigDict()  # which SAE features are clamped: the SAEBench rule or given ids
   c.features.feature_ids = ()  # a given list replaces the SAEBench rule (the paper preset)
   c.features.retain_threshold = 0.01
   c.features.forget_sources = ("questions", "topic_glosses")
@@ -67,13 +67,13 @@ def get_config(arg=None):
   c.features.seq_len = 64
   c.features.batch_size = 16
 
-  c.clamp = ml_collections.ConfigDict()
+  c.clamp = ml_collections.ConfigDict()  # the defence: how the chosen SAE features are clamped at the site
   c.clamp.mode = "set"
   c.clamp.positive_only = True
   c.clamp.semantics = "frozen"
   c.clamp.error_term = "keep"
 
-  c.recovery = ml_collections.ConfigDict()
+  c.recovery = ml_collections.ConfigDict()  # the recovery: a delta optimised under the budget while the clamp stays active, per mode and variant
   c.recovery.steps = 150
   c.recovery.lr = 0.08
   c.recovery.ridge = 1e-4
@@ -85,21 +85,21 @@ def get_config(arg=None):
   c.recovery.variants = ("per_example",)
   c.recovery.attribution_top_k = 0
 
-  c.sweep = ml_collections.ConfigDict()
+  c.sweep = ml_collections.ConfigDict()  # the grid: every combination of these values is one point
   c.sweep.n_features = (50,)
   c.sweep.clamp_value = (-10.0,)  # set to -m, m = 10 (the reference script default; paper-method Q5)
   c.sweep.budget = (20.0,)
   c.sweep.seed = (0,)
   c.unit_size = 0
 
-  c.retain_check = True
-  c.diagnostic = ml_collections.ConfigDict()
+  c.retain_check = True  # accuracy on the retain questions under each defence vs the base model
+  c.diagnostic = ml_collections.ConfigDict()  # recovery of a few flips over a range of budgets
   c.diagnostic.enabled = True
   c.diagnostic.budgets = (0.0, 1.0, 2.0, 5.0, 10.0, 20.0)
   c.diagnostic.n_flips = 6
   c.diagnostic.modes = ("none", "encoder")
 
-  c.soft_suffix = ml_collections.ConfigDict()
+  c.soft_suffix = ml_collections.ConfigDict()  # the soft-suffix baseline (optimised input embeddings)
   c.soft_suffix.enabled = True
   c.soft_suffix.variants = ("faithful", "corrected")
   c.soft_suffix.suffix_len = 16
@@ -112,7 +112,7 @@ def get_config(arg=None):
   c.soft_suffix.max_flips = 32
   c.soft_suffix.batch_size = 8  # flips optimised together (independent rows)
 
-  c.eval_batch_size = 32
+  c.eval_batch_size = 32  # questions per batch when answers are scored
   c.mesh = ml_collections.ConfigDict({"data": -1, "model": 1})
   c.plots = True
   c.progress = True

@@ -5,6 +5,12 @@
   python -m recovery_jax.main --config=configs/ioi.py:sweep --config.recovery.steps=50 --workdir=...
   python -m recovery_jax.main --config=configs/train_sae.py:smoke --workdir=/tmp/sae_smoke
 
+Help without running anything (no JAX import; docs/cli.md):
+
+  python -m recovery_jax.main --list           # every experiment, its config files and their variants
+  python -m recovery_jax.main --config=configs/ioi.py:tiny --describe   # the config's fields and meanings
+  python -m recovery_jax.main --help           # this text, the experiment list and the flags
+
 Input problems (an unknown experiment, an unusable workdir, a bad config field: ``errors.UserError``;
 an unknown ``--config.<field>``, a value of the wrong type, an unknown config variant or file: flag
 parsing) end with one line ``error: <message>`` on stderr naming the field and the nearest valid names,
@@ -36,7 +42,14 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config fil
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder; an interrupted run resumes from it.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Discard a run of another config found in --workdir (else "
                                 "that is an error); a run of the same config resumes either way.")
+_LIST = flags.DEFINE_bool("list", False, "Print every experiment with its config files, variants and arguments "
+                          "(one line each, from the config files' docstrings) and exit; also `main list`.")
+_DESCRIBE = flags.DEFINE_bool("describe", False, "Print the fields of --config (with any --config.<field> "
+                              "overrides), their values and meanings (the comments next to them in the config "
+                              "file) and exit; no --workdir needed.")
 flags.mark_flags_as_required(["config", "workdir"])
+_HELP_FLAGS = ("--help", "-help", "-h", "-?", "--helpshort", "-helpshort")
+_OWN_FLAGS = ("config", "workdir", "overwrite", "list", "describe")
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -187,9 +200,85 @@ def flag_error_message(args, e: BaseException) -> str:
   return _last_line(e)
 
 
+def help_text() -> str:
+  """``--help``: this module's docstring, the experiment listing and the flags."""
+  from recovery_jax import config_docs  # pylint: disable=import-outside-toplevel
+  flag_lines = "\n".join(f"  --{name}: {flags.FLAGS[name].help}" for name in _OWN_FLAGS)
+  return (f"{__doc__.strip()}\n\n{config_docs.listing()}\nflags:\n{flag_lines}\n"
+          "  --config.<field>=<value>: override one field of the config (e.g. --config.recovery.steps=50)\n"
+          "  -v / --verbosity=N: absl logging verbosity; --helpfull lists every absl flag\n")
+
+
+def describe_text(args) -> str:
+  """``--describe``: the config of ``--config`` (with its ``--config.<field>=<value>`` overrides) as
+  field = value and meaning; a ``UserError`` (naming the nearest valid names) for a config that does
+  not load."""
+  from recovery_jax import config_docs  # pylint: disable=import-outside-toplevel
+  spec = _config_spec(args)
+  if spec is None:
+    raise errors.UserError("--describe needs --config=<file>[:<variant>] (python -m recovery_jax.main --list shows them)")
+  overrides = [a[len("--config."):] for a in args if a.startswith("--config.")]
+  try:
+    cfg = config_utils.load_config_file(spec)
+  except Exception as e:  # pylint: disable=broad-except
+    raise errors.UserError(_config_file_problem(spec, e)) from e
+  for item in overrides:
+    key, _, value = item.partition("=")
+    try:
+      config_utils.field_parent(cfg, key)
+    except KeyError as missing:
+      raise errors.UserError(f"--config.{key}={value}: {missing.args[0]}") from None
+  try:
+    cfg = config_utils.load_config_file(spec, overrides)
+  except ValueError as e:
+    raise errors.UserError(f"--config={spec}: {e}") from e
+  name, known = cfg.get("experiment", None), experiments.names()
+  if name not in known:
+    raise errors.UserError(f"--config={spec}: field 'experiment'={name!r} is not a known experiment"
+                           f"{config_utils.nearest(str(name), known)}; known: {', '.join(known)}")
+  path = spec.partition(":")[0]
+  doc = config_docs.file_doc(path)
+  head = f"{spec}  (experiment {cfg.get('experiment', '?')!r}): {doc.summary}"
+  return f"{head}\n\n{config_docs.describe(cfg, config_docs.field_docs(path), config_docs.field_order(path))}\n"
+
+
+def _info_request(argv) -> str | None:
+  """'help', 'list' or 'describe' when ``argv`` asks for one (before absl parses: neither needs
+  --workdir), else None."""
+  args = argv[1:]
+  if any(a in _HELP_FLAGS for a in args):
+    return "help"
+  if args[:1] == ["list"] or any(a in ("--list", "-list", "--list=true", "--list=True") for a in args):
+    return "list"
+  if any(a in ("--describe", "-describe", "--describe=true", "--describe=True") for a in args):
+    return "describe"
+  return None
+
+
+def answer_info_request(argv) -> int | None:
+  """Prints the help, listing or description ``argv`` asks for (an ``error:`` line on stderr for a
+  bad one) and returns the exit status; None when ``argv`` asks for none of them."""
+  what = _info_request(argv)
+  if what is None:
+    return None
+  from recovery_jax import config_docs  # pylint: disable=import-outside-toplevel
+  try:
+    text = {"help": help_text, "list": config_docs.listing, "describe": lambda: describe_text(argv[1:])}[what]()
+  except errors.UserError as e:
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    return 2
+  sys.stdout.write(text)
+  sys.stdout.flush()
+  return 0
+
+
 def parse_flags(argv):
   """absl's flag parsing, with every failure (absl's, ml_collections' overrides, a config file that
-  does not load) one ``error:`` line and exit status 2."""
+  does not load) one ``error:`` line and exit status 2. ``--help``, ``--list`` / ``list`` and
+  ``--describe`` are answered here and exit."""
+  status = answer_info_request(argv)
+  if status is not None:
+    sys.exit(status)
   try:
     rest = flags.FLAGS(argv)
     cfg = flags.FLAGS["config"].value

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import ast
+import functools
 import importlib
 import pathlib
 import types
@@ -19,7 +20,14 @@ _DIR = pathlib.Path(__file__).parent
 
 def _defines_run(path: pathlib.Path) -> bool:
   """Whether ``path`` has a top-level ``run(config, workdir)`` (further parameters only with defaults)."""
-  for node in ast.parse(path.read_text(), str(path)).body:
+  st = path.stat()
+  return _defines_run_cached(str(path), st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=128)
+def _defines_run_cached(path: str, mtime_ns: int, size: int) -> bool:
+  del mtime_ns, size  # cache keys: a changed file is parsed again
+  for node in ast.parse(pathlib.Path(path).read_text(), path).body:
     if isinstance(node, ast.FunctionDef) and node.name == "run":
       a = node.args
       return ([p.arg for p in a.posonlyargs + a.args][:2] == ["config", "workdir"]
@@ -35,9 +43,23 @@ def names() -> tuple[str, ...]:
   return tuple(sorted(modules + packages))
 
 
+def summary(name: str) -> str:
+  """The first paragraph of experiment ``name``'s docstring (package: ``__init__``'s, else ``app.py``'s),
+  on one line; read without importing."""
+  candidates = [_DIR / f"{name}.py", _DIR / name / "__init__.py", _DIR / name / "app.py"]
+  for path in candidates:
+    if path.exists():
+      doc = ast.get_docstring(ast.parse(path.read_text(), str(path))) or ""
+      if doc.strip():
+        return " ".join(doc.strip().split("\n\n", 1)[0].split())
+  return ""
+
+
 def load(name: str) -> types.ModuleType:
-  """The experiment module ``name``; a ``UserError`` listing the known names when there is none."""
+  """The experiment module ``name``; a ``UserError`` naming the nearest and all known names when there is none."""
   known = names()
   if name not in known:
-    raise errors.UserError(f"config field 'experiment'={name!r} is not a known experiment; known: {', '.join(known)}")
+    from recovery_jax import config_utils  # pylint: disable=import-outside-toplevel
+    raise errors.UserError(f"config field 'experiment'={name!r} is not a known experiment"
+                           f"{config_utils.nearest(name, known)}; known: {', '.join(known)}")
   return importlib.import_module(f"{__name__}.{name}")
