@@ -9,6 +9,7 @@ import ast
 import difflib
 import importlib.util
 import os
+import re
 from typing import Sequence
 
 import ml_collections
@@ -23,6 +24,15 @@ def nearest(word: str, known: Sequence[str], n: int = 3, prefix: str = "") -> st
   ``prefix``); ``""`` when none is close."""
   close = difflib.get_close_matches(str(word), [str(k) for k in known], n=n, cutoff=0.6)
   return f" (did you mean {' or '.join(repr(prefix + c) for c in close)}?)" if close else ""
+
+
+def with_nearest_variant(message: str) -> str:
+  """``message`` with the nearest names appended when it is a config file's "unknown variant 'v';
+  expected a, b or c" (and names none yet)."""
+  m = re.search(r"unknown variant '([^']*)'; expected (.+?)\.?$", message)
+  if not m or "did you mean" in message:
+    return message
+  return message + nearest(m.group(1), [k for k in re.split(r",\s*|\s+or\s+", m.group(2)) if k])
 
 
 def check_choice(what: str, value: str, known: Sequence[str]) -> str:
@@ -113,7 +123,13 @@ def load_config_file(spec: str, overrides: Sequence[str] = (), *, root: str | No
   module_spec = importlib.util.spec_from_file_location(name, path)
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
-  cfg = module.get_config(arg or None)
+  try:
+    cfg = module.get_config(arg or None)
+  except ValueError as e:  # the files' "unknown variant 'v'; expected a, b or c": name the nearest
+    message = with_nearest_variant(e.args[0]) if e.args and isinstance(e.args[0], str) else None
+    if message is None or message == e.args[0]:
+      raise
+    raise type(e)(message) if isinstance(e, errors.UserError) else ValueError(message) from e
   for item in overrides:
     key, sep, text = item.partition("=")
     if not sep:

@@ -158,10 +158,7 @@ def _last_line(e: BaseException) -> str:
 def _config_file_problem(spec: str, e: BaseException) -> str:
   """The message of a config file that failed to load, with the nearest variant or file names."""
   msg = e.args[0] if isinstance(e, ValueError) and e.args else _last_line(e)
-  m = re.search(r"unknown variant '([^']*)'; expected (.+)$", msg)
-  if m:  # configs/<x>.py: "unknown variant 'v'; expected a, b or c"
-    known = re.split(r",\s*|\s+or\s+", m.group(2))
-    msg += config_utils.nearest(m.group(1), known)
+  msg = config_utils.with_nearest_variant(msg)  # configs/<x>.py: "unknown variant 'v'; expected a, b or c"
   path = spec.partition(":")[0]
   if not os.path.exists(path):
     folder = os.path.dirname(path) or "."

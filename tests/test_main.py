@@ -199,6 +199,8 @@ def test_unknown_variant_field_file_or_experiment_names_the_nearest(args, words,
     assert all(w in main.flag_error_message(args + ["--workdir=x"], ValueError("x")) for w in words[:2])
   with pytest.raises(errors.UserError, match="did you mean 'ioi'"):
     experiments.load("ioii")
+  with pytest.raises(ValueError, match=r"expected default, paper, sweep or tiny \(did you mean 'tiny'\?\)"):
+    config_utils.load_config_file(f"{ROOT}/configs/ioi.py:tiyn")  # the Python loader names it too
 
 
 def test_help_and_list_are_answered_before_flag_parsing(capsys):
