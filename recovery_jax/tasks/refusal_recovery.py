@@ -201,9 +201,12 @@ def stage_shapes(prompts, answers, discouraged, cfg: TwoStageConfig, batch: int,
 
 def recover_two_stage(params, model_cfg, clamps: Sequence, sites: Sequence[str], prompts, answers, discouraged,
                       cfg: TwoStageConfig, key, pad_id: int = 0, batch_size: int | None = None,
-                      shapes: StageShapes | None = None, ids=None, mesh=None) -> TwoStage:
+                      shapes: StageShapes | None = None, ids=None, mesh=None, budgets=None) -> TwoStage:
   """The v4 two-stage recovery of every case (module docstring). ``clamps``: the defence (multiply/set
-  Clamps at ``sites``, all monitored).
+  Clamps, all monitored); ``sites``: the delta sites (the threat model; in forward order), which may
+  differ from the clamps' sites: a delta upstream of a clamp passes through it (live semantics).
+  budgets: [N] per-case budgets of both stages (rho under a relative budget scale; None: the stages'
+  own), traced values of the same program, so a budget curve is the cases tiled over the grid.
 
   batch_size: cases per compiled call (None: all at once; ``batching.map_batched``). Cases are padded
   to one length and one suffix, and the last batch with copies of its last case, so one program per
@@ -223,18 +226,28 @@ def recover_two_stage(params, model_cfg, clamps: Sequence, sites: Sequence[str],
                               semantics="live")
 
   case_ids = np.arange(len(prompts), dtype=np.int32) if ids is None else np.asarray(ids, np.int32)
+  per_case = budgets is not None
+  if per_case:
+    budgets = np.asarray(budgets, np.float32).reshape(len(prompts))
+
+  def hp_of(stage: int, b):
+    hp = cfg.recovery_config(stage).hparams()
+    if b is None:
+      return hp
+    return jax.tree.map(lambda a: jnp.broadcast_to(jnp.asarray(a), b.shape), hp)._replace(budget=b)
 
   def one_batch(pbs, pos):
-    q1, q2 = pbs
-    out1 = engine.recover_examples(spec1, params, tuple(clamps), q1, cfg.recovery_config(1).hparams(), key,
-                                   ids=case_ids[pos])
-    out2 = engine.recover_examples(spec2, params, tuple(clamps), with_fixed(q2, out1.delta),
-                                   cfg.recovery_config(2).hparams(), key, ids=case_ids[pos])
+    q1, q2, b = pbs
+    out1 = engine.recover_examples(spec1, params, tuple(clamps), q1, hp_of(1, b), key, ids=case_ids[pos],
+                                   per_example_hp=per_case)
+    out2 = engine.recover_examples(spec2, params, tuple(clamps), with_fixed(q2, out1.delta), hp_of(2, b), key,
+                                   ids=case_ids[pos], per_example_hp=per_case)
     return out1, out2
 
+  args = (p1, p2, budgets)
   if shapes is not None:  # exactly shapes.batch cases per call, even when fewer are given
-    return TwoStage(*batching.map_batched(one_batch, (p1, p2), shapes.batch, mesh=mesh, exact=True))
-  return TwoStage(*batching.map_batched(one_batch, (p1, p2), batch_size, mesh=mesh))
+    return TwoStage(*batching.map_batched(one_batch, args, shapes.batch, mesh=mesh, exact=True))
+  return TwoStage(*batching.map_batched(one_batch, args, batch_size, mesh=mesh))
 
 
 def generation_edits(defence_edits: dict, sites: Sequence[str], delta1, delta2, anchor_pos, ans_pos, ans_valid,

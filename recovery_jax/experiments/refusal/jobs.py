@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from recovery_jax import errors, intervene, metrics
+from recovery_jax.models import sites as sites_lib
 from recovery_jax.models import transformer
 from recovery_jax.recovery import attribution, engine
 from recovery_jax.recovery.objectives import Objective
@@ -55,6 +56,14 @@ class RecoveryContext:
   mesh: Any = None  # batches of generation and recovery sharded over its ``data`` axis (None: one device)
   ids: Sequence[str] = ()  # the prompts' ids (prompt file rows)
   preflight: Any = None  # {"counts", "features", "rows"} of the preflight
+  delta_sites: tuple = ()  # the main threat model's delta sites in forward order (): the circuit sites
+
+  def delta_sites_for(self, job: dict) -> tuple:
+    """A job's delta sites: its threat model's, else the run's (``recovery.delta_sites``), else the
+    circuit sites (the delta right after each clamp)."""
+    if job.get("threat"):
+      return threat_sites(self.config, self.mcfg)[job["threat"]]
+    return self.delta_sites or self.sites
 
   def features_for(self, job: dict) -> dict:
     """site -> feature ids of a job's defence: the main set, or the global top ``job['k']``."""
@@ -65,6 +74,28 @@ class RecoveryContext:
     feats = self.features_for(job)
     return defence_lib.make_defence(spec, self.saes, feats, self.value,
                                     k_max=self.k_max or max(len(v) for v in feats.values()))
+
+
+def ordered_sites(sites: Sequence[str], mcfg=None) -> tuple:
+  """Sites in forward (visit) order."""
+  n = None if mcfg is None else mcfg.n_layers
+  return tuple(sorted(sites, key=lambda s: sites_lib.visit_key(s, n)))
+
+
+def threat_sites(config, mcfg=None) -> dict[str, tuple]:
+  """``recovery.threats`` entries ``name:site,site,...`` -> name -> delta sites in forward order (the
+  threat models a curve run compares; errors name the entry)."""
+  out = {}
+  for item in config.recovery.get("threats", ()):
+    name, sep, rest = str(item).partition(":")
+    sites = tuple(s.strip() for s in rest.split(",") if s.strip())
+    if not sep or not name.strip() or not sites:
+      raise errors.UserError(f"config field 'recovery.threats' has {item!r}: expected 'name:site,site,...' (e.g. "
+                             "'before:blocks.11.hook_resid_post')")
+    if name.strip() in out:
+      raise errors.UserError(f"config field 'recovery.threats' names {name.strip()!r} twice")
+    out[name.strip()] = ordered_sites(sites, mcfg)
+  return out
 
 
 def defence_k_max(config, feats: dict, ranking) -> int:
@@ -87,12 +118,18 @@ def run_shapes(config, tok, prompts: Sequence[str], base_ids: Sequence[Sequence[
                               [base_ids[i] for i in idx], discouraged, v4_config(config, "none"), batch, pad_id)
 
 
-def v4_config(config, mode: str, budget: float | None = None) -> rec_lib.TwoStageConfig:
+def v4_config(config, mode: str, budget: float | None = None, budget_scale: str | None = None
+              ) -> rec_lib.TwoStageConfig:
   """The two-stage recovery of ``config.recovery`` for one projection mode: ``stage1`` / ``stage2`` give
-  each stage's steps, lr and budget, the knobs both share are set once; ``budget`` sets both stages."""
+  each stage's steps, lr and budget, the knobs both share are set once; ``budget`` sets both stages.
+  The ``encoder`` mode also projects the delta itself after each step (v4's encoder mode,
+  ``recovery.encoder_project_params``; paper-method Q6)."""
   r = config.recovery
   shared = dict(jacobian_probes=int(r.jacobian_probes), correction_steps=int(r.correction_steps),
-                checkpoint_every=int(r.checkpoint_every), budget_scale=str(r.get("budget_scale", "absolute")))
+                checkpoint_every=int(r.checkpoint_every),
+                budget_scale=budget_scale or str(r.get("budget_scale", "absolute")))
+  if mode.startswith("encoder"):
+    shared["project_params"] = bool(r.get("encoder_project_params", True))
   stage = lambda s: rec_lib.v4_stage(mode, int(s.steps), float(s.lr), float(s.budget if budget is None else budget),
                                      **shared)
   return rec_lib.TwoStageConfig(stage1=stage(r.stage1), stage2=stage(r.stage2), n_ans=int(r.n_ans))
@@ -118,7 +155,11 @@ def recovery_jobs(config) -> list[dict]:
     jobs += [dict(run="soft suffix", mode=v, error_term=keep, budget=None, attribution=False) for v in ss.variants]
   main_k = lambda k: int(k) == int(config.features.k) and r.budget_mode in tuple(r.modes)
   jobs += [dict(run="K", mode=r.budget_mode, error_term=keep, budget=None, attribution=False, k=int(k))
-           for k in r.get("ks", ()) if not main_k(k)]  # last: unit ids of earlier workdirs stay valid
+           for k in r.get("ks", ()) if not main_k(k)]
+  cv = r.get("curve")
+  if cv is not None and cv.rhos:  # last: unit ids of earlier workdirs stay valid
+    jobs += [dict(run="curve", mode=m, error_term=keep, budget=None, attribution=False, threat=t)
+             for t in cv.threats for m in cv.modes]
   return jobs
 
 
@@ -167,7 +208,7 @@ _BUILDERS: dict = {}
 
 
 def _recovered_builder(sites: tuple, variant: str):
-  """Static edit builder (cached per sites and variant, so generation compiles once):
+  """Static edit builder (cached per delta sites and variant, so generation compiles once):
   ``(defence, (delta1, delta2, anchor, ans_pos, ans_valid)) -> edits``."""
   key = (tuple(sites), variant)
   if key not in _BUILDERS:
@@ -197,8 +238,9 @@ def label_texts(texts: Sequence[str], bases: Sequence[str], lengths: np.ndarray)
 
 
 def _attr_clamps(ctx: RecoveryContext, error_term: str) -> tuple:
-  """One clamp per delta site for the decomposition (a site without defended features gets a clamp
-  with no real feature: all of its SAE features count as non-clamped)."""
+  """One clamp per circuit site for the decomposition of the delta at the delta site on the same
+  residual vector (a site without defended features gets a clamp with no real feature: all of its
+  SAE features count as non-clamped)."""
   k_max = max(len(v) for v in ctx.feats.values())
   out = []
   for s in ctx.sites:
@@ -211,8 +253,8 @@ def _attr_clamps(ctx: RecoveryContext, error_term: str) -> tuple:
   return tuple(out)
 
 
-def _generate_with(ctx: RecoveryContext, defence, idx: np.ndarray, d1, d2, ans_valid, variant: str
-                   ) -> tuple[list[str], np.ndarray, np.ndarray]:
+def _generate_with(ctx: RecoveryContext, defence, idx: np.ndarray, d1, d2, ans_valid, variant: str,
+                   delta_sites: tuple) -> tuple[list[str], np.ndarray, np.ndarray]:
   """Texts, lengths and tokens of prompts ``idx`` generated under the defence with deltas added at
   absolute positions (anchor = prompt_len - 1; answer = prompt_len + j)."""
   g = ctx.config.generation
@@ -221,7 +263,7 @@ def _generate_with(ctx: RecoveryContext, defence, idx: np.ndarray, d1, d2, ans_v
   rows = (np.asarray(d1, np.float32), np.asarray(d2, np.float32), (plen - 1).astype(np.int32),
           (plen[:, None] + np.arange(p)[None]).astype(np.int32), np.asarray(ans_valid, bool))
   toks, lens = generate_rows(ctx.params, ctx.mcfg, ids, mask, defence=defence, rows=rows,
-                             make_edits=_recovered_builder(ctx.sites, variant), max_new_tokens=g.max_new_tokens,
+                             make_edits=_recovered_builder(delta_sites, variant), max_new_tokens=g.max_new_tokens,
                              batch_size=g.batch_size, stop_ids=ctx.stop_ids, pad_id=ctx.pad_id, mesh=ctx.mesh)
   texts = [task.answer_text(ctx.tok, toks[r, :lens[r]], ctx.stop_ids) for r in range(len(idx))]
   return texts, lens, toks
@@ -240,6 +282,8 @@ def compute_job(ctx: RecoveryContext, job: dict) -> dict[str, np.ndarray]:
   norms, drifts, divergence; generated tokens only with ``save_text``."""
   if job["run"] == "soft suffix":
     return compute_soft(ctx, job)
+  if job["run"] == "curve":
+    return compute_curve(ctx, job)
   config, r = ctx.config, ctx.config.recovery
   defence = ctx.defence_for(job)
   out: dict[str, np.ndarray] = {}
@@ -258,13 +302,24 @@ def compute_job(ctx: RecoveryContext, job: dict) -> dict[str, np.ndarray]:
   out["n_cases"] = np.asarray([len(idx)], np.int32)
   if not len(idx):
     return out
-  out["case"] = idx.astype(np.int32)
   v4 = v4_config(config, job["mode"], job["budget"])
+  out.update(_recover_cases(ctx, job, defence, v4, idx))
+  return out
+
+
+def _recover_cases(ctx: RecoveryContext, job: dict, defence, v4: rec_lib.TwoStageConfig, idx: np.ndarray,
+                   budgets: np.ndarray | None = None) -> dict[str, np.ndarray]:
+  """The two-stage recovery of cases ``idx`` [N] (repeats allowed: a budget curve tiles them, each copy
+  at its own ``budgets[i]``) at the job's delta sites, generation with the recovered delta per variant,
+  the detectors, drift and norms, and (``attribution``) the component replay: host arrays [N]."""
+  config, r = ctx.config, ctx.config.recovery
+  dsites = ctx.delta_sites_for(job)
+  out: dict[str, np.ndarray] = {"case": idx.astype(np.int32)}
   prompt_ids = [ctx.tok.encode(ctx.prompts[i], add_special_tokens=False).ids for i in idx]
   answers = [ctx.base_ids[i] for i in idx]
-  res = rec_lib.recover_two_stage(ctx.params, ctx.mcfg, defence, ctx.sites, prompt_ids, answers, ctx.discouraged, v4,
+  res = rec_lib.recover_two_stage(ctx.params, ctx.mcfg, defence, dsites, prompt_ids, answers, ctx.discouraged, v4,
                                   jax.random.key(config.seed), ctx.pad_id, batch_size=int(r.batch_size) or None,
-                                  shapes=ctx.shapes, ids=idx, mesh=ctx.mesh)
+                                  shapes=ctx.shapes, ids=idx, mesh=ctx.mesh, budgets=budgets)
   s1, s2 = res.stage1, res.stage2
   d1, d2 = np.asarray(s1.delta, np.float32), np.asarray(s2.delta, np.float32)  # [N, S, 1, d], [N, S, P, d]
   ans_valid = np.arange(v4.n_ans)[None] < np.minimum(v4.n_ans, [len(a) for a in answers])[:, None]  # [N, P]
@@ -285,9 +340,8 @@ def compute_job(ctx: RecoveryContext, job: dict) -> dict[str, np.ndarray]:
   h2 = _sq(np.asarray(s2.h_def)[:, :, 0] * ans_valid[:, None, :, None])
   norms = {"faithful": (n1, h1), "honest": (n1 + n2, h1 + h2)}
   bases = [ctx.base_texts[i] for i in idx]
-  texts_out = {}
   for v in r.variants:
-    texts, lens, toks = _generate_with(ctx, defence, idx, d1, d2, ans_valid, v)
+    texts, lens, toks = _generate_with(ctx, defence, idx, d1, d2, ans_valid, v, dsites)
     for k, a in label_texts(texts, bases, lens).items():
       out[f"{v}_{k}"] = a
     nd, nh = norms[v]
@@ -295,9 +349,43 @@ def compute_job(ctx: RecoveryContext, job: dict) -> dict[str, np.ndarray]:
     out[f"{v}_rel_delta_norm"] = np.sqrt(nd) / (np.sqrt(nh) + metrics.EPS)
     if config.save_text:
       out[f"{v}_gen_tokens"], out[f"{v}_gen_lengths"] = toks.astype(np.int32), lens.astype(np.int32)
-    texts_out[v] = texts
   if job["attribution"]:
     out.update(attribution_replay(ctx, defence, job, idx, s1, d1, d2, ans_valid, bases))
+  return out
+
+
+def compute_curve(ctx: RecoveryContext, job: dict) -> dict[str, np.ndarray]:
+  """A budget curve of one (threat model, mode): every valid case at every rho of ``recovery.curve.rhos``
+  (relative budgets, both stages) in one recovery call per batch of the cases tiled over the grid, then
+  ``curve.bisect_steps`` bisections of each case's (last failing, first recovering] grid interval on the
+  first generation variant's not-R label. Rows [G * N] (``case``, ``rho``) and per case [N]
+  ``min_case``, ``min_rho`` (+inf: no rho recovered it) and ``min_lo``."""
+  config, r = ctx.config, ctx.config.recovery
+  cv = r.curve
+  defence = ctx.defence_for(job)
+  idx = select_cases(ctx.valid, ctx.base_ids, int(r.max_cases))
+  out: dict[str, np.ndarray] = {"n_cases": np.asarray([len(idx)], np.int32)}
+  if not len(idx):
+    return out
+  grid = np.sort(np.asarray(cv.rhos, np.float64))
+  n, g = len(idx), len(grid)
+  v4 = v4_config(config, job["mode"], budget_scale="relative")
+  out.update(_recover_cases(ctx, job, defence, v4, np.tile(idx, g), np.repeat(grid, n)))
+  out["rho"] = np.repeat(grid, n)
+  key = f"{r.variants[0]}_nonrefusal"
+  rec = (out[key].astype(bool) & ~out["diverged"].astype(bool)).reshape(g, n)
+  first = np.where(rec.any(0), rec.argmax(0), -1)
+  found = first >= 0
+  hi = np.where(found, grid[np.maximum(first, 0)], np.inf)
+  lo = np.where(first > 0, grid[np.maximum(first - 1, 0)], 0.0)
+  sel = np.flatnonzero(found)
+  for _ in range(int(cv.bisect_steps) if len(sel) else 0):
+    mid = (lo[sel] + hi[sel]) / 2
+    part = _recover_cases(ctx, dict(job, attribution=False), defence, v4, idx[sel], mid)
+    good = part[key].astype(bool) & ~part["diverged"].astype(bool)
+    hi[sel] = np.where(good, mid, hi[sel])
+    lo[sel] = np.where(good, lo[sel], mid)
+  out.update(min_case=idx.astype(np.int32), min_rho=hi, min_lo=lo)
   return out
 
 
@@ -316,7 +404,8 @@ def attribution_replay(ctx: RecoveryContext, defence, job: dict, idx, s1, d1, d2
   component replayed alone under the defence, generated and judged; energy fractions and norms."""
   k = int(ctx.config.recovery.attribution_top_k)
   clamps = _attr_clamps(ctx, job["error_term"])
-  spec = engine.RecoverySpec(ctx.mcfg, ctx.sites, Objective("teacher_forced"), RecoveryConfig(), suffix_len=None,
+  dsites = ctx.delta_sites_for(job)
+  spec = engine.RecoverySpec(ctx.mcfg, dsites, Objective("teacher_forced"), RecoveryConfig(), suffix_len=None,
                              semantics="live")
   key = (spec, k)
   if key not in _DECOMPOSE:
@@ -328,7 +417,7 @@ def attribution_replay(ctx: RecoveryContext, defence, job: dict, idx, s1, d1, d2
   out = {}
   for c in ATTR_COMPONENTS:
     part = np.asarray(getattr(comps, c), np.float32)
-    texts, lens, _ = _generate_with(ctx, defence, idx, part, np.zeros_like(d2), ans_valid, "faithful")
+    texts, lens, _ = _generate_with(ctx, defence, idx, part, np.zeros_like(d2), ans_valid, "faithful", dsites)
     lab = label_texts(texts, bases, lens)
     for name in ("nonrefusal", "nonrefusal_eff", "base_like", "strict"):
       out[f"attr_{c}_{name}"] = lab[name]
