@@ -134,6 +134,20 @@ def curve_run(curve: dict) -> str:
   return re.sub(r"[^A-Za-z0-9_.() =+-]", "_", name)
 
 
+def summary_writer():
+  """``tensorboardX.SummaryWriter``. tensorboardX imports torch, when installed, only to accept torch
+  tensors (seconds of import time in a JAX run); unless torch is already loaded, it is imported with
+  torch hidden, so it falls back to numpy (all this module writes)."""
+  if "tensorboardX" not in sys.modules and "torch" not in sys.modules:
+    sys.modules["torch"] = None  # type: ignore[assignment]  # ``import torch`` raises ImportError
+    try:
+      import tensorboardX  # pylint: disable=import-outside-toplevel,unused-import
+    finally:
+      del sys.modules["torch"]
+  from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+  return SummaryWriter
+
+
 class EventLog:
   """TensorBoard events of one run under ``<workdir>/tensorboard`` (see the module docstring);
   ``enabled=False`` (or the non-writer processes) writes nothing."""
@@ -147,8 +161,7 @@ class EventLog:
 
   def _writer(self, run: str):
     if run not in self._writers:
-      from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
-      self._writers[run] = SummaryWriter(logdir=os.path.join(self.root, run), flush_secs=5)
+      self._writers[run] = summary_writer()(logdir=os.path.join(self.root, run), flush_secs=5)
     return self._writers[run]
 
   def unit(self, unit_id: int, rows: Sequence[dict], curves: Sequence[dict], seconds: float | None = None) -> None:

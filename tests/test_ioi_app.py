@@ -62,6 +62,36 @@ def test_app_runs_and_writes_outputs(tmp_path, cache_dir):
   assert len(cards) == 2 and all(c["site"] == "blocks.2.hook_resid_pre" and c["n_tokens"] > 0 for c in cards)
   assert "[cards/cards.md](cards/cards.md)" in (wd / "summary.md").read_text()
   assert (wd / "cards" / "cards.html").read_text().lstrip().lower().startswith("<!doctype html")
+  _check_watch_and_reproduce(wd, proc.stdout)
+
+
+def _check_watch_and_reproduce(wd, stdout):
+  """TensorBoard events (read back by TensorBoard's reader), manifest.json and the per-phase profile
+  of a finished run (recovery_jax.telemetry / manifest / profile)."""
+  from tests.test_telemetry import read_events  # pylint: disable=import-outside-toplevel
+  units = read_events(wd / "tensorboard" / "units")  # two work units: (none, encoder) x per_prompt
+  assert {t: len(v) for t, v in units.items() if t in ("unit/recovered_fraction", "unit/n_rows")} == {
+      "unit/recovered_fraction": 2, "unit/n_rows": 2}
+  assert [v for _, v in units["unit/n_rows"]] == [16.0, 16.0]
+  curves = sorted(p.name for p in (wd / "tensorboard").iterdir() if p.name != "units")
+  assert curves == ["p0000 none (per_prompt)", "p0001 encoder (per_prompt)"]
+  for c in curves:
+    ev = read_events(wd / "tensorboard" / c)
+    assert sorted(ev) == ["curve/delta_norm", "curve/drift_l2", "curve/objective"]
+    assert all(len(v) == 20 for v in ev.values())  # recovery.steps of the tiny config
+  m = json.loads((wd / "manifest.json").read_text())
+  assert [(f["kind"], f["value"]) for f in m["files"]] == [("model", "tiny-random-llama"), ("sae", "random")]
+  assert m["seeds"]["seed"] == 0 and m["config"]["experiment"] == "ioi" and m["versions"]["jax"]
+  prof = json.loads((wd / "profile.json").read_text())
+  assert {"load", "compile", "preflight", "recovery", "evaluation", "report"} <= set(prof["phases"])
+  assert sum(p["fraction"] for p in prof["phases"].values()) == pytest.approx(1.0, abs=0.01)
+  assert prof["compilations"]["programs"] > 0
+  summary = (wd / "summary.md").read_text()
+  last = [c.strip() for c in summary.rstrip().splitlines()[-1].strip("|").split("|")]  # the table ends summary.md
+  other = prof["phases"]["other"]
+  assert summary.count("## Where the time went") == 1
+  assert last == ["other", f"{other['seconds']:.1f}", f"{100 * other['fraction']:.1f}%"]
+  assert "## Where the time went" in stdout and "| compile" in stdout
 
 
 def test_diverging_optimisation_is_flagged_not_reported(tmp_path, cache_dir):
@@ -69,12 +99,13 @@ def test_diverging_optimisation_is_flagged_not_reported(tmp_path, cache_dir):
   recovered, and the run says so (before: 'not recovered, delta norm 0' with no word)."""
   wd = tmp_path / "div"
   proc = _app(wd, "configs/ioi.py:tiny", "--config.recovery.lr=1e38", "--config.recovery.steps=3",
-              "--config.recovery.modes=('none',)", cache=cache_dir)
+              "--config.recovery.modes=('none',)", "--config.tensorboard=False", cache=cache_dir)
   rows = [json.loads(l) for l in open(wd / "results.jsonl")]
   assert rows and all(r["diverged"] and not r["recovered"] for r in rows)
   summary = [json.loads(l) for l in open(wd / "summary.jsonl")]
   assert summary[0]["n_diverged"] == len(rows) and summary[0]["n_recovered"] == 0
   assert "diverged" in proc.stdout and "diverged" in (wd / "summary.md").read_text()
+  assert not (wd / "tensorboard").exists() and (wd / "manifest.json").exists()  # config field tensorboard=False
 
 
 def test_bottleneck_defence_upstream_delta_and_report_rerender(tmp_path, cache_dir):
