@@ -277,7 +277,7 @@ def listing(folder: str | os.PathLike | None = None, experiment_names=None, summ
   ``experiment_names``/``summaries`` (name -> line) default to ``recovery_jax.experiments``'."""
   from recovery_jax import experiments  # pylint: disable=import-outside-toplevel
   names = tuple(experiment_names) if experiment_names is not None else experiments.names()
-  summaries = summaries if summaries is not None else {n: experiments.summary(n) for n in names}
+  summaries = summaries if summaries is not None else {n: experiments.one_line(n) for n in names}
   by_experiment: dict[str, list[FileDoc]] = {}
   for path in config_files(folder):
     d = file_doc(path)

@@ -103,7 +103,7 @@ def test_list_shows_every_experiment_config_and_variant_with_its_line():
   text = config_docs.listing()
   assert {"demo", "ioi", "refusal", "tpp", "train_sae", "unlearning"} <= set(experiments.names())
   for name in experiments.names():
-    assert f"\n{name}  {experiments.summary(name)[:30]}" in text, name
+    assert f"\n{name}  {experiments.one_line(name)[:30]}" in text, name
   assert "(no config file" not in text and "not described" not in text and "not a known experiment" not in text, text
   for path in CONFIGS:
     doc = config_docs.file_doc(path)

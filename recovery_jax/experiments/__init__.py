@@ -43,7 +43,7 @@ def names() -> tuple[str, ...]:
   return tuple(sorted(modules + packages))
 
 
-def summary(name: str) -> str:
+def one_line(name: str) -> str:
   """The first paragraph of experiment ``name``'s docstring (package: ``__init__``'s, else ``app.py``'s),
   on one line; read without importing."""
   candidates = [_DIR / f"{name}.py", _DIR / name / "__init__.py", _DIR / name / "app.py"]
