@@ -149,7 +149,8 @@ def test_format_table_keeps_cells():
   from recovery_jax import outputs  # pylint: disable=import-outside-toplevel
   from recovery_jax.tasks import refusal_stats  # pylint: disable=import-outside-toplevel
   rate = refusal_stats.fmt_rate(refusal_stats.rate([True] * 23 + [False]))
-  text = outputs.format_table(["run", "n", "rate", "recovered"], [["main", 24, 0.95833, rate], ["K", "007", "1e5", "-"]])
+  text = outputs.format_table(["run", "n", "rate", "recovered"],
+                              [["main", 24, 0.95833, rate], ["K", "007", "1e5", "-"]])
   lines = text.splitlines()
   cells = [[c.strip() for c in ln.strip().strip("|").split("|")] for ln in lines]
   assert cells[0] == ["run", "n", "rate", "recovered"] and set("".join(lines[1])) <= set("|-:")
