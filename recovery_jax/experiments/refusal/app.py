@@ -98,7 +98,7 @@ def _features(config, params, mcfg, tok, saes, sites, pad_id, log) -> tuple[dict
     except ValueError as e:
       raise errors.UserError(f"config field 'features.list': {e}") from e
     return feats, {"source": "user list", "features": feats}, None
-  tmpl = task.template_name(mcfg)
+  tmpl = config.model  # chat.load_template: the model file's own chat template (or its family's fallback)
   if f.contrast == "files":
     if not (f.harmful_file and f.harmless_file):
       raise errors.UserError("config fields 'features.harmful_file' and 'features.harmless_file' are required for "
@@ -155,9 +155,10 @@ def prepare(config, workdir: str, mesh) -> RecoveryContext:
       raise errors.UserError(f"config field 'features.list': {e}") from e
   saes = {s: setup_lib.load_sae(sae_path(config.sae, s), mcfg, s, model_name=config.model) for s in sites}
   pad_id = int(mcfg.pad_token_id if mcfg.pad_token_id is not None else 0)
-  tmpl = task.template_name(mcfg)
+  tmpl = config.model  # chat.load_template: the model file's own chat template (or its family's fallback)
   stop_ids = tuple(sorted(set(chat.stop_token_ids(tmpl, tok.token_to_id)) | set(mcfg.eos_token_ids or ())))
-  log(f"model {config.model}, SAEs at {', '.join(sites)} ({config.sae}); template {tmpl}, stop ids {stop_ids}")
+  log(f"model {config.model}, SAEs at {', '.join(sites)} ({config.sae}); template {chat.load_template(tmpl).source}, "
+      f"stop ids {stop_ids}")
 
   feats, record, ranking = _features(config, params, mcfg, tok, saes, sites, pad_id, log)
   if runner.is_writer():
