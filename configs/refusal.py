@@ -22,6 +22,7 @@ Variants (``configs/refusal.py:<variant>,key=value``):
            rows), multiply x3, 128 new tokens (needs model_path, sae_path, prompts, features)
   topk12   the default's site and features with SAELens additive steering (``add``: a fixed vector, no
            SAE clamp, so no recovery), strengths (2, 3, 4), 64 new tokens
+  la_ig    the default with the candidates ranked by LA-IG attribution (features.selection=la_ig)
   tiny     a random-weight tiny llama + random SAEs at blocks.{1,2}.hook_resid_post (CI; seconds)
 Any field can also be overridden with --config.<field>=<value>.
 """
@@ -61,6 +62,11 @@ def get_config(arg=None):
   c.features.n_candidates = 20  # per site, by decoder cosine
   c.features.vector_site = ""  # "": each site's own contrast vector; else that site's for all (paper: layer 15)
   c.features.k = 8  # global top K (site, feature) pairs
+  # how the candidates are ranked: "contrast" (the score above) or "la_ig" (paper-method 6.2: LA-IG attribution,
+  # the contrast direction ablated at every resid_post, 10 interpolation steps, on the contrast's refusal-side
+  # prompts; tasks/refusal_la_ig.py)
+  c.features.selection = "contrast"
+  c.features.compare_selection = False  # also rank by the other selection; their top-K overlap in features.json
 
   c.defence = ml_collections.ConfigDict()  # the SAE-feature defence: clamp form, strengths, error term
   c.defence.kind = "set"  # multiply (the paper), set (active or not), add (SAELens steering)
@@ -168,8 +174,11 @@ def get_config(arg=None):
     c.soft_suffix.steps = 2
     c.soft_suffix.n_ans = 4
     c.soft_suffix.n_pref = 2
+  elif a.variant == "la_ig":  # the default's features ranked by LA-IG instead of the contrast score
+    c.features.selection = "la_ig"
   elif a.variant != "default":
-    raise ValueError(f"configs/refusal.py: unknown variant {a.variant!r}; expected default, suite, topk12, paper or tiny")
+    raise ValueError(f"configs/refusal.py: unknown variant {a.variant!r}; expected default, suite, topk12, paper, la_ig "
+                     "or tiny")
   if a.n_prompts:
     c.task.n_prompts = a.n_prompts
   return c

@@ -13,10 +13,11 @@ and lets the two sides of the contrast be chosen (``CONTRASTS``):
             prompt token (the paper's position).
   files     the paper's: a user's harmful vs harmless instruction files; the last prompt token.
 
-Ranking (documented simpler substitute for LA-IG): ``score_i = (mean z_i(refuse) - mean z_i(comply)) *
-(W_dec[i] . v_hat)``, the part of the contrast's projection on v_hat that feature i's activation
-difference carries through the SAE decoder (a linear, first-order attribution of the contrast to the
-feature). Candidates are ranked by score over all sites together and the top K form the global set.
+Ranking (``features.selection="contrast"``, a simpler stand-in for LA-IG): ``score_i = (mean z_i(refuse) -
+mean z_i(comply)) * (W_dec[i] . v_hat)``, the part of the contrast's projection on v_hat that feature i's
+activation difference carries through the SAE decoder (a linear, first-order attribution of the contrast
+to the feature). Candidates are ranked by score over all sites together and the top K form the global set.
+The paper's LA-IG ranking of the same candidates (``features.selection="la_ig"``) is ``refusal_la_ig``.
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ from recovery_jax.models import chat, sites as sites_lib
 from recovery_jax.tasks import refusal as task
 from recovery_jax.tasks import refusal_defence as defence_lib
 from recovery_jax.tasks import refusal_features as feat_lib
+from recovery_jax.tasks import refusal_la_ig as la_ig_lib
 from recovery_jax.tasks import refusal_judge as judge
 from recovery_jax.tasks import refusal_recovery as rec_lib
 from recovery_jax.recovery import soft_suffix as soft_lib
@@ -44,6 +45,10 @@ def validate(config) -> None:
                              "paper) or blocks.L.hook_resid_pre sites")
   cu.check_one_of(config, "defence.kind", defence_lib.DEFENCES)
   cu.check_one_of(config, "features.contrast", feat_lib.CONTRASTS)
+  cu.check_one_of(config, "features.selection", la_ig_lib.SELECTIONS)
+  if config.features.list and config.features.selection == "la_ig":
+    raise errors.UserError("config field 'features.selection'='la_ig' ranks the contrast's candidates, and a user "
+                           "'features.list' skips the selection; set features.selection='contrast' or features.list=''")
   for name in ("features.k", "features.n_candidates", "generation.max_new_tokens", "generation.batch_size"):
     cu.check_at_least(config, name, 1)
   if not config.defence.strengths:
@@ -120,6 +125,14 @@ def _features(config, params, mcfg, tok, saes, sites, pad_id, log) -> tuple[dict
   refuse = feat_lib.site_means(params, mcfg, sides[0], sites, saes)
   comply = feat_lib.site_means(params, mcfg, sides[1], sites, saes)
   ranking = feat_lib.rank(saes, refuse, comply, f.n_candidates, f.vector_site)
+  contrast, la = ranking, None
+  if f.selection == "la_ig" or f.compare_selection:  # LA-IG on the contrast's refusal-side prompts
+    la_prompts = (pos if f.contrast == "files" else prompts if f.contrast == "openings"
+                  else [task.format_prompt(tmpl, r.text, feat_lib.DECLINING_SYSTEM) for r in rows])
+    la = la_ig_lib.select(params, mcfg, tok, saes, contrast, la_prompts, pad_id, f.k, f.vector_site)
+    log(f"LA-IG on {len(la_prompts)} prompts (direction {la.record['direction_site']}): top "
+        f"{', '.join(f'{s_}:{f_}' for s_, f_, _ in la.ranking.top[:f.k])}")
+    ranking = la.ranking if f.selection == "la_ig" else ranking
   feats = ranking.features(f.k)
   for s in sites:
     log(f"contrast {f.contrast} at {s}: |v| {np.linalg.norm(ranking.vectors[s]):.3f}, top cosine "
@@ -131,6 +144,15 @@ def _features(config, params, mcfg, tok, saes, sites, pad_id, log) -> tuple[dict
             "scores": {s: np.round(ranking.scores[s], 6).tolist() for s in sites},
             "top": [[s, f_, round(x, 6)] for s, f_, x in ranking.top[:max([f.k, *config.recovery.get("ks", ())])]],
             "features": feats}
+  record["selection"] = f.selection  # "scores" and "top" are the chosen ranking's
+  if f.selection == "la_ig":
+    record["source"] = f"LA-IG over the contrast {f.contrast} candidates"
+  if la is not None:
+    record["la_ig"] = la.record
+  if f.compare_selection:
+    record["comparison"] = la_ig_lib.compare(contrast, la.ranking, f.k)
+    log(f"contrast vs LA-IG top {f.k}: overlap {record['comparison']['overlap']:.2f}, Jaccard "
+        f"{record['comparison']['jaccard']:.2f}")
   return feats, record, ranking
 
 
