@@ -44,9 +44,10 @@ def get_config(arg=None):
   c.clamp.positive_only = True
   c.clamp.semantics = "frozen"
   c.clamp.error_term = "keep"  # keep: the SAE error passes (the paper); drop: the SAE as a full bottleneck
-  # where delta is added: "" = the clamp site, after the clamp (the paper); or the residual entering
-  # the clamp (e.g. blocks.11.hook_resid_post for blocks.12.hook_resid_pre), so delta passes the SAE
-  c.delta_site = ""
+  # the threat model, where delta is added: () = the clamp site, after the clamp (the paper); or residual sites
+  # visited before it (the residual entering the clamp, e.g. blocks.11.hook_resid_post for
+  # blocks.12.hook_resid_pre, or an upstream layer), so delta passes the clamp, which re-acts; several: cross-layer
+  c.delta_sites = ()
 
   c.recovery = ml_collections.ConfigDict()  # the recovery: a delta optimised under the budget while the clamp stays active, per mode and variant
   c.recovery.steps = 100

@@ -112,7 +112,7 @@ def test_bottleneck_defence_upstream_delta_and_report_rerender(tmp_path, cache_d
   """error_term=drop with delta on the residual entering the clamp runs end to end, and the report
   command re-renders the same summary from the finished workdir without recomputing."""
   wd = tmp_path / "drop"
-  _app(wd, "configs/ioi.py:tiny", "--config.clamp.error_term=drop", "--config.delta_site=blocks.1.hook_resid_post",
+  _app(wd, "configs/ioi.py:tiny", "--config.clamp.error_term=drop", "--config.delta_sites=('blocks.1.hook_resid_post',)",
        "--config.recovery.steps=5", "--config.recovery.variants=('per_prompt',)", "--config.plots=False",
        cache=cache_dir)
   text = (wd / "summary.md").read_text()
@@ -138,7 +138,7 @@ def test_bottleneck_defence_upstream_delta_and_report_rerender(tmp_path, cache_d
     (["--config.recovery.modes=('sideways',)"], "recovery.modes"),
     (["--config.clamp.error_term=sometimes"], "clamp.error_term"),
     (["--config.recovery.budget_scale=percent"], "recovery.budget_scale"),
-    (["--config.delta_site=blocks.0.hook_resid_post"], "delta_site"),
+    (["--config.delta_sites=('blocks.7.hook_resid_post',)"], "delta_sites"),
     (["--config.sweep.clamp_value=(1.0,)", "--config.clamp.mode=multiply"], "no valid flips"),
 ])
 def test_bad_config_values_end_with_a_clear_message(tmp_path, flags, message, cache_dir):

@@ -32,6 +32,7 @@ from recovery_jax import errors, intervene, metrics, outputs, profile, sweep
 from recovery_jax.experiments import runner
 from recovery_jax.experiments import setting as setting_lib
 from recovery_jax.experiments import summary as summary_lib
+from recovery_jax.models import sites as sites_lib
 from recovery_jax.recovery import attribution, engine, projections
 from recovery_jax.recovery.optimizer import BUDGET_SCALES, RecoveryConfig
 
@@ -149,6 +150,26 @@ def grid_points(config) -> list[dict]:
   for i, p in enumerate(points):
     p["point_id"] = i
   return points
+
+
+def delta_sites(config, mcfg) -> tuple[str, ...]:
+  """The threat model of a grid setting: ``config.delta_sites`` (residual sites, any layer; () = the clamp
+  site ``config.site``, the delta right after the clamp) in forward order. A site visited before the clamp
+  (the residual entering it, an upstream layer) makes the delta pass through the clamp, which then acts
+  on the perturbed state; several sites give the cross-layer form. Errors name the field."""
+  sites = tuple(config.get("delta_sites", ())) or (config.site,)
+  for s in sites:
+    try:
+      parsed = sites_lib.parse_site(s, mcfg.n_layers)
+    except ValueError as e:
+      raise errors.UserError(f"config field 'delta_sites': {e}") from e
+    if parsed.hook not in ("hook_resid_pre", "hook_resid_post"):
+      raise errors.UserError(f"config field 'delta_sites' has {s!r}: expected blocks.L.hook_resid_pre or "
+                             "blocks.L.hook_resid_post sites")
+  ordered = tuple(sorted(set(sites), key=lambda x: sites_lib.visit_key(x, mcfg.n_layers)))
+  if len(ordered) != len(sites):
+    raise errors.UserError(f"config field 'delta_sites' names a site twice: {sites}")
+  return ordered
 
 
 def recovery_config(config, mode: str) -> RecoveryConfig:

@@ -7,9 +7,10 @@ runner then recovers every grid point (K, clamp value, budget, seed) x projectio
 
 Variants: ``shared`` (the reference: one delta for all prompts, maximising the mean logit
 difference) and ``per_prompt`` (one delta per prompt, vmapped). ``clamp.error_term="drop"`` makes
-the SAE a full bottleneck; ``delta_site`` (default: the clamp site, delta added after the clamp)
-may name the residual vector *entering* the clamp instead (``blocks.{L-1}.hook_resid_post`` for a
-clamp at ``blocks.L.hook_resid_pre``), so that delta must pass through the SAE.
+the SAE a full bottleneck; ``delta_sites`` (the threat model; default: the clamp site, delta added
+after the clamp) may name the residual vector *entering* the clamp instead (``blocks.{L-1}.hook_resid_post``
+for a clamp at ``blocks.L.hook_resid_pre``), an upstream layer, or several sites (cross-layer), so that
+delta must pass through the clamp, which re-acts on the perturbed state (``grid.delta_sites``).
 """
 
 from __future__ import annotations
@@ -51,14 +52,7 @@ def prepare(config) -> grid.Grid:
   params, mcfg, tok = setup_lib.load_model(config.model, config.model_processing, seed=config.seed)
   sae, scfg = setup_lib.load_sae(config.sae, mcfg, config.site, override=config.sae_override_checks,
                                  model_name=config.model)
-  delta_site = config.get("delta_site", "") or config.site
-  try:
-    sites_lib.parse_site(delta_site, mcfg.n_layers)
-  except ValueError as e:
-    raise errors.UserError(f"config field 'delta_site': {e}") from e
-  if not sites_lib.same_residual(delta_site, config.site, mcfg.n_layers):
-    raise errors.UserError(f"config field 'delta_site'={delta_site!r}: must be the clamp site {config.site!r} or "
-                           "the residual vector entering it")
+  delta_sites = grid.delta_sites(config, mcfg)
   k_max = max(int(k) for k in config.sweep.n_features)
   if k_max > scfg.d_sae:
     raise errors.UserError(f"config field 'sweep.n_features': K={k_max} is larger than the SAE's d_sae={scfg.d_sae}")
@@ -91,12 +85,12 @@ def prepare(config) -> grid.Grid:
 
   def spec(mode: str, variant: str) -> engine.RecoverySpec:
     del variant  # the layout (one shared problem or one per prompt) lives in the problems
-    return engine.RecoverySpec(model_cfg=mcfg, delta_sites=(delta_site,), objective=Objective("logit_diff"),
+    return engine.RecoverySpec(model_cfg=mcfg, delta_sites=delta_sites, objective=Objective("logit_diff"),
                                config=grid.recovery_config(config, mode), suffix_len=1,
                                semantics=config.clamp.semantics)
 
   problems = {v: ioi_task.problems(batch, v) for v in config.recovery.variants}
-  where = "" if delta_site == config.site else f", delta at {delta_site}"
+  where = "" if delta_sites == (config.site,) else f", delta at {', '.join(delta_sites)}"
   header = (f"model {config.model}, SAE {scfg.source or config.sae} at {config.site}{where}, {len(batch)} prompts, "
             f"clamp {config.clamp.mode} (positive_only={config.clamp.positive_only}, error term "
             f"{config.clamp.error_term}), {config.recovery.steps} steps, lr {config.recovery.lr}")
