@@ -17,7 +17,7 @@ from recovery_jax.tasks import refusal_features as F
 from recovery_jax.tasks import refusal_la_ig as L
 
 SITES = ("blocks.1.hook_resid_pre", "blocks.1.hook_resid_post")
-ROWS = ([5, 17, 33, 2, 60], [8, 9, 10, 11, 12, 13, 14], [40, 41, 3, 90, 23])  # three prompts, unpadded (two lengths)
+ROWS = ([5, 17, 33, 2, 60], [8, 9, 10, 11, 12], [40, 41, 3, 90, 23])  # three prompts, unpadded (one length: one compile)
 REFUSAL_ID = 7
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -33,8 +33,9 @@ def setup(tiny_llama):
   return params, cfg, saes, cands, direction
 
 
-def _left_pad(rows, pad=0):
-  t = max(map(len, rows))
+def _left_pad(rows, pad=0, extra=2):
+  """Left-padded ids, mask [N, max len + extra]: every row has padding, so the mask and positions matter."""
+  t = max(map(len, rows)) + extra
   ids = np.full((len(rows), t), pad, np.int32)
   mask = np.zeros((len(rows), t), np.int32)
   for i, r in enumerate(rows):
