@@ -5,7 +5,7 @@ device mesh, the work units (resumable under ``workdir/units``, checksummed, ``o
 progress bars, collection of every unit's rows (as each unit finishes), the divergence count,
 ``results.jsonl`` / ``curves.json``, TensorBoard events (``telemetry``), ``manifest.json``
 (``manifest``), the per-phase profile (``profile``: ``profile.json`` and the end of summary.md),
-rendering and printing. A setting supplies validation, loading and preflight, its
+rendering (summary.md, then ``report.html``: ``html_report``) and printing. A setting supplies validation, loading and preflight, its
 units, how one unit is computed, its rows and its own sections (see ``setting.py``); settings on the
 engine's grid subclass ``grid.GridSetting``. ``python -m recovery_jax.report --workdir=...``
 re-renders any finished run through ``render`` (its setting's ``render`` and the profile).
@@ -21,7 +21,7 @@ from typing import Any
 import jax
 from absl import logging
 
-from recovery_jax import errors, manifest, outputs, sweep, telemetry
+from recovery_jax import errors, html_report, manifest, outputs, sweep, telemetry
 from recovery_jax import profile as profile_lib
 from recovery_jax.experiments import setting as setting_lib
 
@@ -93,10 +93,14 @@ def write_manifest(config, workdir: str, setting: setting_lib.Setting) -> None:
 def render(workdir: str, setting: setting_lib.Setting, plots: bool = True) -> str:
   """A finished run re-rendered (``python -m recovery_jax.report``): the setting's ``render``
   (summary.md and its own files), then the run's ``profile.json``, when there is one, as the section
-  that ends summary.md; returns the markdown."""
+  that ends summary.md, then ``report.html`` where there is a summary.md (``html_report.write``);
+  returns the markdown."""
   text = setting.render(workdir, plots=plots)
   prof = profile_lib.read(workdir)
-  return text if prof is None else render_profile(workdir, text, prof)
+  text = text if prof is None else render_profile(workdir, text, prof)
+  if os.path.isfile(os.path.join(workdir, html_report.SUMMARY)):
+    html_report.write(workdir)
+  return text
 
 
 def run(config, workdir: str, setting: setting_lib.Setting) -> dict[str, Any]:
@@ -161,8 +165,22 @@ def run(config, workdir: str, setting: setting_lib.Setting) -> dict[str, Any]:
   if is_writer():
     profile_lib.write(workdir, out["profile"])
     out["text"] = render_profile(workdir, text, out["profile"])
+    write_html(workdir)
     print(out["text"], flush=True)
   return out
+
+
+def write_html(workdir: str) -> None:
+  """``report.html`` (``html_report``) at a run's end; a failure there is a warning naming the re-render
+  command (the run's rows and summary.md are written by then)."""
+  if not os.path.isfile(os.path.join(workdir, html_report.SUMMARY)):
+    return
+  try:
+    html_report.write(workdir)
+  except Exception as e:  # pylint: disable=broad-except
+    logging.warning("report.html not written: %s", e)
+    print(f"warning: {workdir}/report.html not written ({type(e).__name__}: {e}); "
+          f"python -m recovery_jax.report --workdir={workdir} writes it again", flush=True)
 
 
 def render_profile(workdir: str, text: str, prof: dict) -> str:

@@ -2,7 +2,9 @@
 
 ``render(workdir)`` reads ``run.json`` (title, header, objective name, wall time), ``results.jsonl``
 (one row per grid point and example, written by ``runner.run``) and ``curves.json`` (mean
-objective per step and point), and writes ``summary.md``, ``summary.jsonl`` and the plots, so a
+objective per step and point), and writes ``summary.md``, ``summary.jsonl`` and the plots
+(``recovery_vs_drift.png``: recovered score vs drift per mode; ``objective_curves.png``;
+``recovery_vs_budget.png``: fraction recovered vs budget, when several budgets were swept), so a
 finished run can be re-rendered without recomputing (``python -m recovery_jax.report``).
 """
 
@@ -142,7 +144,69 @@ def render(workdir: str, plots: bool = True) -> tuple[str, list[dict]]:
   outputs.write_jsonl(os.path.join(workdir, "summary.jsonl"), summary)
   if plots:
     _plots(workdir, rows, curves, meta["objective_name"])
+    plot_recovered_vs_budget(os.path.join(workdir, "recovery_vs_budget.png"), summary,
+                             "relative budget rho" if any(r.get("budget_scale") == "relative" for r in rows)
+                             else "budget ||delta||")
   return text, summary
+
+
+def recovered_vs_budget(summary: Sequence[dict]) -> dict[tuple, dict[str, tuple[np.ndarray, ...]]]:
+  """Recovered fraction per budget from ``summarize``'s points, pooled over seeds: panel (the swept
+  (K, clamp) values that vary, as (name, value) pairs) -> line "mode (variant)" -> (budgets [P],
+  rate [P], Wilson lo [P], hi [P]), budgets ascending; points without a valid example are left out.
+  Empty unless more than one budget was swept."""
+  if len({float(s["budget"]) for s in summary if "budget" in s}) < 2:
+    return {}
+  varying = [k for k in ("n_features", "clamp_value") if len({s.get(k) for s in summary}) > 1]
+  counts: dict[tuple, dict[str, dict[float, list[int]]]] = {}
+  for s in summary:
+    panel = tuple((SWEEP_NAMES[k], s[k]) for k in varying)
+    c = counts.setdefault(panel, {}).setdefault(f"{s['mode']} ({s['variant']})", {}).setdefault(float(s["budget"]), [0, 0])
+    c[0] += s["n_recovered"]
+    c[1] += s["n_valid"]
+  out: dict[tuple, dict[str, tuple[np.ndarray, ...]]] = {}
+  for panel, lines in counts.items():
+    for name, by_b in lines.items():
+      pts = [(b, k, n) for b, (k, n) in sorted(by_b.items()) if n]
+      if pts:
+        ci = np.asarray([metrics.wilson_interval(k, n) for _, k, n in pts])
+        out.setdefault(panel, {})[name] = (np.asarray([b for b, _, _ in pts]), np.asarray([k / n for _, k, n in pts]),
+                                           ci[:, 0], ci[:, 1])
+  return out
+
+
+def plot_recovered_vs_budget(path: str, summary: Sequence[dict], xlabel: str) -> bool:
+  """Fraction recovered (among valid examples, pooled over seeds) vs the budget with Wilson 95% bars,
+  one line per mode x variant, one panel per swept (K, clamp) (PNG); False (nothing written) unless
+  the run swept more than one budget."""
+  data = recovered_vs_budget(summary)
+  if not data:
+    return False
+  plt = outputs.pyplot()
+  n = len(data)
+  cols = min(n, 3)
+  rows_n = -(-n // cols)
+  fig, axes = plt.subplots(rows_n, cols, figsize=(5.5 * cols, 4 * rows_n), squeeze=False, sharey=True)
+  budgets = sorted({float(s["budget"]) for s in summary})
+  for ax, (panel, lines) in zip(axes.flat, sorted(data.items(), key=lambda kv: str(kv[0]))):
+    for name, (x, y, lo, hi) in lines.items():
+      ax.errorbar(x, y, yerr=[y - lo, hi - y], marker="o", capsize=3, label=name)
+    if budgets[0] > 0:
+      ax.set_xscale("log")
+      ax.set_xticks(budgets, [f"{b:g}" for b in budgets])  # the swept values, not powers of ten
+      ax.minorticks_off()
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("fraction recovered (valid), Wilson 95%")
+    ax.set_title(", ".join(f"{k}={v:g}" for k, v in panel) or "recovered vs budget")
+    ax.legend(fontsize=8)
+  for ax in list(axes.flat)[n:]:
+    ax.set_visible(False)
+  fig.tight_layout()
+  fig.savefig(path + ".tmp.png", dpi=120)
+  plt.close(fig)
+  os.replace(path + ".tmp.png", path)
+  return True
 
 
 def _plots(workdir: str, rows: Sequence[dict], curves: Sequence[dict], objective_name: str) -> None:

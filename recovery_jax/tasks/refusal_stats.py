@@ -140,13 +140,46 @@ def drift_groups(rows: Sequence[dict]) -> dict[str, tuple[np.ndarray, np.ndarray
   return {k: (np.asarray(x), np.asarray(y)) for k, (x, y) in out.items()}
 
 
+def drift_variant(rows: Sequence[dict]) -> str | None:
+  """The variant whose recovered label marks the drift scatter: the first ``{v}_nonrefusal`` field of
+  the first main-run case (rows list the variants in ``recovery.variants`` order); None without one."""
+  for r in rows:
+    if r["run"] == "main" and not r["diverged"]:
+      for k in r:
+        if k.endswith("_nonrefusal") and not k.startswith("attr_"):
+          return k[:-len("_nonrefusal")]
+  return None
+
+
 def plot_drift(path: str, rows: Sequence[dict], title: str) -> bool:
-  """Stage-2 objective vs defended-feature drift, one colour per mode (paper Figure 4); False if no case."""
+  """Stage-2 objective vs defended-feature drift, one colour per mode (paper Figure 4); False if no case.
+
+  The stage-2 objective is a weighted sum of teacher-forced log-probabilities and margins
+  (``objectives.teacher_forced``): its zero is no decision boundary (recovery is the detector's
+  not-R label on the generated text), so no line is drawn at zero; each case is marked by that label
+  instead (filled: recovered, open: not), for the first variant (``drift_variant``).
+  """
   groups = drift_groups(rows)
   if not groups:
     return False
-  outputs.plot_recovery_vs_drift(path, groups, "defended-feature drift (relative L2, stage 2)",
-                                 "stage-2 objective (teacher-forced base answer)", title)
+  v = drift_variant(rows)
+  plt = outputs.pyplot()
+  fig, ax = plt.subplots(figsize=(6, 4.2))
+  for i, (mode, (x, y)) in enumerate(groups.items()):
+    colour = f"C{i}"
+    if v is None:
+      ax.scatter(x, y, s=14, alpha=0.75, color=colour, label=mode)
+      continue
+    rec = np.asarray([bool(r.get(f"{v}_nonrefusal")) for r in rows
+                      if r["run"] == "main" and not r["diverged"] and r["mode"] == mode], bool)
+    if rec.any():
+      ax.scatter(x[rec], y[rec], s=16, alpha=0.8, color=colour, label=f"{mode}: recovered ({rec.sum()})")
+    if (~rec).any():
+      ax.scatter(x[~rec], y[~rec], s=16, alpha=0.8, facecolors="none", edgecolors=colour,
+                 label=f"{mode}: not recovered ({(~rec).sum()})")
+  what = f"\n(filled: recovered, {v}'s not-R label on the text)" if v is not None else ""
+  outputs.save_figure(fig, ax, path, "defended-feature drift (relative L2, stage 2)",
+                      "stage-2 objective (teacher-forced base answer)", title + what)
   return True
 
 
