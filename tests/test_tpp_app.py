@@ -69,11 +69,31 @@ def test_app_end_to_end_on_a_saebench_format_file(tmp_path):
     assert p["all"]["unweighted"]["recovery"] == pytest.approx(np.mean(per_target))
     assert p["all"]["weighted"]["recovery"] == pytest.approx(np.mean([r["recovered"] for r in v]))
     assert p["datasets"]["topics"]["n_valid"] == len(v)
+  # the graded rows: clip((rec - def) / -def, 0, 1), computed here per valid row; 1 whenever recovered
+  for r in rows:
+    if r["valid"]:
+      u = (r["recovered_score"] - r["defended"]) / -r["defended"]
+      assert r["graded_recovery"] == pytest.approx(min(1.0, max(0.0, u)), abs=1e-6)
+      assert r["graded_recovery"] == 1.0 or not r["recovered"]
+  for p in info["points"]:
+    v = [r for r in rows if r["mode"] == p["mode"] and r["variant"] == p["variant"] and r["valid"]]
+    assert p["all"]["weighted"]["graded"] == pytest.approx(np.mean([r["graded_recovery"] for r in v]))
+    assert p["all"]["weighted"]["budget_needed_median"] == pytest.approx(np.median([r["budget_needed"] for r in v]))
+  # the scope's budget: the last token needs n_pooled times what all tokens need; no delta beats the bound
+  key = lambda r: (r["mode"], r["example"])
+  last = {key(r): r for r in rows if r["variant"] == "last"}
+  for r in rows:
+    if r["variant"] == "all" and r["valid"] and r["budget_needed"] > 0:
+      assert last[key(r)]["budget_needed"] / r["budget_needed"] == pytest.approx(r["n_pooled"], rel=1e-5)
+    if r["valid"]:
+      gain = r["recovered_score"] - r["defended"]
+      assert gain * r["budget_needed"] <= r["delta_norm"] * -r["defended"] * (1 + 1e-4) + 1e-5
   for st in info["sign_tests"]:
     assert st["recovery"]["n"] <= 3
     assert st["recovery"]["p"] == pytest.approx(metrics.sign_test_p(st["recovery"]["k"], st["recovery"]["n"]))
   text = (wd / "tpp.md").read_text()
   assert "arXiv 2605.18229" in text and "all examples (weighted)" in text and "sign test" in text
+  assert "graded" in text and "82 % / 75 %" in text
   assert "TPP metric" in proc.stdout
 
 

@@ -63,6 +63,59 @@ def test_pool_mask_and_last_pooled_position():
     tpp.last_pooled(tpp.pool_mask(np.array([[BOS, PAD]]), (BOS, PAD)))
 
 
+def test_graded_recovery_against_a_loop():
+  """graded = clip((rec - def) / -def, 0, 1) for a flip (def <= 0), written here case by case."""
+  d = np.array([-2.0, -2.0, -2.0, -2.0, -0.5, 0.0, 0.0, 1.0])
+  r = np.array([-2.0, -1.5, 0.5, -3.0, -0.1, 0.2, 0.0, 2.0])
+  want = []
+  for dd, rr in zip(d, r):
+    if dd > 0:
+      want.append(np.nan)
+    elif dd == 0:
+      want.append(1.0 if rr > 0 else 0.0)
+    else:
+      u = (rr - dd) / (0.0 - dd)
+      want.append(0.0 if u < 0 else 1.0 if u > 1 else u)
+  got = tpp.graded_recovery(d, r)
+  np.testing.assert_allclose(got, want, equal_nan=True)
+  assert got[2] == 1.0 and got[1] == pytest.approx(0.25) and got[4] == pytest.approx(0.8)
+
+
+def test_budget_needed_is_the_delta_that_brings_the_probe_to_zero():
+  """A row of norm budget_needed along w at the last pooled token (scope last) or at every pooled
+  token (scope all) puts the probe's pooled logit at 0; any other direction of that norm falls short."""
+  from recovery_jax.recovery import probe
+  rng = np.random.default_rng(0)
+  n, t, d = 4, 7, 6
+  h = rng.normal(size=(n, t, d)).astype(np.float32)
+  mask = rng.random((n, t)) < 0.7
+  mask[:, 1] = True
+  w = rng.normal(size=d).astype(np.float32)
+  logit = lambda x: np.asarray(probe.probe_logit(x, mask, w, 0.0), np.float64)
+  b = -logit(h).max() - 1.0
+  defended = logit(h) + b
+  n_pool, last = mask.sum(-1), tpp.last_pooled(mask)
+  unit = w / np.linalg.norm(w)
+  for scope in ("last", "all"):
+    need = tpp.budget_needed(defended, np.linalg.norm(w), 1 if scope == "last" else n_pool, n_pool)
+    for direction in (unit, rng.normal(size=d)):
+      x = h.copy()
+      for i in range(n):
+        row = need[i] * direction / np.linalg.norm(direction)
+        if scope == "last":
+          x[i, last[i]] += row
+        else:
+          x[i, mask[i]] += row
+      got = logit(x) + b
+      if direction is unit:
+        np.testing.assert_allclose(got, 0.0, atol=1e-4)
+      else:
+        assert (got < 1e-4).all()
+  np.testing.assert_allclose(tpp.budget_needed(defended, 2.0, 1, n_pool) / tpp.budget_needed(defended, 2.0, n_pool,
+                                                                                              n_pool), n_pool)
+  assert tpp.budget_needed(np.array([0.5]), 1.0, 1, 10)[0] == 0.0
+
+
 def test_saebench_file_loader_and_errors(tmp_path, tok):
   rows = [{"hard_text": f"A bio number {i} about work {i % 3}.", "profession": [0, 6, 26][i % 3]} for i in range(30)]
   path = tmp_path / "bios.jsonl"

@@ -239,3 +239,38 @@ def site_activations(params, model_cfg, site: str, tokens: np.ndarray, batch_siz
   forward per batch of ``batching.map_batched``: one program serves all)."""
   fn = harvest.make_site_fn(model_cfg, site)
   return batching.map_batched(lambda b, _: np.asarray(fn(params, b), np.float32), tokens, batch_size)
+
+
+# ----------------------------------------------------------------------------------------------
+# graded recovery and the budget a scope needs (rows; docs/settings/tpp.md)
+
+
+def graded_recovery(defended, recovered) -> np.ndarray:
+  """How far the delta moved the target probe's logit from its ablated value towards the decision
+  boundary 0, clipped to [0, 1]: ``(recovered - defended) / (0 - defended)``; [E], [E] -> [E].
+
+  The graded companion of the binary ``recovered`` (logit > 0): every recovered valid flip scores 1,
+  a delta that does not move the logit scores 0. NaN where ``defended > 0`` (no flip to undo); for
+  ``defended == 0`` it is 1 when ``recovered > 0`` else 0. Not a paper metric: paper-method 3.1 and
+  10.1 report only the binary ``recovered_success`` rate (82 % / 75 % is its mean over targets)."""
+  d = np.asarray(defended, np.float64)
+  r = np.asarray(recovered, np.float64)
+  gap = -d
+  with np.errstate(divide="ignore", invalid="ignore"):
+    frac = np.clip((r - d) / gap, 0.0, 1.0)
+  return np.where(gap > 0, frac, np.where(gap == 0, (r > 0).astype(np.float64), np.nan))
+
+
+def budget_needed(defended, w_norm, n_delta, n_pool) -> np.ndarray:
+  """The smallest ||delta||_F with which any delta of the scope can bring the probe logit from
+  ``defended`` to 0; [E] each -> [E].
+
+  The probe reads the mean over the ``n_pool`` pooled tokens, so a delta row d added at ``n_delta``
+  of them moves the logit by ``(n_delta / n_pool) w . d <= (n_delta / n_pool) ||w|| ||d||``
+  (equality for d along w). The scope ``last`` has n_delta = 1, ``all`` (one row broadcast to every
+  pooled token) n_delta = n_pool: the last-token scope needs ``n_pool`` times the budget. A
+  projection (encoder modes) or the optimiser's direction can only need more; 0 where the logit is
+  already > 0."""
+  d = np.asarray(defended, np.float64)
+  gain = np.asarray(w_norm, np.float64) * np.asarray(n_delta, np.float64) / np.asarray(n_pool, np.float64)
+  return np.maximum(-d, 0.0) / gain

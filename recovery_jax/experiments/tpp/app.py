@@ -170,11 +170,14 @@ def prepare(config, workdir: str) -> grid.Grid:
             + ", ".join(f"N={r.n}: {r.total:.3f}" for r in table))
   examples = [{"target": data.class_names[k], "dataset": data.name, "test_index": int(i)}
               for i, k in zip(ex_idx, ex_cls)]
+  # per example: ||w|| of its class's probe and its pooled token count (graded rows, budget needed)
+  scope = {"w_norm": np.linalg.norm(np.asarray(probes.w, np.float64), axis=-1)[ex_cls],
+           "n_pool": mask_te[ex_idx].sum(-1).astype(np.int64)}
   return grid.Grid(
       title="TPP latent-level recovery", header=header, params=None, problems=problems.__getitem__,
       spec=lambda mode, variant: probe_lib.ProbeSpec(grid.recovery_config(config, mode), variant == "all"),
       clamps=clamps, valid=lambda rb, rd: (rb > 0) & (rd <= 0), recovered=lambda rr: rr > 0, examples=examples,
-      objective_name="probe logit")
+      objective_name="probe logit", data=scope)
 
 
 def _problems(h, mask, probes, cls, variant, monitor) -> probe_lib.ProbeProblem:
@@ -243,6 +246,22 @@ def compute_unit(setting: grid.Grid, config, mesh, u: sweep.WorkUnit) -> dict[st
   return jax.tree.map(lambda a: np.moveaxis(a, 0, 1), res)  # [N, G, ...] -> [G, N, ...]
 
 
+def add_scope_fields(rows: list[dict], scope: dict) -> None:
+  """Adds to each row (in place): ``graded_recovery`` (``tasks.tpp.graded_recovery`` of its ablated
+  and recovered probe logits), ``budget_needed`` (the least ||delta|| of its scope that can flip the
+  probe, ``tasks.tpp.budget_needed``) and ``n_pooled``. scope: w_norm [N], n_pool [N] by example."""
+  if not rows:
+    return
+  e = np.asarray([r["example"] for r in rows])
+  n_pool = scope["n_pool"][e]
+  n_delta = np.where(np.asarray([r["variant"] for r in rows]) == "all", n_pool, 1)
+  defended = np.asarray([r["defended"] for r in rows], np.float64)
+  graded = tpp_task.graded_recovery(defended, np.asarray([r["recovered_score"] for r in rows], np.float64))
+  need = tpp_task.budget_needed(defended, scope["w_norm"][e], n_delta, n_pool)
+  for r, g, b, n in zip(rows, graded, need, n_pool):
+    r.update(graded_recovery=float(g), budget_needed=float(b), n_pooled=int(n))
+
+
 def _write_tpp(workdir: str, rows, info: dict) -> tuple[str, dict]:
   """tpp.md / tpp.json from the rows and the TPP table (``tpp_metric.json``'s content)."""
   summary = tpp_summary(rows)
@@ -266,6 +285,12 @@ class TPP(grid.GridSetting):
 
   def compute_unit(self, config, ctx: grid.Grid, mesh, unit: sweep.WorkUnit) -> dict[str, Any]:
     return compute_unit(ctx, config, mesh, unit)
+
+  def unit_rows(self, config, ctx: grid.Grid, unit: sweep.WorkUnit, result: dict):
+    """The grid's rows plus ``graded_recovery``, ``budget_needed`` and ``n_pooled`` per example."""
+    rows, curves = super().unit_rows(config, ctx, unit, result)
+    add_scope_fields(rows, ctx.data)
+    return rows, curves
 
   def finish(self, config, ctx: grid.Grid, workdir: str, rows, curves, wall_s: float) -> dict[str, Any]:
     out = super().finish(config, ctx, workdir, rows, curves, wall_s)

@@ -1,5 +1,6 @@
 """TPP's own sections: per-target and per-dataset recovery summaries (unweighted: mean of per-target
-means; weighted: per example), the one-sided sign tests of encoder vs none over targets, and
+means, the paper's aggregation; weighted: per example; binary recovery beside the graded one and the
+median budget the scope needs), the one-sided sign tests of encoder vs none over targets, and
 ``tpp.md`` (probe accuracies, the TPP metric table, the recovery rows), from the rows alone."""
 
 from __future__ import annotations
@@ -13,13 +14,16 @@ def _target_stats(rows) -> dict:
   v = [r for r in rows if r["valid"]]
   nv = len(v)
   mean = lambda k: float(np.mean([r[k] for r in v])) if nv else float("nan")
+  # rows of runs before the graded fields: NaN (rendered "-")
+  opt = lambda k, f: float(f([r.get(k, np.nan) for r in v])) if nv else float("nan")
   return {"n_examples": len(rows), "n_valid": nv, "n_recovered": sum(r["recovered"] for r in v),
-          "recovery": mean("recovered"), "reactivation": mean("reactivated_fraction_within_eligible"),
+          "recovery": mean("recovered"), "graded": opt("graded_recovery", np.mean),
+          "reactivation": mean("reactivated_fraction_within_eligible"),
           "act_drift": mean("act_drift_l2"), "decode_drift": mean("decode_drift_l2"),
-          "zero_react": mean("zero_reactivation")}
+          "zero_react": mean("zero_reactivation"), "budget_needed_median": opt("budget_needed", np.median)}
 
 
-STATS = ("recovery", "reactivation", "act_drift", "decode_drift", "zero_react")
+STATS = ("recovery", "graded", "reactivation", "act_drift", "decode_drift", "zero_react", "budget_needed_median")
 
 
 def tpp_summary(rows) -> dict:
@@ -86,20 +90,25 @@ def render_tpp(summary: dict, tpp_info: dict) -> str:
   rows = []
   for p in summary["points"]:
     head = [p["n_features"], p["budget"], p["mode"], p["variant"]]
+    cells = lambda s: [f(s[k]) for k in ("recovery", "graded", "reactivation", "act_drift", "decode_drift",
+                                         "zero_react", "budget_needed_median")]
     for name, s in list(p["targets"].items()):
-      rows.append(head + [name, f"{s['n_recovered']}/{s['n_valid']}", f(s["recovery"]), f(s["reactivation"]),
-                          f(s["act_drift"]), f(s["decode_drift"]), f(s["zero_react"])])
+      rows.append(head + [name, f"{s['n_recovered']}/{s['n_valid']}"] + cells(s))
     for name, a in [*((f"{d} (unweighted)", v) for d, v in p["datasets"].items()), ("all targets (unweighted)",
                                                                                      p["all"])]:
-      u = a["unweighted"]
-      rows.append(head + [f"**{name}**", f"{a['n_recovered']}/{a['n_valid']}", f(u["recovery"]),
-                          f(u["reactivation"]), f(u["act_drift"]), f(u["decode_drift"]), f(u["zero_react"])])
-    a, wt = p["all"], p["all"]["weighted"]
+      rows.append(head + [f"**{name}**", f"{a['n_recovered']}/{a['n_valid']}"] + cells(a["unweighted"]))
+    a = p["all"]
     rows.append(head + ["**all examples (weighted)**", f"{a['n_recovered']}/{a['n_valid']} [{f(a['ci'][0])}, "
-                        f"{f(a['ci'][1])}]", f(wt["recovery"]), f(wt["reactivation"]), f(wt["act_drift"]),
-                        f(wt["decode_drift"]), f(wt["zero_react"])])
+                        f"{f(a['ci'][1])}]"] + cells(a["weighted"]))
+  lines += ["recovery: the binary rate (probe logit > 0), as the paper's; its 82 % / 75 % (none / encoder, "
+            "paper-method 10.1) is the **all targets (unweighted)** row, the mean of per-target rates (per "
+            "example: 81.3 % / 74.1 %). graded: the mean of min(1, (logit_rec - logit_def) / -logit_def), how far "
+            "the delta took the probe logit towards 0 (1 = recovered; not a paper metric). budget needed: the "
+            "median least ||delta|| of the scope that can flip the probe, max(0, -logit_def) * n_pooled / (n_delta * ||w||) "
+            "(n_delta = 1 for the last token, n_pooled for all tokens).", ""]
   lines.append(outputs.format_table(["N", "budget", "mode", "scope", "target", "recovered/valid", "recovery",
-                                    "reactivation", "act drift", "decode drift", "zero-react"], rows))
+                                    "graded", "reactivation", "act drift", "decode drift", "zero-react",
+                                    "budget needed"], rows))
   if summary["sign_tests"]:
     lines += ["", "## Encoder vs none over targets (one-sided sign test)", ""]
     st = [[t["grid_id"], t["variant"]] + [f"{t[s]['k']}/{t[s]['n']} (p={f(t[s]['p'])})"
