@@ -56,6 +56,8 @@ def get_config(arg=None):
   # "absolute": sweep.budget bounds ||delta||_F; "relative": it is rho, the bound rho * ||h_def||_F at the
   # delta positions (the paper's relative delta norm), per problem
   c.recovery.budget_scale = "absolute"
+  # with several relative budgets: bisection steps narrowing each per-prompt example's minimum rho (0: grid only)
+  c.recovery.bisect_steps = 3
   c.recovery.modes = ("none", "encoder", "encoder_exact")
   c.recovery.variants = ("shared", "per_prompt")  # the reference shares one delta across prompts
   c.recovery.attribution_top_k = 10

@@ -82,3 +82,39 @@ def test_rows_reduction_and_median_interval():
   med, lo, hi = min_budget.median_ci([0.1, 0.05, float("inf")])
   assert med == 0.1 and lo == 0.05 and hi == float("inf")
   assert min_budget.median_ci([0.2] * 5) == (0.2, 0.2, 0.2)
+
+
+def test_grid_run_rows_refined_by_bisection(setup):
+  """``experiments.bisect.refine`` on the rows a relative-budget grid run writes: each example's minimum
+  lies in the grid bracket, narrowed to (lo, min_rho] by the bisection steps, recovered at min_rho and
+  not at lo (checked by re-running the engine here)."""
+  import types  # pylint: disable=import-outside-toplevel
+  from recovery_jax.experiments import bisect  # pylint: disable=import-outside-toplevel
+  spec, params, clamps, pbs, key, _ = setup
+  grid = [0.05, 0.2, 0.8]
+  rows_at = lambda rho: np.asarray(min_budget.recover_each(spec, params, clamps, pbs, np.full(N, rho), key).rows)[:, 0]
+  cut = float(np.median(rows_at(0.2)))  # about half the examples recover at rho = 0.2
+  stacked = lambda cl: tuple(c.replace(params=jax.tree.map(lambda a: a[None], c.params)) for c in cl)
+  ctx = types.SimpleNamespace(params=params, problems=lambda v: pbs, spec=lambda m, v: spec,
+                              clamps=lambda points: stacked(clamps), recovered=lambda rr: rr > cut, bisect=True)
+  rows = [dict(budget_scale="relative", valid=True, diverged=False, mode="encoder", variant="per_prompt", seed=0,
+               point_id=0, example=e, budget=rho, recovered=bool(r > cut))
+          for rho in grid for e, r in enumerate(rows_at(rho))]
+  config = types.SimpleNamespace(recovery={"bisect_steps": 3})
+  with pytest.MonkeyPatch.context() as mp:  # the grid's key for point 0 is this test's key
+    mp.setattr(bisect.sweep, "point_key", lambda seed, pid: key)
+    out = bisect.refine(config, ctx, rows)
+  assert [r["example"] for r in out] == list(range(N))
+  fin = [r for r in out if np.isfinite(r["min_rho"])]
+  assert fin, "some example must recover on the grid"
+  for r in fin:
+    g = r["grid_min_rho"]
+    prev = max([x for x in grid if x < g], default=0.0)
+    assert prev <= r["lo"] < r["min_rho"] <= g and r["bisect_steps"] == 3
+    assert r["min_rho"] - r["lo"] <= (g - prev) / 8 + 1e-9
+  rho = np.asarray([r["min_rho"] if np.isfinite(r["min_rho"]) else 0.8 for r in out])
+  at_min = np.asarray(min_budget.recover_each(spec, params, clamps, pbs, rho, key).rows)[:, 0] > cut
+  at_lo = np.asarray(min_budget.recover_each(spec, params, clamps, pbs, np.asarray([r["lo"] for r in out]),
+                                             key).rows)[:, 0] > cut
+  finite = np.isfinite([r["min_rho"] for r in out])
+  assert at_min[finite].all() and not (at_lo & (np.asarray([r["lo"] for r in out]) > 0))[finite].any()

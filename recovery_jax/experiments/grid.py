@@ -29,6 +29,7 @@ import numpy as np
 
 from recovery_jax import config_utils as cu
 from recovery_jax import errors, intervene, metrics, outputs, profile, sweep
+from recovery_jax.experiments import bisect as bisect_lib
 from recovery_jax.experiments import runner
 from recovery_jax.experiments import setting as setting_lib
 from recovery_jax.experiments import summary as summary_lib
@@ -52,6 +53,8 @@ class Grid:
   annotate: None, or ``workdir -> markdown lines`` run once by the writing process after the grid
     (e.g. feature cards of the clamped features); the lines go under the summary's tables.
   data: the setting's own prepared state (e.g. unlearning's batch and replay programs), or None.
+  bisect: whether ``recovery.bisect_steps`` may refine each example's minimum relative budget by re-running
+    the engine (``experiments.bisect``; False where success is scored by a replay of its own).
   """
 
   title: str
@@ -66,6 +69,7 @@ class Grid:
   objective_name: str = "objective"
   annotate: Callable[[str], list[str]] | None = None
   data: Any = None
+  bisect: bool = True  # success is ``recovered(engine rows)``, so ``bisect.refine`` may re-run the engine
 
 
 class GridSetting(setting_lib.Setting):
@@ -106,7 +110,10 @@ class GridSetting(setting_lib.Setting):
 
   def finish(self, config, ctx: Grid, workdir: str, rows, curves, wall_s: float) -> dict[str, Any]:
     """run.json (title, header, objective, feature-card links of ``ctx.annotate``, wall time)."""
+    refined = bisect_lib.refine(config, ctx, rows)  # each example's minimum relative budget (every process)
     if runner.is_writer():
+      if refined:
+        outputs.write_jsonl(os.path.join(workdir, "min_budget.jsonl"), refined)
       links = ctx.annotate(workdir) if ctx.annotate is not None else []
       outputs.atomic_write(os.path.join(workdir, "run.json"), json.dumps(
           {"title": ctx.title, "header": ctx.header, "objective_name": ctx.objective_name,

@@ -86,22 +86,31 @@ def _attribution_table(summary: list[dict], top_k: int) -> str:
           f"{outputs.format_table(header, rows)}\n\n")
 
 
-def _min_budget_table(rows: Sequence[dict]) -> str:
+def _min_budget_table(rows: Sequence[dict], refined: Sequence[dict] = ()) -> str:
   """The minimum relative budget per valid example (``min_budget.from_rows``: the first rho of the
-  sweep that recovered it), median with a bootstrap interval, per K x clamp x seed x mode x variant;
-  empty unless the run swept more than one relative budget."""
+  sweep that recovered it; with ``refined`` rows of ``experiments.bisect``, also the bisected minimum),
+  median with a bootstrap interval, per K x clamp x seed x mode x variant; empty unless the run swept
+  more than one relative budget."""
   budgets = sorted({float(r["budget"]) for r in rows if r.get("budget_scale") == "relative" and "budget" in r})
   if len(budgets) < 2:
     return ""
   keys = [k for k in ("n_features", "clamp_value", "seed") if k in rows[0]] + ["mode", "variant"]
+  fmt = lambda x: f"> {budgets[-1]:g}" if np.isinf(x) else f"{x:.3g}"
+  ci = lambda xs: "{} [{}, {}]".format(*(fmt(v) for v in min_budget.median_ci(xs)))
+  bisected = {}
+  for r in refined:
+    if r.get("bisect_steps"):
+      bisected.setdefault(tuple(r.get(k) for k in keys), []).append(float(r["min_rho"]))
+  steps = max([int(r.get("bisect_steps", 0)) for r in refined] or [0])
   table = []
   for group, mins in min_budget.from_rows(rows, keys).items():
-    med, lo, hi = min_budget.median_ci(mins)
-    fmt = lambda x: f"> {budgets[-1]:g}" if np.isinf(x) else f"{x:g}"
-    table.append([*group, len(mins), sum(1 for m in mins if np.isfinite(m)), f"{fmt(med)} [{fmt(lo)}, {fmt(hi)}]"])
-  header = [SWEEP_NAMES.get(k, k) for k in keys] + ["valid", "recovered at some rho", "median min rho [95% CI]"]
+    table.append([*group, len(mins), sum(1 for m in mins if np.isfinite(m)), ci(mins)]
+                 + ([ci(bisected[group]) if group in bisected else "-"] if steps else []))
+  header = ([SWEEP_NAMES.get(k, k) for k in keys] + ["valid", "recovered at some rho", "median min rho on the grid [95% CI]"]
+            + ([f"after {steps} bisection steps"] if steps else []))
   return (f"Minimum relative budget per valid example: the smallest rho of {budgets} that recovered it (never "
-          "recovered: beyond the sweep); median with a percentile-bootstrap interval:\n\n"
+          "recovered: beyond the sweep)" + (", then narrowed by bisection (experiments/bisect.py; per-example "
+          "variants)" if steps else "") + "; median with a percentile-bootstrap interval:\n\n"
           f"{outputs.format_table(header, table)}\n\n")
 
 
@@ -121,6 +130,8 @@ def render(workdir: str, plots: bool = True) -> tuple[str, list[dict]]:
   rows = read_jsonl(need[1])
   with open(need[2]) as f:
     curves = json.load(f)
+  mb = os.path.join(workdir, "min_budget.jsonl")
+  refined = read_jsonl(mb) if os.path.exists(mb) else []
   summary = summarize(rows)
   n_zero = sum(s["n_zero_ref_valid"] for s in summary)
   notes = ("Drifts are absolute L2 norms over the clamped features (relative drift is undefined where the "
@@ -138,7 +149,7 @@ def render(workdir: str, plots: bool = True) -> tuple[str, list[dict]]:
               "\n\n")
   links = "".join(f"{line}\n" for line in meta.get("links", ()))
   text = (f"# {meta['title']}\n\n{meta['header']}\n\n{_table(summary, meta['objective_name'])}\n\n{notes}"
-          f"{_min_budget_table(rows)}{_attribution_table(summary, meta['attribution_top_k'])}{links + chr(10) if links else ''}"
+          f"{_min_budget_table(rows, refined)}{_attribution_table(summary, meta['attribution_top_k'])}{links + chr(10) if links else ''}"
           f"(wall time {meta['wall_s']:.0f} s)\n")
   outputs.atomic_write(os.path.join(workdir, "summary.md"), text)
   outputs.write_jsonl(os.path.join(workdir, "summary.jsonl"), summary)
