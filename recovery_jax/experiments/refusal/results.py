@@ -158,7 +158,7 @@ def render_recovery(config, value: float, n_valid: int, n_prompts: int, summ: di
          "first answer positions x S, post-defence) is the stage-2 teacher-forced state for both variants; the "
          "relative delta norm is exact, ||delta|| / ||h_def|| over the variant's delta positions. Intervals: "
          "Wilson 95% (W) and the reference's bootstrap (B, 2000 resamples); means with bootstrap intervals.\n",
-         stats.recovery_table(summ["groups"]), ""]
+         stats.recovery_table(summ["groups"]) if summ["groups"] else "(no main recovery runs: recovery.modes=())", ""]
   if config.plots and any(g["run"] == "main" and g["summary"]["recovered"]["n"] for g in summ["groups"]):
     out.append("![stage-2 objective vs drift per mode](recovery_vs_drift.png)\n")
   if drop:
