@@ -127,3 +127,21 @@ def test_broadcast_scope(setting):
   assert (d @ w > 0.05).all()  # the broadcast row moved the pooled logit
   want = h_def[:, T - 3:].mean(1) @ w + d @ w  # the same row at every pooled column
   np.testing.assert_allclose(np.asarray(out.rows[:, 0]), want, rtol=1e-4, atol=1e-4)
+
+
+def test_before_threat_the_ablation_re_acts_on_h_plus_delta(setting):
+  """``ProbeSpec(before=True)``: delta goes into the residual the clamp reads; the recovered rows and the
+  monitored features are the probe and the SAE on clamp(h + delta), computed here independently."""
+  params, cfg, tokens, h, sae, scfg, w, feats = setting
+  rc = RecoveryConfig(steps=10, lr=0.1, budget=3.0, projection="none")
+  clamp = intervene.make_clamp(intervene.ClampSpec(SITE, scfg, mode="zero"), sae, feats)
+  pbs = _probe_problems(h, w, 1)
+  out = probe.recover_probe_examples(probe.ProbeSpec(rc, before=True), clamp, pbs, rc.hparams(), jax.random.PRNGKey(0))
+  after = probe.recover_probe_examples(probe.ProbeSpec(rc), clamp, pbs, rc.hparams(), jax.random.PRNGKey(0))
+  x = jnp.asarray(h, jnp.float32).at[:, -1].add(jnp.asarray(out.delta)[:, 0, 0])  # [B, T, d] h + delta at the last token
+  x = clamp(x, jnp.broadcast_to(jnp.arange(T), (B, T)))
+  np.testing.assert_allclose(np.asarray(out.rows[:, 0]), np.asarray(x[:, -1] @ jnp.asarray(w, jnp.float32)), rtol=1e-4,
+                             atol=1e-4)
+  np.testing.assert_allclose(np.asarray(out.feats[0][:, 0, 0]), np.asarray(clamp.features(x[:, -1])), atol=1e-4)
+  np.testing.assert_allclose(np.asarray(out.rows_defended), np.asarray(after.rows_defended), atol=1e-6)
+  assert not np.allclose(np.asarray(out.delta), np.asarray(after.delta), atol=1e-3)  # the clamp is in the path

@@ -32,10 +32,14 @@ class ProbeSpec:
   broadcast: False: one delta row per delta column (the default scope: the last non-pad position);
   True: a single delta row added at every delta column of each row (paper-method 3.3's "delta
   broadcast to all positions"; delta [1, 1, d]).
+  before: the threat model. False: delta is added to the defended residual, after the clamp (the
+  paper); True: to the clean residual before it, so the clamp re-acts on ``h + delta`` (the relative
+  budget then reads ``h`` at the delta columns, the state delta is added to).
   """
 
   config: RecoveryConfig
   broadcast: bool = False
+  before: bool = False
 
   def canonical(self) -> "ProbeSpec":
     return dataclasses.replace(self, config=self.config.canonical())
@@ -76,7 +80,10 @@ def recover_probe(spec: ProbeSpec, clamp: Clamp, pb: ProbeProblem, hp: HParams, 
   masks = (pb.monitor_valid[:, :, None] & clamp.mask[None, None],)
 
   def f(delta):
-    x = intervene.add_rows(h_def, place, delta[0])
+    if spec.before:
+      x = clamp(intervene.add_rows(pb.h.astype(jnp.float32), place, delta[0]), pb.positions)
+    else:
+      x = intervene.add_rows(h_def, place, delta[0])
     rows = probe_logit(x, pb.pool_mask, pb.probe_w, pb.probe_b)
     return Eval(obj_lib.weighted_mean(rows, pb.row_weight), rows, feats_of(x))
 
@@ -85,7 +92,7 @@ def recover_probe(spec: ProbeSpec, clamp: Clamp, pb: ProbeProblem, hp: HParams, 
     enc = engine.encoder_projector(pb.h.shape[-1], (clamp.site,), (clamp,), hp.ridge,
                                    spec.config.projection == "encoder_exact", spec.config.exact_rtol)
   delta0 = jnp.zeros((1, n_rows, pb.h.shape[-1]), jnp.float32)
-  h_def_cols = engine.gather_cols(h_def, pb.delta_cols)[None]  # [1, B, P, d]
+  h_def_cols = engine.gather_cols(pb.h.astype(jnp.float32) if spec.before else h_def, pb.delta_cols)[None]  # [1, B, P, d]
   hp = opt_lib.absolute_budget(spec.config, hp, h_def_cols, pb.row_weight)
   res = opt_lib.optimize(f, delta0, Monitor(feats_of(h_def), masks, (clamp.decoder_rows(),)), spec.config, hp, key,
                          enc, refs_from_start=True)
