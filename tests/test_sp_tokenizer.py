@@ -1,5 +1,5 @@
 """The torch-free Gemma tokenizer equals transformers' GGUF tokenizer on the real Gemma 3 270M file;
-the hand-written chat templates equal transformers' ``apply_chat_template``."""
+the chat templates (rendered with jinja2 by models/chat.py) equal transformers' ``apply_chat_template``."""
 
 import ast
 import inspect
@@ -51,26 +51,9 @@ def _stdlib_lines(limit: int = 400) -> list[str]:
   return uniq[::step][:limit]
 
 
-# Gemma 3 *-it template (text parts), as in google/gemma-3-270m-it's tokenizer_config.json; the GGUF
-# here is the base model and carries no template
-GEMMA3_TEMPLATE = (
-    "{{ bos_token }}"
-    "{%- if messages[0]['role'] == 'system' -%}"
-    "{%- set first_user_prefix = messages[0]['content'] + '\\n\\n' -%}"
-    "{%- set loop_messages = messages[1:] -%}"
-    "{%- else -%}{%- set first_user_prefix = '' -%}{%- set loop_messages = messages -%}{%- endif -%}"
-    "{%- for message in loop_messages -%}"
-    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
-    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
-    "{%- endif -%}"
-    "{%- if (message['role'] == 'assistant') -%}{%- set role = 'model' -%}"
-    "{%- else -%}{%- set role = message['role'] -%}{%- endif -%}"
-    "{{ '<start_of_turn>' + role + '\\n' + (first_user_prefix if loop.first else '') }}"
-    "{{ message['content'] | trim }}"
-    "{{ '<end_of_turn>\\n' }}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\\n' }}{%- endif -%}"
-)
+# Gemma 3 *-it template (text parts; the GGUF here is the base model and carries no template): the one
+# chat.py falls back to, given to transformers as the reference renderer
+GEMMA3_TEMPLATE = chat.GEMMA3
 
 CONVERSATIONS = [
     [{"role": "user", "content": "What is the capital of France?"}],
