@@ -51,6 +51,9 @@ def get_config(arg=None):
   c.task.questions_file = ""  # "": recovery_jax/data/unlearning_questions.jsonl (128 benign facts)
   c.task.retain_file = ""  # "": recovery_jax/data/retain_questions.jsonl (40 general questions)
   c.task.format = "cloze"  # mc (the paper's lettered prompt, 24 orders), cloze, cloze_listed (24 orders)
+  # the orders each question is asked in: all (every order of the format: the paper's 24 permutations for
+  # mc / cloze_listed, one for cloze), both (the original and the reversed order; mc / cloze_listed), original
+  c.task.orders = "all"
   c.task.strict = True  # keep a question only if the base model is correct in every order
   c.task.bos = "auto"  # auto (BOS for Gemma, as the reference), always, never
   c.task.max_questions = 0

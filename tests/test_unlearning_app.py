@@ -55,6 +55,7 @@ def test_rows_use_argmax_and_match_the_engine(tiny_run):
     assert r["posthoc_violation_abs"] <= r["posthoc_drift_abs"] + 1e-9
     assert (r["posthoc_drift_rel"] is None) == (not r["posthoc_ref_norm"] > 0)
     assert r["delta_norm"] <= 20.0 + 1e-3
+    assert r["order"] == "0123" and r["perm_id"] == 0  # the tiny run's cloze has one order
 
 
 def test_retain_budget_and_soft_suffix(tiny_run):
@@ -83,6 +84,11 @@ def test_bad_question_file_names_file_and_row(tmp_path):
   c.task.format = "letters"
   with pytest.raises(errors.UserError, match="task.format"):
     unlearning.run(c, str(tmp_path / "wd2"))
+  for fmt, orders, match in (("cloze", "both", "cloze_listed"), ("mc", "reversed", "expected one of")):
+    c = _config("tiny")
+    c.task.format, c.task.orders = fmt, orders
+    with pytest.raises(errors.UserError, match=rf"'task.orders'='{orders}'.*{match}"):
+      unlearning.run(c, str(tmp_path / f"wd_{orders}"))
 
 
 def test_config_variants():

@@ -109,6 +109,54 @@ def test_strict_filter_and_valid_flips():
   assert np.flatnonzero(ul.valid_flips(base, defended, question, None)).tolist() == [0, 3, 30, 50]
 
 
+def test_orders_field_all_both_original_and_errors():
+  assert ul.orders("mc") == ul.orders("mc", "all") == tuple(range(24))
+  assert ul.orders("cloze_listed", "both") == (0, 23) and ul.PERMUTATIONS[23] == (3, 2, 1, 0)
+  assert ul.orders("mc", "original") == ul.orders("cloze", "all") == ul.orders("cloze", "original") == (0,)
+  with pytest.raises(errors.UserError, match=r"'task.orders'='both' with task.format='cloze'.*cloze_listed"):
+    ul.orders("cloze", "both")
+  with pytest.raises(errors.UserError, match=r"'task.orders'='sideways': expected one of"):
+    ul.orders("mc", "sideways")
+
+
+def test_both_orders_reverse_the_options_and_move_the_gold():
+  """Original and reversed order: the prompt lists the options backwards, the choice tokens are read in
+  display order, and the gold index is 3 - answer; the strict filter asks for both, a flip is one order."""
+  tok = WordTokenizer()
+  b = ul.build_batch(tok, [Q, Q2], "cloze_listed", perm_ids=ul.orders("cloze_listed", "both"))
+  assert list(b.perm_id) == [0, 23, 0, 23] and list(b.question) == [0, 0, 1, 1]
+  assert b.texts[0] == "Options: iron, gold, lead, tin.\nThe yellow metal is"
+  assert b.texts[1] == "Options: tin, lead, gold, iron.\nThe yellow metal is"
+  assert list(b.gold) == [1, 2, 0, 3] and [ul.order_name(p) for p in b.perm_id] == ["0123", "3210"] * 2
+  assert (b.choices[1] == b.choices[0][::-1]).all() and (b.choices[3] == b.choices[2][::-1]).all()
+  mc = ul.build_batch(tok, [Q], "mc", perm_ids=(0, ul.REVERSED))
+  assert PAPER_RE.match(mc.texts[1]).groups()[1:] == ("tin", "lead", "gold", "iron") and list(mc.gold) == [1, 2]
+  base = np.array([True, True, True, False])  # question 2 fails its reversed order
+  kept = ul.strict_filter(base, b.question, 2)
+  assert kept.tolist() == [True, False]
+  assert ul.valid_flips(base, np.array([True, False, False, False]), b.question, kept).tolist() == [False, True,
+                                                                                                  False, False]
+
+
+def test_every_order_maps_the_answer_index_to_the_right_choice():
+  """Property over random questions and all 24 orders: the gold position shows the correct choice, its
+  choice token is the correct choice's first token, and the order name lists the shown choices."""
+  rng = np.random.default_rng(0)
+  tok = WordTokenizer()
+  words = [f"w{i}" for i in range(40)]
+  for trial in range(30):
+    ch = tuple(rng.choice(words, 4, replace=False).tolist())
+    q = ul.Question(f"r{trial}", "Which?", ch, int(rng.integers(4)), "It is")
+    for pid, perm in enumerate(ul.PERMUTATIONS):
+      g = ul.gold_position(q, perm)
+      shown = ul.ordered(q, perm)
+      assert shown[g] == q.choices[q.answer] and sorted(shown) == sorted(q.choices)
+      ids = ul.choice_ids(tok, q, "cloze_listed", perm)
+      assert ids[g] == ul.first_token(tok, q.choices[q.answer])
+      assert tuple(q.choices[int(c)] for c in ul.order_name(pid)) == shown
+      assert ul.prompt(q, "cloze_listed", perm).startswith("Options: " + ", ".join(shown) + ".")
+
+
 def test_argmax_success_differs_from_positive_margin():
   cl = np.asarray([[5.0, 4.9, 0.0, 0.0]])
   gold = np.asarray([1])

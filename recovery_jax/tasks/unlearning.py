@@ -13,6 +13,8 @@ A question has a stem (``question``), four ``choices`` and the index of the corr
 
 Orders are ``itertools.permutations(range(4))`` (perm_id 0..23, the reference's order); in order
 ``perm`` position j shows choice ``perm[j]``, so the gold position is ``perm.index(answer)``.
+``orders(fmt, which)`` picks the orders asked: all 24 (the paper's), the original and reversed
+(``both``), or the original only.
 Success is the argmax over the four choice tokens' logits at the last prompt token (not a positive
 margin); the strict filter keeps a question only if the base model is correct in every order; a
 valid flip is one (question, order) of a kept question with base correct and defended wrong.
@@ -38,6 +40,8 @@ from recovery_jax import errors, rowfile
 LETTERS = ("A", "B", "C", "D")
 PERMUTATIONS = tuple(itertools.permutations(range(4)))  # 24 orders, perm_id = index
 FORMATS = ("mc", "cloze", "cloze_listed")
+ORDERS = ("all", "both", "original")  # task.orders (``orders``)
+REVERSED = PERMUTATIONS.index((3, 2, 1, 0))  # 23
 DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
 DEFAULT_QUESTIONS = os.path.join(DATA_DIR, "unlearning_questions.jsonl")
 DEFAULT_RETAIN = os.path.join(DATA_DIR, "retain_questions.jsonl")
@@ -159,11 +163,35 @@ def prompt(q: Question, fmt: str, perm: Sequence[int] = (0, 1, 2, 3)) -> str:
   raise errors.UserError(f"format {fmt!r}: expected one of {FORMATS}")
 
 
-def orders(fmt: str) -> tuple[int, ...]:
-  """perm_ids a format uses: all 24, or perm 0 only for ``cloze`` (its prompt ignores the order)."""
+def orders(fmt: str, which: str = "all") -> tuple[int, ...]:
+  """perm_ids a format asks each question in (``task.orders``):
+
+    all       every order the format has: the 24 permutations for ``mc`` / ``cloze_listed`` (the
+              paper's protocol, paper-method 4.1), perm 0 only for ``cloze`` (its prompt ignores the order)
+    both      the original order and the reversed one (perm 0 = (0, 1, 2, 3), perm 23 = (3, 2, 1, 0)):
+              every choice moves, the gold one to position 3 - answer
+    original  perm 0 only
+
+  The strict filter and the valid flips apply per (question, order) as in the paper: a question is
+  kept when the base model is right in every order asked, a flip is one order where it is right and
+  the defended model wrong. ``both`` is an error for ``cloze``, which shows no options.
+  """
   if fmt not in FORMATS:
     raise errors.UserError(f"config field 'task.format'={fmt!r}: expected one of {FORMATS}")
-  return (0,) if fmt == "cloze" else tuple(range(len(PERMUTATIONS)))
+  if which not in ORDERS:
+    raise errors.UserError(f"config field 'task.orders'={which!r}: expected one of {ORDERS}")
+  if fmt == "cloze":
+    if which == "both":
+      raise errors.UserError("config field 'task.orders'='both' with task.format='cloze': the cloze prompt shows no "
+                             "options, so both orders are the same prompt and answer; use task.format=cloze_listed "
+                             "(the options listed before the stem) to ask in both orders")
+    return (0,)
+  return {"all": tuple(range(len(PERMUTATIONS))), "both": (0, REVERSED), "original": (0,)}[which]
+
+
+def order_name(perm_id: int) -> str:
+  """The order as the original choice indices shown at positions A..D, e.g. perm 23 -> "3210"."""
+  return "".join(str(i) for i in PERMUTATIONS[perm_id])
 
 
 def first_token(tokenizer, text: str) -> int:

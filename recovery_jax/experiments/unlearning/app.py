@@ -56,7 +56,7 @@ OBJECTIVES = ("choice_margin", "choice_ce")
 
 def validate(config) -> None:
   """Config values that need no model; errors name the field."""
-  ul.orders(config.task.format)
+  ul.orders(config.task.format, config.task.get("orders", "all"))  # task.format and task.orders
   cu.check_one_of(config, "recovery.objective", OBJECTIVES)
   cu.check_one_of(config, "clamp.mode", intervene.CLAMP_MODES)
   cu.check_one_of(config, "clamp.semantics", engine.SEMANTICS)
@@ -188,14 +188,15 @@ def prepare(config) -> Context:
     raise errors.UserError(f"config field 'sweep.n_features': K={k_max} is larger than the SAE's d_sae={scfg.d_sae}")
   bos, pad = _bos(config, mcfg), mcfg.pad_token_id or 0
   fmt = config.task.format
-  batch = ul.build_batch(tok, questions, fmt, bos_id=bos, pad_id=pad)
+  perm_ids = ul.orders(fmt, config.task.get("orders", "all"))
+  batch = ul.build_batch(tok, questions, fmt, bos_id=bos, pad_id=pad, perm_ids=perm_ids)
   api.check_prompts(batch.tokens, batch.attention_mask, model_cfg=mcfg)  # ids and lengths vs the model
   fw = Forwards(mcfg, config.site)
   bs = config.eval_batch_size
   cl_base = over_rows(lambda t, m, c: fw.base(params, t, m, c), batch, bs)
   ok = ul.correct(cl_base, batch.gold)
   kept = ul.strict_filter(ok, batch.question, len(questions)) if config.task.strict else None
-  n_orders = len(ul.orders(fmt))
+  n_orders = len(perm_ids)
   log(f"{len(questions)} questions x {n_orders} order(s) ({fmt}): base accuracy {ok.mean():.3f}; "
       + (f"strict filter (correct in all {n_orders}) keeps {int(kept.sum())}" if kept is not None
          else "strict filter off"))
@@ -227,7 +228,7 @@ def prepare(config) -> Context:
     idx = idx[:config.task.max_flips]
   rb = None
   if retain:
-    rb = ul.build_batch(tok, retain, fmt, bos_id=bos, pad_id=pad)
+    rb = ul.build_batch(tok, retain, fmt, bos_id=bos, pad_id=pad, perm_ids=perm_ids)
   return Context(params, mcfg, tok, sae, scfg, make, fw, batch.take(idx), cl_base[idx], questions, rb,
                  {f"{k}|{v}": d for (k, v), d in pre.items()}, feats, info, bos)
 
@@ -251,7 +252,7 @@ def make_grid(config, ctx: Context) -> grid.Grid:
             f"{config.clamp.semantics}), objective {config.recovery.objective}, {config.recovery.steps} steps, lr "
             f"{config.recovery.lr}; success = argmax over the 4 choice tokens (scores: l[gold] - max other)")
   examples = [{"question": ctx.questions[int(b.question[i])].qid, "perm_id": int(b.perm_id[i]),
-               "gold": int(b.gold[i])} for i in range(len(b))]
+               "order": ul.order_name(int(b.perm_id[i])), "gold": int(b.gold[i])} for i in range(len(b))]
   return grid.Grid(
       title="Unlearning post-intervention recovery", header=header, params=ctx.params,
       problems=lambda v: problems, spec=spec,
