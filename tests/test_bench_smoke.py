@@ -1,7 +1,9 @@
-"""Smoke run of the throughput benchmark harness on a tiny random model (no timing assertions)."""
+"""Smoke runs of the benchmark harnesses on tiny random models (no timing assertions): recovery
+throughput, harvest sites, generation (JAX vs transformers) and whole runs (the tiny demo)."""
 
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -84,3 +86,86 @@ def test_harvest_sites_bench_names_bad_flags(tmp_path, flags, message):
   r = _harvest_bench(tmp_path / "hs", *flags)
   assert r.returncode != 0 and message in r.stderr + r.stdout
   assert not (tmp_path / "hs.json").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# bench.generation and bench.whole_run at tiny sizes (output structure, not timings)
+
+
+@pytest.fixture(scope="module")
+def generation(tmp_path_factory):
+  from bench import generation as gen_bench
+  out = tmp_path_factory.mktemp("gen") / "generation.json"
+  args = gen_bench.parse_args(["--tiny", "--batch=3", "--new_tokens=6", "--repeats=2", f"--out={out}"])
+  result = gen_bench.run(args, log=lambda *a: None)
+  return gen_bench, result, gen_bench.write(result, str(out))
+
+
+def test_generation_bench_rows_agreement_and_files(generation):
+  """The three variants' rows, the greedy tokens of the JAX decoder equal transformers' on the tiny model,
+  the clamp changes the output, and the JSON / markdown files hold them."""
+  gen_bench, result, (js, md) = generation
+  rows = {r["variant"]: r for r in result["rows"]}
+  assert sorted(rows) == sorted(gen_bench.VARIANTS)
+  for v, r in rows.items():
+    assert len(r["times_s"]) == 2 and r["median_s"] > 0 and math.isclose(r["tokens_per_s"], 3 * 6 / r["median_s"])
+    assert r["flops"] == rows["jax"]["flops"] > 0 and math.isclose(r["flops_per_s"], r["flops"] / r["median_s"])
+    assert (r["compile_s"] is None) == (v == "transformers") and r["speedup_vs_transformers"] > 0
+  assert result["agreement"] == {"tokens": 6, "rows_agree": 3, "rows": 3, "token_fraction": 1.0,
+                                 "mean_common_prefix": 6.0, "min_common_prefix": 6}
+  assert np.asarray(result["tokens"]["jax+clamp"]).shape == (3, 6) and result["clamp_changed_rows"] >= 1
+  assert result["defence"]["kind"] == "set" and len(result["defence"]["features"]) == 8
+  saved = json.loads(Path(js).read_text())
+  assert [r["variant"] for r in saved["rows"]] == [r["variant"] for r in result["rows"]]
+  assert len(saved["loadavg_start"]) == 3 and len(saved["loadavg_end"]) == 3
+  text = Path(md).read_text()
+  assert all(f"| {v} |" in text for v in gen_bench.VARIANTS) and "3/3 rows identical" in text
+
+
+def test_generation_bench_agreement_counts_the_common_prefix():
+  from bench.generation import agreement
+  a = np.array([[1, 2, 3, 4], [1, 2, 3, 4]])
+  b = np.array([[1, 2, 3, 4], [1, 9, 3, 4]])
+  assert agreement(a, b, 3) == {"tokens": 3, "rows_agree": 1, "rows": 2, "token_fraction": 5 / 6,
+                                "mean_common_prefix": 2.0, "min_common_prefix": 1}
+
+
+@pytest.mark.parametrize("flags,message", [(["--settings=ioi,nope"], "unknown ['nope']"),
+                                           (["--cold", "--cache_dir=/tmp"], "--cache_dir is for --warm"),
+                                           (["--warm", "--cold"], "not allowed with")])
+def test_whole_run_bench_names_bad_flags(flags, message, capsys):
+  from bench import whole_run
+  with pytest.raises(SystemExit):
+    whole_run.parse_args(flags)
+  assert message in capsys.readouterr().err
+
+
+def test_whole_run_bench_needs_the_corpus_for_unlearning_and_tpp(monkeypatch, tmp_path):
+  from bench import whole_run
+  monkeypatch.setattr(whole_run, "CORPUS_MANIFEST", str(tmp_path / "MANIFEST.json"))
+  whole_run.check_corpus(["ioi", "refusal"])
+  with pytest.raises(SystemExit, match="make corpus"):
+    whole_run.check_corpus(["ioi", "tpp"])
+
+
+def test_whole_run_bench_collects_a_tiny_setting(tmp_path):
+  """One warm run of the tiny IOI demo (the suite's compilation cache): its profile in the table's row,
+  phases that add up to the run, and the JSON / markdown files."""
+  from bench import whole_run
+  from recovery_jax import compilation_cache
+  cache = compilation_cache.cache_dir() or str(tmp_path / "cache")
+  os.makedirs(cache, exist_ok=True)
+  out = tmp_path / "whole_run.json"
+  args = whole_run.parse_args(["--tiny", "--settings=ioi", "--warm", f"--cache_dir={cache}",
+                               f"--workroot={tmp_path / 'runs'}", f"--out={out}"])
+  result = whole_run.run(args, log=lambda *a: None)
+  js, md = whole_run.write(result, args.out)
+  assert result["failed"] == [] and [r["pass"] for r in result["runs"]] == ["warm"]
+  (row,) = result["rows"]
+  assert (row["setting"], row["pass"], row["returncode"]) == ("ioi", "warm", 0)
+  assert set(row["phases"]) == set(whole_run.PHASES) and row["programs"] == row["compiled"] + row["cache_hits"] > 0
+  assert math.isclose(sum(p["seconds"] for p in row["phases"].values()), row["wall_s"], rel_tol=0.01, abs_tol=0.05)
+  assert row["process_s"] > row["wall_s"] > 0
+  saved = json.loads(Path(js).read_text())
+  assert saved["runs"][0]["profiles"]["ioi"]["wall_s"] == row["wall_s"] and len(saved["loadavg_end"]) == 3
+  assert "| ioi | warm |" in Path(md).read_text()
