@@ -18,8 +18,9 @@ Variants (``configs/refusal.py:<variant>,key=value``):
            top 20 (site, feature) pairs over blocks.{9,12,15,18}.hook_resid_post (10 candidates per
            site), m in (3, 6, 10); on SmolLM2 its "refusals" are negative/degenerate openings only
   paper    gemma-2-2b-it + Gemma Scope resid_post SAEs (user folders) at the circuit layers, a user
-           feature list ``features=L:f,L:f,...`` and prompt file ``prompts=...`` (AdvBench/HarmBench
-           rows), multiply x3, 128 new tokens (needs model_path, sae_path, prompts, features)
+           feature list ``features=L:f+L:f+...`` (``+``: the arg's items are split at commas; or
+           ``--config.features.list=L:f,L:f,...``) and prompt file ``prompts=...`` (AdvBench/HarmBench
+           rows), multiply x3, 128 new tokens ended by <eos> only (needs model_path, sae_path, prompts, features)
   topk12   the default's site and features with SAELens additive steering (``add``: a fixed vector, no
            SAE clamp, so no recovery), strengths (2, 3, 4), 64 new tokens
   la_ig    the default with the candidates ranked by LA-IG attribution (features.selection=la_ig)
@@ -76,6 +77,9 @@ def get_config(arg=None):
   c.generation = ml_collections.ConfigDict()  # greedy generation of the base, defended and recovered answers
   c.generation.max_new_tokens = 128
   c.generation.batch_size = 16
+  # stop tokens: eos (the tokenizer's eos alone, as the paper's TL generate: a Gemma answer runs on past
+  # <end_of_turn>) or eos+end_of_turn (corrected: also the template's end-of-turn token and the config's eos ids)
+  c.generation.stop = "eos+end_of_turn"
 
   # v4 two-stage recovery on the strict-valid cases of the chosen strength (paper-method 6.4), generation
   # with the recovered delta (faithful: stage 1 only; honest: both stages), attribution, error term
@@ -132,8 +136,10 @@ def get_config(arg=None):
     c.sites = tuple(f"blocks.{l}.hook_resid_post" for l in range(26))
     c.task.prompts_file = a.prompts or "REQUIRED: prompts=<AdvBench/HarmBench JSONL or CSV>"
     c.task.n_prompts = 0
-    c.features.list = a.features or "REQUIRED: features=L:f,L:f,... (the paper's 20 pairs)"
+    c.features.list = (a.features.replace("+", ",") if a.features else
+                       "REQUIRED: features=L:f+L:f+... (the paper's 20 pairs; or --config.features.list=L:f,L:f,...)")
     c.defence.strengths = (3.0,)
+    c.generation.stop = "eos"  # the paper's refusal generation stops at <eos> only (paper-method 6.1, Q23)
     c.recovery.ks = ()  # a user feature list has no ranking to take the top K of
   elif a.variant == "suite":  # the paper's cross-layer multiply on the JumpReLU suite
     c.sites = tuple(f"blocks.{l}.hook_resid_post" for l in (9, 12, 15, 18))

@@ -204,3 +204,38 @@ def left_pad(rows: Sequence[Sequence[int]], pad_id: int = 0, length: int | None 
   toks = [[pad_id] * (length - len(r)) + list(r) for r in rows]
   mask = [[0] * (length - len(r)) + [1] * len(r) for r in rows]
   return jnp.asarray(toks, jnp.int32), jnp.asarray(mask, jnp.int32)
+
+
+# ----------------------------------------------------------------------------------------------
+# stop tokens
+
+STOP_OPTIONS = ("eos", "eos+end_of_turn")
+# per chat-template family (``chat.template_for``): the tokenizer's eos token and the token that ends an
+# assistant turn (ChatML ends both with <|im_end|>; Gemma's turn ends with <end_of_turn>, the text with <eos>)
+EOS_TOKEN = {"chatml": "<|im_end|>", "gemma": "<eos>"}
+END_OF_TURN_TOKEN = {"chatml": "<|im_end|>", "gemma": "<end_of_turn>"}
+
+
+def stop_ids(option: str, family: str, token_to_id: Callable[[str], int | None], eos_ids: Sequence[int] = (),
+             eos_token: str | None = None) -> tuple[int, ...]:
+  """The sorted ids that end generation under ``option`` (a config's ``generation.stop``).
+
+  ``eos``: the tokenizer's eos token alone (``eos_token``, default the family's: ``<eos>`` for Gemma,
+  ``<|im_end|>`` for ChatML), as TransformerLens' ``stop_at_eos`` and the paper's refusal generation
+  (paper-method 6.1, Q23): a Gemma answer runs on past ``<end_of_turn>``. A config eos id that is the
+  end-of-turn token (gemma-2-2b-it's ``eos_token_id`` is [1, 107]) is left out; the config's eos ids
+  stand in only when the tokenizer has no eos token.
+  ``eos+end_of_turn`` (corrected): also the family's end-of-turn token and every config eos id.
+  ``token_to_id(str) -> int | None`` is the tokenizer's; ``family`` is ``"chatml"`` or ``"gemma"``.
+  """
+  if option not in STOP_OPTIONS:
+    raise ValueError(f"stop option {option!r}: expected one of {STOP_OPTIONS}")
+  if family not in EOS_TOKEN:
+    raise ValueError(f"chat template family {family!r}: expected one of {tuple(EOS_TOKEN)}")
+  eos = token_to_id(eos_token or EOS_TOKEN[family])
+  turn = token_to_id(END_OF_TURN_TOKEN[family])
+  if option == "eos":
+    ids = {eos} if eos is not None else {int(i) for i in eos_ids} - {turn}
+  else:
+    ids = {eos, turn} | {int(i) for i in eos_ids}
+  return tuple(sorted(i for i in ids if i is not None))

@@ -17,7 +17,7 @@ from recovery_jax import errors, outputs, sweep
 from recovery_jax.experiments import runner
 from recovery_jax.experiments import setting as setting_lib
 from recovery_jax.experiments import setup as setup_lib
-from recovery_jax.models import chat, sites as sites_lib
+from recovery_jax.models import chat, generate, sites as sites_lib
 from recovery_jax.tasks import refusal as task
 from recovery_jax.tasks import refusal_defence as defence_lib
 from recovery_jax.tasks import refusal_features as feat_lib
@@ -45,6 +45,7 @@ def validate(config) -> None:
                              "paper) or blocks.L.hook_resid_pre sites")
   cu.check_one_of(config, "defence.kind", defence_lib.DEFENCES)
   cu.check_one_of(config, "features.contrast", feat_lib.CONTRASTS)
+  cu.check_one_of(config, "generation.stop", generate.STOP_OPTIONS)
   cu.check_one_of(config, "features.selection", la_ig_lib.SELECTIONS)
   if config.features.list and config.features.selection == "la_ig":
     raise errors.UserError("config field 'features.selection'='la_ig' ranks the contrast's candidates, and a user "
@@ -178,7 +179,7 @@ def prepare(config, workdir: str, mesh) -> RecoveryContext:
   saes = {s: setup_lib.load_sae(sae_path(config.sae, s), mcfg, s, model_name=config.model) for s in sites}
   pad_id = int(mcfg.pad_token_id if mcfg.pad_token_id is not None else 0)
   tmpl = config.model  # chat.load_template: the model file's own chat template (or its family's fallback)
-  stop_ids = tuple(sorted(set(chat.stop_token_ids(tmpl, tok.token_to_id)) | set(mcfg.eos_token_ids or ())))
+  stop_ids = generate.stop_ids(config.generation.stop, chat.template_for(tmpl), tok.token_to_id, mcfg.eos_token_ids)
   log(f"model {config.model}, SAEs at {', '.join(sites)} ({config.sae}); template {chat.load_template(tmpl).source}, "
       f"stop ids {stop_ids}")
 
