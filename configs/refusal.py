@@ -13,7 +13,11 @@ Variants (``configs/refusal.py:<variant>,key=value``):
            aligned with the teacher-forced openings contrast (20 candidates) set to v whether active or
            not (``set``, the clamp form of SAELens steering), v in (3, 4, 5); 64 shipped benign prompts.
            The one SAE-feature defence found that makes SmolLM2 refuse with real refusal phrases (57/64 at
-           v = 4; docs/settings/refusal.md: the search)
+           v = 4; docs/settings/refusal.md: the search). The delta enters at blocks.11.hook_resid_post, the
+           vector the clamped SAE reads, so the clamp re-acts on every perturbed state
+  after    the default with the delta right after the clamp (blocks.12.hook_resid_pre; no clamp acts on it)
+  threats  the default's threat models (after / before / upstream / cross) x modes: relative-budget curves
+           at rho in (0.01, 0.02, 0.05, 0.1, 0.2, 0.3) and each case's minimum rho
   suite    the paper's form on the project's JumpReLU resid_post suite: ``multiply`` x m on the global
            top 20 (site, feature) pairs over blocks.{9,12,15,18}.hook_resid_post (10 candidates per
            site), m in (3, 6, 10); on SmolLM2 its "refusals" are negative/degenerate openings only
@@ -107,6 +111,20 @@ def get_config(arg=None):
   c.recovery.budget_scale = "absolute"
   c.recovery.budget_mode = "jacobian"
   c.recovery.budgets = (2.0, 5.0, 10.0, 20.0, 40.0)  # both stages; () skips the sweep
+  # The threat model: where the delta enters, separate from the clamp sites. () = right after each clamp (the
+  # circuit sites; with several, the paper's cross-layer form). A site visited before a clamp passes through it
+  # and the clamp re-acts on the perturbed state: blocks.11.hook_resid_post is the vector the SAE clamped at
+  # blocks.12.hook_resid_pre reads (docs/settings/refusal.md: threat models)
+  c.recovery.delta_sites = ("blocks.11.hook_resid_post",)
+  c.recovery.encoder_project_params = True  # v4's encoder mode also projects the delta after each step (Q6)
+  # named threat models ("name:site,site,..."), compared by the relative-budget curves below
+  c.recovery.threats = ("after:blocks.12.hook_resid_pre", "before:blocks.11.hook_resid_post",
+                        "upstream:blocks.8.hook_resid_post", "cross:blocks.8.hook_resid_post,blocks.12.hook_resid_pre")
+  # relative-budget curves: every valid case at every rho (both stages) per threat x mode, in one program per
+  # batch; then bisect_steps bisections of each case's minimum rho; rhos=() skips them
+  c.recovery.curve = ml_collections.ConfigDict({"rhos": (), "modes": ("none", "encoder", "jacobian"),
+                                                "threats": ("after", "before", "upstream", "cross"),
+                                                "bisect_steps": 2})
   # feature-set sizes: the global top K of the ranking (budget_mode, the chosen strength), each K with its own
   # preflight; every defence padded to one K_max so all share the compiled recovery; () skips the sweep
   c.recovery.ks = (2, 4, 16)
@@ -130,6 +148,10 @@ def get_config(arg=None):
 
   c.save_text = False  # write base/defended texts into preflight.jsonl (off: labels, lengths, scores)
 
+  if a.variant in ("paper", "suite", "tiny"):  # the paper's cross-layer form: a delta after each circuit clamp
+    c.recovery.delta_sites = ()
+    c.recovery.threats = ()
+    c.recovery.curve.threats = ()
   if a.variant == "paper":
     c.model = a.model_path or "REQUIRED: model_path=<gemma-2-2b-it HF folder>"
     c.sae = a.sae_path or "REQUIRED: sae_path=<Gemma Scope resid_post folder with {layer}>"
@@ -176,15 +198,26 @@ def get_config(arg=None):
     c.recovery.attribution_top_k = 3
     c.recovery.budgets = (2.0, 40.0)
     c.recovery.ks = (2,)  # the top 2 span both sites: the main run's program; top 3 and 4 give no valid case here
+    c.recovery.threats = ("cross:blocks.1.hook_resid_post,blocks.2.hook_resid_post", "upstream:blocks.0.hook_resid_post")
+    c.recovery.curve.threats = ("upstream",)
+    c.recovery.curve.modes = ("jacobian",)
     c.soft_suffix.suffix_len = 2
     c.soft_suffix.steps = 2
     c.soft_suffix.n_ans = 4
     c.soft_suffix.n_pref = 2
+  elif a.variant == "after":  # the delta right after the only clamp (no clamp acts on it; the earlier default)
+    c.recovery.delta_sites = ("blocks.12.hook_resid_pre",)
+  elif a.variant == "threats":  # the threat-model x mode table: relative-budget curves at the paper's rho grid
+    c.recovery.curve.rhos = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3)
+    c.recovery.budgets = ()
+    c.recovery.ks = ()
+    c.recovery.drop_modes = ()
+    c.soft_suffix.enabled = False
   elif a.variant == "la_ig":  # the default's features ranked by LA-IG instead of the contrast score
     c.features.selection = "la_ig"
   elif a.variant != "default":
-    raise ValueError(f"configs/refusal.py: unknown variant {a.variant!r}; expected default, suite, topk12, paper, la_ig "
-                     "or tiny")
+    raise ValueError(f"configs/refusal.py: unknown variant {a.variant!r}; expected default, after, threats, suite, "
+                     "topk12, paper, la_ig or tiny")
   if a.n_prompts:
     c.task.n_prompts = a.n_prompts
   return c

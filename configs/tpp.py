@@ -33,6 +33,9 @@ def get_config(arg=None):
   c.sae = "shipped"  # the project's SAE for this model and site (sae.registry), or a SAE folder
   c.sae_override_checks = False
   c.site = "blocks.6.hook_resid_post"
+  # the threat model: after (delta added to the defended residual, the paper) or before (to the residual the
+  # clamp reads, so the ablation re-acts on h + delta); the probe path has no layers to put it further upstream
+  c.threat = "after"
 
   c.task = ml_collections.ConfigDict()  # the TPP task: classes, contexts and the linear probes
   c.task.source = "corpus"  # corpus: one class per offline corpus folder; file: a SAEBench-format file

@@ -130,3 +130,24 @@ def test_generation_with_clamp_and_delta_cached_equals_recompute(world, threat):
   plain = np.asarray(gen.generate(params, cfg, toks, max_new_tokens=n_new, pad_id=0,
                                   edits=intervene.clamp_edits((clamp,))).tokens)[0]
   assert np.any(plain != cached), "the delta should change what is generated"
+
+
+@pytest.mark.parametrize("field, value, words", [
+    ("recovery.delta_sites", ("blocks.1.hook_mlp_out",), "recovery.delta_sites"),
+    ("recovery.threats", ("nocolon",), "name:site"),
+    ("recovery.threats", ("a:blocks.0.hook_resid_post", "a:blocks.1.hook_resid_post"), "twice"),
+    ("recovery.curve.threats", ("sideways",), "recovery.curve.threats"),
+    ("recovery.curve.rhos", (0.0,), "rho > 0"),
+])
+def test_bad_threat_fields_are_named(field, value, words):
+  from recovery_jax import config_utils, errors  # pylint: disable=import-outside-toplevel
+  from recovery_jax.experiments import refusal  # pylint: disable=import-outside-toplevel
+  config = config_utils.load_config_file("configs/refusal.py:tiny")
+  config.recovery.curve.rhos = (0.1,)
+  parent, _, leaf = field.rpartition(".")
+  node = config
+  for part in parent.split("."):
+    node = node[part]
+  node[leaf] = value
+  with pytest.raises(errors.UserError, match=words):
+    refusal.validate(config)

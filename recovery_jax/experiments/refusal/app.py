@@ -28,7 +28,8 @@ from recovery_jax.recovery import soft_suffix as soft_lib
 from recovery_jax.recovery.optimizer import BUDGET_SCALES
 from recovery_jax.experiments.refusal.preflight import _table, count_valid, generate_answers, preflight_row
 from recovery_jax.experiments.refusal.jobs import (RecoveryContext, VARIANTS, choose_strength, compute_job,
-                                                   defence_k_max, recovery_jobs, run_shapes)
+                                                   defence_k_max, ordered_sites, recovery_jobs, run_shapes,
+                                                   threat_sites)
 from recovery_jax.experiments.refusal.results import _job_name, case_rows, render, strength_label
 
 
@@ -83,6 +84,45 @@ def validate(config) -> None:
                                f"sites = {n_pairs}")
     for name in ("recovery.stage1.steps", "recovery.stage2.steps", "recovery.n_ans"):
       cu.check_at_least(config, name, 1)
+    _validate_threats(config)
+
+
+def _check_delta_sites(config, field: str, sites) -> None:
+  """Delta sites are residual sites; attribution needs a circuit SAE on each one's residual vector."""
+  for s in sites:
+    if not str(s).endswith((".hook_resid_post", ".hook_resid_pre")):
+      raise errors.UserError(f"config field {field!r} has {s!r}: expected blocks.L.hook_resid_pre or "
+                             "blocks.L.hook_resid_post sites")
+    try:
+      sites_lib.parse_site(s)
+    except ValueError as e:
+      raise errors.UserError(f"config field {field!r}: {e}") from e
+
+
+def _validate_threats(config) -> None:
+  """recovery.delta_sites, recovery.threats and recovery.curve (the threat-model budget curves)."""
+  r = config.recovery
+  dsites = tuple(r.get("delta_sites", ()))
+  _check_delta_sites(config, "recovery.delta_sites", dsites)
+  if r.attribution_modes:
+    for s in dsites:
+      if not any(sites_lib.same_residual(s, c) for c in config.sites):
+        raise errors.UserError(f"config field 'recovery.attribution_modes': the attribution decomposes the delta at "
+                               f"delta site {s!r} in an SAE on its residual vector, and no circuit site "
+                               f"({', '.join(config.sites)}) is; set recovery.attribution_modes=()")
+  threats = threat_sites(config)
+  for name, sites in threats.items():
+    _check_delta_sites(config, f"recovery.threats ({name})", sites)
+  cv = r.get("curve")
+  if cv is None or not cv.rhos:
+    return
+  for rho in cv.rhos:
+    if not 0 < float(rho):
+      raise errors.UserError(f"config field 'recovery.curve.rhos' has {rho}: expected rho > 0 (a fraction of the "
+                             "defended residual norm)")
+  cu.check_each_one_of(config, "recovery.curve.modes", MODES)
+  cu.check_each_one_of(config, "recovery.curve.threats", tuple(threats))
+  cu.check_at_least(config, "recovery.curve.bisect_steps", 0)
 
 
 def sae_path(sae: str, site: str) -> str:
@@ -222,12 +262,13 @@ def prepare(config, workdir: str, mesh) -> RecoveryContext:
     outputs.atomic_write(os.path.join(workdir, "preflight.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
     outputs.atomic_write(os.path.join(workdir, "preflight.md"), md)
   print(md, flush=True)
-  order = tuple(sorted(sites, key=lambda x: sites_lib.visit_key(x, mcfg.n_layers)))
+  order = ordered_sites(sites, mcfg)
   ctx = RecoveryContext(config=config, params=params, mcfg=mcfg, tok=tok, sites=order, saes=saes, feats=feats,
                         value=0.0, prompts=prompts, base_texts=base, base_ids=base_ids,
                         valid=np.zeros(len(prompts), bool), stop_ids=stop_ids, pad_id=pad_id, discouraged=[],
                         ranking=ranking, k_max=k_max, mesh=mesh, ids=[r.id for r in rows_in],
-                        preflight={"counts": counts, "features": feats, "rows": rows})
+                        preflight={"counts": counts, "features": feats, "rows": rows},
+                        delta_sites=ordered_sites(config.recovery.get("delta_sites", ()), mcfg))
   if config.recovery.enabled:
     ctx.value = choose_strength(config, rows)
     ctx.valid = np.asarray([r["valid"] for r in rows if r["value"] == ctx.value], bool)
@@ -254,8 +295,8 @@ class Refusal(setting_lib.Setting):
     jobs = recovery_jobs(config)
     runner.log(f"recovery: {int(ctx.valid.sum())} strict-valid cases at "
                f"{strength_label(config.defence.kind, ctx.value)}; jobs {', '.join(_job_name(j) for j in jobs)}")
-    return [sweep.WorkUnit(i, (j["run"], j["mode"], j["budget"] if j.get("k") is None else j["k"]), (j,))
-            for i, j in enumerate(jobs)]
+    return [sweep.WorkUnit(i, (j["run"], j["mode"], j.get("threat") or (j["budget"] if j.get("k") is None else j["k"])),
+                           (j,)) for i, j in enumerate(jobs)]
 
   def compute_unit(self, config, ctx: RecoveryContext, mesh, unit: sweep.WorkUnit) -> dict:
     return compute_job(ctx, unit.points[0])

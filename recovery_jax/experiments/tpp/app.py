@@ -54,6 +54,8 @@ def check(config) -> None:
   """TPP config values that need no model; errors name the field."""
   t = config.task
   cu.check_one_of(config, "task.source", SOURCES)
+  if "threat" in config:
+    cu.check_one_of(config, "threat", ("after", "before"))
   if len(t.classes) < 2:
     raise errors.UserError(f"config field 'task.classes'={tuple(t.classes)}: expected at least 2 classes")
   for name in ("task.n_train", "task.n_test", "task.context_len"):
@@ -175,9 +177,10 @@ def prepare(config, workdir: str) -> grid.Grid:
            "n_pool": mask_te[ex_idx].sum(-1).astype(np.int64)}
   return grid.Grid(
       title="TPP latent-level recovery", header=header, params=None, problems=problems.__getitem__,
-      spec=lambda mode, variant: probe_lib.ProbeSpec(grid.recovery_config(config, mode), variant == "all"),
+      spec=lambda mode, variant: probe_lib.ProbeSpec(grid.recovery_config(config, mode), variant == "all",
+                                                     before=config.get("threat", "after") == "before"),
       clamps=clamps, valid=lambda rb, rd: (rb > 0) & (rd <= 0), recovered=lambda rr: rr > 0, examples=examples,
-      objective_name="probe logit", data=scope)
+      objective_name="probe logit", data=scope, bisect=False)  # the probe path has no min_budget.recover_each
 
 
 def _problems(h, mask, probes, cls, variant, monitor) -> probe_lib.ProbeProblem:
