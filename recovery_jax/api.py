@@ -20,6 +20,10 @@ budget comes from ``recovery.min_budget.search``. The functional primitives unde
 ``recovery.engine``) stay importable; see docs/api.md and docs/engine.md.
 
 Shapes: E examples (prompts), T padded tokens, d = d_model, K features of a clamp.
+
+Size: the front door keeps loaders, defence, the three behaviours, ``recover`` and ``Verdict`` in one
+module, so ``import recovery_jax as rj`` shows the whole surface in one place; each part is a few lines
+over the modules named above.
 """
 
 from __future__ import annotations

@@ -27,6 +27,7 @@ from recovery_jax.tasks import refusal_recovery as rec_lib
 from recovery_jax.recovery import soft_suffix as soft_lib
 from recovery_jax.recovery.optimizer import BUDGET_SCALES
 from recovery_jax.experiments.refusal.preflight import _table, count_valid, generate_answers, preflight_row
+from recovery_jax.experiments.refusal import curve as curve_lib
 from recovery_jax.experiments.refusal.jobs import (RecoveryContext, VARIANTS, choose_strength, compute_job,
                                                    defence_k_max, ordered_sites, recovery_jobs, run_shapes,
                                                    threat_sites)
@@ -299,7 +300,8 @@ class Refusal(setting_lib.Setting):
                            (j,)) for i, j in enumerate(jobs)]
 
   def compute_unit(self, config, ctx: RecoveryContext, mesh, unit: sweep.WorkUnit) -> dict:
-    return compute_job(ctx, unit.points[0])
+    job = unit.points[0]
+    return curve_lib.compute_curve(ctx, job) if job["run"] == "curve" else compute_job(ctx, job)
 
   def unit_rows(self, config, ctx: RecoveryContext, unit: sweep.WorkUnit, result: dict):
     return case_rows(ctx, unit.unit_id, unit.points[0], result, ctx.ids), []

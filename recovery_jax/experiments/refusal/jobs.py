@@ -282,8 +282,6 @@ def compute_job(ctx: RecoveryContext, job: dict) -> dict[str, np.ndarray]:
   norms, drifts, divergence; generated tokens only with ``save_text``."""
   if job["run"] == "soft suffix":
     return compute_soft(ctx, job)
-  if job["run"] == "curve":
-    return compute_curve(ctx, job)
   config, r = ctx.config, ctx.config.recovery
   defence = ctx.defence_for(job)
   out: dict[str, np.ndarray] = {}
@@ -351,41 +349,6 @@ def _recover_cases(ctx: RecoveryContext, job: dict, defence, v4: rec_lib.TwoStag
       out[f"{v}_gen_tokens"], out[f"{v}_gen_lengths"] = toks.astype(np.int32), lens.astype(np.int32)
   if job["attribution"]:
     out.update(attribution_replay(ctx, defence, job, idx, s1, d1, d2, ans_valid, bases))
-  return out
-
-
-def compute_curve(ctx: RecoveryContext, job: dict) -> dict[str, np.ndarray]:
-  """A budget curve of one (threat model, mode): every valid case at every rho of ``recovery.curve.rhos``
-  (relative budgets, both stages) in one recovery call per batch of the cases tiled over the grid, then
-  ``curve.bisect_steps`` bisections of each case's (last failing, first recovering] grid interval on the
-  first generation variant's not-R label. Rows [G * N] (``case``, ``rho``) and per case [N]
-  ``min_case``, ``min_rho`` (+inf: no rho recovered it) and ``min_lo``."""
-  config, r = ctx.config, ctx.config.recovery
-  cv = r.curve
-  defence = ctx.defence_for(job)
-  idx = select_cases(ctx.valid, ctx.base_ids, int(r.max_cases))
-  out: dict[str, np.ndarray] = {"n_cases": np.asarray([len(idx)], np.int32)}
-  if not len(idx):
-    return out
-  grid = np.sort(np.asarray(cv.rhos, np.float64))
-  n, g = len(idx), len(grid)
-  v4 = v4_config(config, job["mode"], budget_scale="relative")
-  out.update(_recover_cases(ctx, job, defence, v4, np.tile(idx, g), np.repeat(grid, n)))
-  out["rho"] = np.repeat(grid, n)
-  key = f"{r.variants[0]}_nonrefusal"
-  rec = (out[key].astype(bool) & ~out["diverged"].astype(bool)).reshape(g, n)
-  first = np.where(rec.any(0), rec.argmax(0), -1)
-  found = first >= 0
-  hi = np.where(found, grid[np.maximum(first, 0)], np.inf)
-  lo = np.where(first > 0, grid[np.maximum(first - 1, 0)], 0.0)
-  sel = np.flatnonzero(found)
-  for _ in range(int(cv.bisect_steps) if len(sel) else 0):
-    mid = (lo[sel] + hi[sel]) / 2
-    part = _recover_cases(ctx, dict(job, attribution=False), defence, v4, idx[sel], mid)
-    good = part[key].astype(bool) & ~part["diverged"].astype(bool)
-    hi[sel] = np.where(good, mid, hi[sel])
-    lo[sel] = np.where(good, lo[sel], mid)
-  out.update(min_case=idx.astype(np.int32), min_rho=hi, min_lo=lo)
   return out
 
 

@@ -13,6 +13,7 @@ from recovery_jax import errors, outputs, sweep
 from recovery_jax.tasks import refusal as task
 from recovery_jax.tasks import refusal_judge as judge
 from recovery_jax.tasks import refusal_stats as stats
+from recovery_jax.experiments.refusal import curve as curve_lib
 from recovery_jax.experiments.refusal.jobs import ATTR_COMPONENTS, LABELS, RecoveryContext, _prefixes, choose_strength, recovery_jobs, v4_config
 
 
@@ -82,7 +83,7 @@ def summarize_recovery(config, jobs: dict[int, dict], results: dict[int, dict], 
                      "energy": stats.mean_ci([r[f"attr_{c}_energy"] for r in ok])["mean"],
                      "norm": stats.mean_ci([r[f"attr_{c}_norm"] for r in ok])["mean"]})
     if job["run"] == "curve" and "min_rho" in results[i]:
-      curve.append(_curve_group(config, job, rows, results[i]))
+      curve.append(curve_lib.curve_group(config, job, rows, results[i]))
     r_ = config.recovery
     b = job["budget"]
     if job["run"] == "budget" or (job["run"] == "main" and job["mode"] == r_.budget_mode
@@ -101,30 +102,6 @@ def summarize_recovery(config, jobs: dict[int, dict], results: dict[int, dict], 
   budget.sort(key=lambda x: (x["variant"], x["budget"]))
   ks.sort(key=lambda x: (x["variant"], x["k"]))
   return {"groups": groups, "attribution": attr, "budget": budget, "k": ks, "curve": curve}
-
-
-def _curve_group(config, job: dict, rows: Sequence[dict], res: dict) -> dict:
-  """One threat model x mode of the budget curves: per variant the recovered rate at every rho, and the
-  minimum rho per case of the first variant (grid then bisection) as a median with its interval;
-  drift and reactivation of the clamped features at every rho (stage-2 state, valid cases)."""
-  from recovery_jax.recovery import min_budget  # pylint: disable=import-outside-toplevel
-  rhos = sorted({r["budget"] for r in rows})
-  at = lambda rho: [r for r in rows if r["budget"] == rho]
-  points = []
-  for rho in rhos:
-    pts = at(rho)
-    ok = [r for r in pts if not r["diverged"]]
-    points.append({"rho": rho, "n": len(pts), "diverged": len(pts) - len(ok),
-                   "recovered": {v: stats.rate([r[f"{v}_nonrefusal"] for r in ok], len(pts))
-                                 for v in config.recovery.variants},
-                   "drift_rel": stats.mean_ci([r["drift_rel"] for r in ok])["mean"],
-                   "reactivation": stats.mean_ci([r["reactivation"] for r in ok])["mean"],
-                   "rel_delta_norm": stats.mean_ci([r[f"{config.recovery.variants[0]}_rel_delta_norm"] for r in ok])["mean"]})
-  mins = np.asarray(res["min_rho"], np.float64)
-  med, lo, hi = min_budget.median_ci(mins)
-  return {"threat": job["threat"], "mode": job["mode"], "n_cases": int(len(mins)), "points": points,
-          "min_rho": {"median": med, "lo": lo, "hi": hi, "n_never": int(np.isinf(mins).sum()),
-                      "bisect_steps": int(config.recovery.curve.bisect_steps)}}
 
 
 def _curve_point(s: dict) -> dict:
@@ -179,50 +156,13 @@ def render_recovery(config, value: float, n_valid: int, n_prompts: int, summ: di
     out += [f"## Budget sweep ({r.budget_mode}; both stage budgets = b)\n", stats.budget_table(summ["budget"]), "",
             "![recovery vs budget](recovery_vs_budget.png)\n"]
   if summ.get("curve"):
-    out += [curve_section(config, summ["curve"])]
+    out += [curve_lib.curve_section(config, summ["curve"])]
   if summ.get("k"):
     out += [f"## Feature-set size sweep ({r.budget_mode}; the global top K features of the ranking, "
             f"{strength_label(config.defence.kind, value)}, each K with its own preflight over {n_prompts} prompts; "
             "recovered on its strict-valid cases" + (f", the first {r.max_cases}" if r.max_cases else "") + ")\n",
             stats.k_table(summ["k"]), "", "![recovery vs K](recovery_vs_k.png)\n"]
   return "\n".join(out) + "\n"
-
-
-def curve_section(config, curve: Sequence[dict]) -> str:
-  """The threat-model x mode table of the relative-budget curves (markdown)."""
-  from recovery_jax.experiments.refusal.jobs import threat_sites  # pylint: disable=import-outside-toplevel
-  r = config.recovery
-  v0 = r.variants[0]
-  rhos = sorted({p["rho"] for g in curve for p in g["points"]})
-  threats = threat_sites(config)
-  fmt = lambda x: "-" if x is None or not np.isfinite(x) else f"{x:.3g}"
-  head = (["threat model (delta sites)", "mode", "cases"] + [f"{v0}: not R at rho={x:g} [W 95%]" for x in rhos]
-          + [f"min rho (median [95% CI]; never)", f"drift rel at rho={rhos[0]:g} / {rhos[-1]:g}",
-             f"reactivation at rho={rhos[0]:g} / {rhos[-1]:g}"])
-  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-  for g in curve:
-    by = {p["rho"]: p for p in g["points"]}
-    cells = [f"{g['threat']} ({', '.join(threats.get(g['threat'], ()))})", g["mode"], str(g["n_cases"])]
-    for x in rhos:
-      p = by.get(x)
-      rec = None if p is None else p["recovered"][v0]
-      cells.append("-" if rec is None else f"{rec['k']}/{rec['n']} [{rec['wilson'][0]:.2f}, {rec['wilson'][1]:.2f}]")
-    m = g["min_rho"]
-    cells.append(f"{fmt(m['median'])} [{fmt(m['lo'])}, {fmt(m['hi'])}]; {m['n_never']}")
-    first, last = by.get(rhos[0]), by.get(rhos[-1])
-    cells.append(f"{fmt(first and first['drift_rel'])} / {fmt(last and last['drift_rel'])}")
-    cells.append(f"{fmt(first and first['reactivation'])} / {fmt(last and last['reactivation'])}")
-    lines.append("| " + " | ".join(cells) + " |")
-  more = "".join(f"; {v}: " + ", ".join(f"{p['recovered'][v]['k']}/{p['recovered'][v]['n']}" for p in g["points"])
-                 + f" ({g['threat']}, {g['mode']})" for g in curve for v in r.variants[1:])
-  return ("## Threat models x projection modes: relative-budget curves\n\n"
-          f"Both stages at budget rho * ||h_def||_F (the defended residual at each stage's delta positions, per case); "
-          f"every case at every rho in one program; min rho: the first grid rho that recovered the case ({v0} not R), "
-          f"refined by {r.curve.bisect_steps} bisection steps (never-recovered cases count as beyond the grid). Drift "
-          "(relative L2) and reactivation of the clamped features in the stage-2 teacher-forced state, the clamps "
-          "live after the delta. A delta site before a clamp (same residual or upstream) passes through it.\n\n"
-          + "\n".join(lines) + "\n" + (f"\nOther variants (not R per rho){more}\n" if more else "")
-          + "\n![recovered vs rho](recovery_vs_rho.png)\n")
 
 
 def strength_label(kind: str, value: float) -> str:
@@ -308,29 +248,13 @@ def render_finished(workdir: str, plots: bool = True) -> str:
       stats.plot_budget(os.path.join(workdir, "recovery_vs_budget.png"), summ["budget"],
                         f"refusal recovery vs budget ({config.recovery.budget_mode})")
     if summ.get("curve"):
-      plot_curves(os.path.join(workdir, "recovery_vs_rho.png"), summ["curve"], config.recovery.variants[0])
+      curve_lib.plot_curves(os.path.join(workdir, "recovery_vs_rho.png"), summ["curve"], config.recovery.variants[0])
     if summ["k"]:
       stats.plot_k(os.path.join(workdir, "recovery_vs_k.png"), summ["k"],
                    f"refusal recovery vs feature-set size ({config.recovery.budget_mode})")
   outputs.atomic_write(os.path.join(workdir, "summary.md"), preflight_md + "\n" + md)
   outputs.write_jsonl(os.path.join(workdir, "summary.jsonl"), summary_rows(summ, n_examples=n_prompts))
   return md
-
-
-def plot_curves(path: str, curve: Sequence[dict], variant: str) -> None:
-  """Fraction recovered against rho, one line per threat model x mode (Wilson intervals as bars)."""
-  plt = outputs.pyplot()
-  fig, ax = plt.subplots(figsize=(6.4, 4.2))
-  for g in curve:
-    xs = [p["rho"] for p in g["points"]]
-    rec = [p["recovered"][variant] for p in g["points"]]
-    ys = np.asarray([x["rate"] for x in rec])
-    err = np.abs(np.asarray([x["wilson"] for x in rec]).T - ys)
-    ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=f"{g['threat']} / {g['mode']}")
-  ax.set_xscale("log")
-  ax.set_ylim(-0.03, 1.03)
-  outputs.save_figure(fig, ax, path, "relative budget rho = ||delta|| / ||h_def||",
-                      f"fraction recovered ({variant}: not R)", "refusal: recovered vs relative budget")
 
 
 def render(workdir: str, plots: bool = True) -> str:
