@@ -46,6 +46,9 @@ def get_config(arg=None):
   c.sae = "shipped"  # the suite's SAE at this site (assets/smollm2-135m-instruct-res3-post-jumprelu)
   c.sae_override_checks = False
   c.site = "blocks.3.hook_resid_post"
+  # the threat model: () = the delta at the clamp site, after the clamp (the paper); residual sites visited
+  # before it (the delta passes the clamp, which re-acts) or several (cross-layer); experiments/grid.delta_sites
+  c.delta_sites = ()
 
   c.task = ml_collections.ConfigDict()  # the questions and the prompt format they are asked in
   c.task.questions_file = ""  # "": recovery_jax/data/unlearning_questions.jsonl (128 benign facts)

@@ -239,14 +239,16 @@ def make_grid(config, ctx: Context) -> grid.Grid:
   targets = {"choices": b.choices, "gold": b.gold}
   problems = api.site_problems(b.tokens, b.attention_mask, end, end, targets, shared=False)
   objective = Objective(config.recovery.objective)
+  dsites = grid.delta_sites(config, ctx.mcfg)
 
   def spec(mode: str, variant: str) -> engine.RecoverySpec:
     del variant
-    return engine.RecoverySpec(model_cfg=ctx.mcfg, delta_sites=(config.site,), objective=objective,
+    return engine.RecoverySpec(model_cfg=ctx.mcfg, delta_sites=dsites, objective=objective,
                                config=grid.recovery_config(config, mode), suffix_len=1,
                                semantics=config.clamp.semantics)
 
-  header = (f"model {config.model}, SAE {ctx.scfg.source or config.sae} at {config.site}, format "
+  header = (f"model {config.model}, SAE {ctx.scfg.source or config.sae} at {config.site}"
+            + ("" if dsites == (config.site,) else f", delta at {', '.join(dsites)}") + ", format "
             f"{config.task.format} ({len(ctx.questions)} questions, strict={config.task.strict}), {len(b)} candidate "
             f"flips, clamp {config.clamp.mode} (positive_only={config.clamp.positive_only}, all positions incl. BOS, "
             f"{config.clamp.semantics}), objective {config.recovery.objective}, {config.recovery.steps} steps, lr "
@@ -258,7 +260,7 @@ def make_grid(config, ctx: Context) -> grid.Grid:
       problems=lambda v: problems, spec=spec,
       clamps=lambda points: (intervene.stack_clamps([ctx.make(p) for p in points]),),
       valid=lambda rb, rd: (rb > 0) & (rd <= 0), recovered=lambda rr: rr > 0, examples=examples,
-      objective_name="l[gold]-max other", data=ctx)
+      objective_name="l[gold]-max other", data=ctx, bisect=False)  # success is the replay's argmax, not the engine rows
 
 
 def compute_unit(setting: grid.Grid, ctx: Context, config, mesh, u: sweep.WorkUnit) -> dict:
