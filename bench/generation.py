@@ -47,6 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bench import flops as flops_lib
+from bench import whole_run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL = "smollm2-135m-instruct"
@@ -312,13 +313,8 @@ def markdown(result: dict) -> str:
 
 
 def write(result: dict, out: str) -> tuple[str, str]:
-  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-  md = os.path.splitext(out)[0] + ".md"
-  with open(out, "w") as f:
-    json.dump(result, f, indent=1, default=str)
-  with open(md, "w") as f:
-    f.write(markdown(result))
-  return out, md
+  """``out`` (JSON) and the markdown table next to it (``.md``)."""
+  return whole_run.write_json_md(result, out, markdown)
 
 
 def main(argv=None) -> None:

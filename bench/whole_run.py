@@ -253,15 +253,20 @@ def markdown(result: dict) -> str:
           + "\n".join(lines) + "\n")
 
 
-def write(result: dict, out: str) -> tuple[str, str]:
-  """``out`` (JSON) and the markdown table next to it (``.md``)."""
+def write_json_md(result: dict, out: str, render) -> tuple[str, str]:
+  """``out`` (JSON) and ``render(result)`` (markdown) next to it (``.md``): a benchmark's result files."""
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   md = os.path.splitext(out)[0] + ".md"
   with open(out, "w") as f:
     json.dump(result, f, indent=1, default=str)
   with open(md, "w") as f:
-    f.write(markdown(result))
+    f.write(render(result))
   return out, md
+
+
+def write(result: dict, out: str) -> tuple[str, str]:
+  """``out`` (JSON) and the markdown table next to it (``.md``)."""
+  return write_json_md(result, out, markdown)
 
 
 def main(argv=None) -> None:
