@@ -439,24 +439,6 @@ def top_features(model: Model, sae: SAE, prompts, behaviour, k: int, *, site: st
   return np.asarray(features.top_positive(attr, k))
 
 
-def _grid_result(spec, clamps, out) -> dict:
-  """The grid row builder's unit result of one point (the layout ``experiments.grid.compute_unit`` makes)."""
-  from recovery_jax.experiments import grid  # pylint: disable=import-outside-toplevel
-  from recovery_jax.recovery import attribution, engine  # pylint: disable=import-outside-toplevel
-  res = {"rows_base": out.rows_base, "rows_defended": out.rows_defended, "rows": out.rows,
-         "feats": grid._keyed(out.feats), "refs": grid._keyed(out.refs), "masks": grid._keyed(out.masks),  # pylint: disable=protected-access
-         "delta": out.delta, "h_def": out.h_def, "history_objective": out.history["objective"],
-         "history_delta_norm": out.history["delta_norm"], "diverged": out.diverged, "budget": out.budget}
-  mon = engine.monitored(clamps)
-  if len(mon) == 1:
-    res["dec_rows"] = jax.vmap(lambda c: c.decoder_rows(), in_axes=(intervene.clamp_axes(clamps)[mon[0]],))(
-        clamps[mon[0]])
-  site_clamp = attribution.clamp_at(spec, clamps, spec.delta_sites[0]) if len(spec.delta_sites) == 1 else None
-  if site_clamp is not None:
-    res["pre_drift"] = grid._pre_drift(site_clamp, out.h_def, out.delta)  # pylint: disable=protected-access
-  return jax.tree.map(np.asarray, res)
-
-
 def recover(model: Model, defence: Defence, prompts, behaviour, *, config: RecoveryConfig = RecoveryConfig(),
             shared: bool = False, delta_sites: str | Sequence[str] | None = None, semantics: str = "frozen",
             min_budget: Sequence[float] | None = None, bisect_steps: int = 4, key=None,
@@ -493,7 +475,7 @@ def recover(model: Model, defence: Defence, prompts, behaviour, *, config: Recov
   clamps = tuple(intervene.stack_clamps([c]) for c in defence.clamps)  # one grid point
   hp = jax.tree.map(lambda a: a[None], config.hparams())
   out = engine.recover_grid(spec, model.params, clamps, problems, hp, key[None])
-  res = _grid_result(spec, clamps, out)
+  res = jax.tree.map(np.asarray, grid.unit_result(spec, clamps, out))
 
   thr = np.asarray(behaviour.threshold(np.asarray(res["rows_base"][0], np.float64).reshape(-1)))  # [E]
   ctx = grid.Grid(title="", header="", params=None, problems=None, spec=None, clamps=None,

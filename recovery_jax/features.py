@@ -25,21 +25,25 @@ def attribution_scores(params, cfg: ModelConfig, sae_params, sae_cfg: SAEConfig,
 
   all_features = jnp.arange(sae_cfg.d_sae)
 
-  def obj_of_eps(eps):  # eps [batch, d_sae] is a zero perturbation of z at the readout
-    zs = {}
+  @jax.jit  # one program (eagerly, the forward and its VJP dispatch op by op)
+  def run(params, sae_params, tokens, attention_mask):
+    def obj_of_eps(eps):  # eps [batch, d_sae] is a zero perturbation of z at the readout
+      zs = {}
 
-    def edit(x, positions):
-      del positions
-      x_r = x[:, readout_pos]
-      zs["z"] = sae_core.encode(sae_params, sae_cfg, x_r)
-      return x.at[:, readout_pos].add(sae_core.decode_delta(sae_params, sae_cfg, eps, all_features, x_r))
+      def edit(x, positions):
+        del positions
+        x_r = x[:, readout_pos]
+        zs["z"] = sae_core.encode(sae_params, sae_cfg, x_r)
+        return x.at[:, readout_pos].add(sae_core.decode_delta(sae_params, sae_cfg, eps, all_features, x_r))
 
-    out = transformer.forward(params, cfg, tokens, attention_mask=attention_mask, edits={site: edit})
-    return objective(out.logits[:, readout_pos]).mean(), zs["z"]
+      out = transformer.forward(params, cfg, tokens, attention_mask=attention_mask, edits={site: edit})
+      return objective(out.logits[:, readout_pos]).mean(), zs["z"]
 
-  eps = jnp.zeros((tokens.shape[0], sae_cfg.d_sae), jnp.float32)
-  grad, z = jax.grad(obj_of_eps, has_aux=True)(eps)
-  return (jax.lax.stop_gradient(z) * grad).mean(0)
+    eps = jnp.zeros((tokens.shape[0], sae_cfg.d_sae), jnp.float32)
+    grad, z = jax.grad(obj_of_eps, has_aux=True)(eps)
+    return (jax.lax.stop_gradient(z) * grad).mean(0)
+
+  return run(params, sae_params, tokens, attention_mask)
 
 
 def top_positive(attr: jax.Array, k: int) -> jax.Array:

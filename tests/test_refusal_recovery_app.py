@@ -215,3 +215,65 @@ def test_diverging_recovery_flagged_and_not_counted():
   assert all(r["diverged"] for r in rows)
   s = stats.summarize_group(rows, "faithful")
   assert s["valid"] == 2 and s["diverged"] == 2 and s["recovered"]["k"] == 0 and s["drift_rel"]["mean"] is None
+
+
+def test_curve_tiles_equal_per_rho_runs_and_bisect_the_first_recovering_interval(monkeypatch):
+  """A budget-curve unit (every case at every rho in one call) equals one recovery per rho, each row's
+  relative delta norm is within its rho, and each case's minimum rho is the grid's first recovering rho
+  refined by bisection: checked by replaying the bisection's midpoints one recovery at a time."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from recovery_jax.experiments import setup as setup_lib  # pylint: disable=import-outside-toplevel
+  from recovery_jax.experiments.refusal import curve as curve_lib  # pylint: disable=import-outside-toplevel
+  from recovery_jax.experiments.refusal import jobs as jobs_lib  # pylint: disable=import-outside-toplevel
+  from recovery_jax.tasks import refusal as task  # pylint: disable=import-outside-toplevel
+  from recovery_jax.tasks import refusal_recovery as rec_lib  # pylint: disable=import-outside-toplevel
+  c = _config(modes=("none",), variants=("faithful",), n_ans=2)
+  c.recovery.stage1.steps, c.recovery.stage2.steps = 3, 2
+  c.recovery.stage1.lr = c.recovery.stage2.lr = 1.0  # large steps: the budget binds at the small rho
+  c.recovery.curve.rhos, c.recovery.curve.bisect_steps = (0.5, 0.02), 2  # unsorted on purpose
+  params, mcfg, tok = setup_lib.load_model(c.model, seed=0)
+  sites = tuple(c.sites)
+  saes = {s: setup_lib.load_sae("random", mcfg, s) for s in sites}
+  prompts = [task.format_prompt("chatml", t) for t in ("Name a fruit.", "Plan a picnic.")]
+  ctx = app.RecoveryContext(config=c, params=params, mcfg=mcfg, tok=tok, sites=sites, saes=saes,
+                            feats={sites[0]: [1, 2], sites[1]: [3]}, value=4.0, prompts=prompts,
+                            base_texts=["Apples are good.", "Bring a blanket."], base_ids=[[30, 31, 32], [40, 41]],
+                            valid=np.asarray([True, True]), stop_ids=(2,), pad_id=0,
+                            discouraged=rec_lib.discouraged_ids(tok))
+  job = {"run": "curve", "mode": "none", "error_term": "keep", "budget": None, "attribution": False,
+         "threat": "upstream"}
+  real = jobs_lib._recover_cases  # pylint: disable=protected-access
+
+  def labelled(*args, **kw):  # a random model's texts never refuse: "recovered" = the delta used > 0.3 of the state
+    out = real(*args, **kw)
+    return dict(out, faithful_nonrefusal=(out["faithful_rel_delta_norm"] > 0.3).astype(np.int8))
+
+  monkeypatch.setattr(curve_lib, "_recover_cases", labelled)
+  res = curve_lib.compute_curve(ctx, job)
+  grid, idx, key = np.asarray([0.02, 0.5]), np.asarray([0, 1]), "faithful_nonrefusal"
+  assert res["rho"].tolist() == [0.02, 0.02, 0.5, 0.5] and res["case"].tolist() == [0, 1, 0, 1]
+  defence = ctx.defence_for(job)
+  v4 = jobs_lib.v4_config(c, "none", budget_scale="relative")
+  one = lambda i, rho: labelled(ctx, job, defence, v4, i, np.full(len(i), rho))
+  for g, rho in enumerate(grid):
+    alone = one(idx, rho)
+    for k in ("faithful_delta_norm", "faithful_rel_delta_norm", "drift_rel", "objective1", "objective2", key):
+      np.testing.assert_allclose(res[k][2 * g:2 * g + 2], alone[k], rtol=1e-5, atol=1e-6, err_msg=f"{k} at rho={rho}")
+    assert np.all(alone["faithful_rel_delta_norm"] <= rho * (1 + 1e-4))
+  assert res["faithful_rel_delta_norm"][0] == pytest.approx(0.02, rel=1e-3)  # the small budget binds
+  rec = (res[key].astype(bool) & ~res["diverged"].astype(bool)).reshape(2, 2)
+  seen = set()
+  for n in range(2):  # the bisection replayed one case and one midpoint at a time
+    first = np.flatnonzero(rec[:, n])
+    if not len(first):
+      assert np.isinf(res["min_rho"][n])
+      continue
+    lo, hi = (0.0 if first[0] == 0 else grid[first[0] - 1]), grid[first[0]]
+    for _ in range(2):
+      mid = (lo + hi) / 2
+      part = one(idx[n:n + 1], mid)
+      good = bool(part[key][0]) and not part["diverged"][0]
+      seen.add(good)
+      lo, hi = (lo, mid) if good else (mid, hi)
+    assert res["min_rho"][n] == pytest.approx(hi) and res["min_lo"][n] == pytest.approx(lo)
+  assert seen == {True, False}, "the bisection took one branch only: unchecked"

@@ -205,25 +205,35 @@ def compute_unit(setting: Grid, config, mesh, u: sweep.WorkUnit) -> dict[str, An
   clamps = tuple(c.replace(params=cp) for c, cp in zip(clamps, cparams))
   problems = setting.problems(variant)
   out = runner.gather(engine.recover_grid(spec, setting.params, clamps, problems, hp, keys, mesh=mesh), f"unit:{u.unit_id}")
-  res = {"rows_base": out.rows_base, "rows_defended": out.rows_defended, "rows": out.rows,
-         "feats": _keyed(out.feats), "refs": _keyed(out.refs), "masks": _keyed(out.masks), "delta": out.delta,
-         "h_def": out.h_def,
-         "history_objective": out.history["objective"], "history_delta_norm": out.history["delta_norm"],
-         "history_drift_l2": out.history["drift_l2"], "diverged": out.diverged, "budget": out.budget}
+  res = unit_result(spec, clamps, out)
   site_clamp = attribution.clamp_at(spec, clamps, spec.delta_sites[0]) if len(spec.delta_sites) == 1 else None
-  mon = engine.monitored(clamps)
-  if len(mon) == 1:
-    res["dec_rows"] = jax.vmap(lambda c: c.decoder_rows(), in_axes=(intervene.clamp_axes(clamps)[mon[0]],))(
-        clamps[mon[0]])
   if site_clamp is not None:
-    i = clamps.index(site_clamp)
-    res["pre_drift"] = _pre_drift(clamps[i], out.h_def, out.delta)
     k = int(config.recovery.get("attribution_top_k", 0))
     if variant != "shared" and k > 0:
       with profile.phase("evaluation"):  # the path-attribution replay
         res["attr_rows"], res["attr_energy"] = _attribution(spec, k)(setting.params, clamps, out.delta, out.h_def,
                                                                      problems)
   return jax.tree.map(lambda a: np.asarray(a)[:n_real], res)
+
+
+def unit_result(spec: engine.RecoverySpec, clamps: tuple, out: engine.RecoveryOutput) -> dict[str, Any]:
+  """The result layout of a recovered grid (``point_rows`` reads it): the engine's rows, clamped-feature
+  states (keyed by monitored clamp), delta [G, N, S, P, d], h_def, per-step histories, divergence and
+  budgets; the monitored clamp's decoder rows and the delta site's pre-activation drift where there is
+  one of each. Device arrays (the caller gathers them)."""
+  res = {"rows_base": out.rows_base, "rows_defended": out.rows_defended, "rows": out.rows,
+         "feats": _keyed(out.feats), "refs": _keyed(out.refs), "masks": _keyed(out.masks), "delta": out.delta,
+         "h_def": out.h_def,
+         "history_objective": out.history["objective"], "history_delta_norm": out.history["delta_norm"],
+         "history_drift_l2": out.history["drift_l2"], "diverged": out.diverged, "budget": out.budget}
+  mon = engine.monitored(clamps)
+  if len(mon) == 1:
+    res["dec_rows"] = jax.vmap(lambda c: c.decoder_rows(), in_axes=(intervene.clamp_axes(clamps)[mon[0]],))(
+        clamps[mon[0]])
+  site_clamp = attribution.clamp_at(spec, clamps, spec.delta_sites[0]) if len(spec.delta_sites) == 1 else None
+  if site_clamp is not None:
+    res["pre_drift"] = _pre_drift(site_clamp, out.h_def, out.delta)
+  return res
 
 
 def _keyed(parts: tuple) -> dict:

@@ -88,7 +88,7 @@ def validate(config) -> None:
     _validate_threats(config)
 
 
-def _check_delta_sites(config, field: str, sites) -> None:
+def _check_delta_sites(field: str, sites) -> None:
   """Delta sites are residual sites; attribution needs a circuit SAE on each one's residual vector."""
   for s in sites:
     if not str(s).endswith((".hook_resid_post", ".hook_resid_pre")):
@@ -104,7 +104,7 @@ def _validate_threats(config) -> None:
   """recovery.delta_sites, recovery.threats and recovery.curve (the threat-model budget curves)."""
   r = config.recovery
   dsites = tuple(r.get("delta_sites", ()))
-  _check_delta_sites(config, "recovery.delta_sites", dsites)
+  _check_delta_sites("recovery.delta_sites", dsites)
   if r.attribution_modes:
     for s in dsites:
       if not any(sites_lib.same_residual(s, c) for c in config.sites):
@@ -113,7 +113,7 @@ def _validate_threats(config) -> None:
                                f"({', '.join(config.sites)}) is; set recovery.attribution_modes=()")
   threats = threat_sites(config)
   for name, sites in threats.items():
-    _check_delta_sites(config, f"recovery.threats ({name})", sites)
+    _check_delta_sites(f"recovery.threats ({name})", sites)
   cv = r.get("curve")
   if cv is None or not cv.rhos:
     return
