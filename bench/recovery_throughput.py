@@ -69,9 +69,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   ap.add_argument("--torch_examples", type=int)
   ap.add_argument("--repeats", type=int, default=2, help="engine runs per row (the fastest is reported)")
   ap.add_argument("--no_torch", action="store_true", help="skip variant (c)")
-  ap.add_argument("--remat", nargs="?", const="full", default="", choices=("", "full", "dots"),
+  ap.add_argument("--remat", nargs="?", const="full", default="", choices=("", "off", "full", "dots"),
                   help="engine (b): rematerialise each scanned layer in the step's backward (RecoverySpec.remat: "
-                       "full, or dots = keep matmul outputs)")
+                       "off, full, or dots = keep matmul outputs; default: RecoverySpec's, dots)")
   ap.add_argument("--torch_device", default="cpu", choices=("cpu", "cuda"), help="device of the PyTorch loop (c)")
   ap.add_argument("--torch_threads", default="", help="torch thread counts to calibrate over (default: 1 and all)")
   ap.add_argument("--d_sae", type=int, default=None, help="SAE width (default 16 x d_model)")
@@ -223,7 +223,7 @@ def run_reference(params, wl, model, n, peak, args) -> dict:
 
 def run_engine(params, wl, model, peak, args) -> dict:
   if args.remat:
-    wl = dataclasses.replace(wl, spec=dataclasses.replace(wl.spec, remat=args.remat))
+    wl = dataclasses.replace(wl, spec=dataclasses.replace(wl.spec, remat=False if args.remat == "off" else args.remat))
   eng = engine_batched.EngineBatched(params, wl)
   info = eng.compile()
   res = eng.run(args.repeats)

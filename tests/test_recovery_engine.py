@@ -346,9 +346,10 @@ def test_diverging_recovery_is_flagged(setting):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind,n_layers,remat", [("ioi", 4, True), ("refusal", 8, True), ("refusal", 8, "dots")])
+@pytest.mark.parametrize("kind,n_layers,remat", [("ioi", 4, True), ("ioi", 4, "dots"), ("refusal", 8, True),
+                                                  ("refusal", 8, "dots")])
 def test_remat_gives_the_same_recovery(kind, n_layers, remat):
-  """``RecoverySpec.remat`` (every scanned layer rematerialised in the step's backward, its weights
+  """``RecoverySpec.remat`` ("dots", the default, or True; against False: every scanned layer rematerialised in the step's backward, its weights
   re-sliced inside the checkpoint) changes the schedule, not the trajectory. Models deep enough that
   layers without a site run in the scan: IOI-shaped (frozen, site at layer 1, layers 2-3 scanned) and
   refusal-shaped (live, sites at layers 3, 4, 6, Jacobian sketch; layer 5 scanned in the head, 7 in
@@ -360,7 +361,7 @@ def test_remat_gives_the_same_recovery(kind, n_layers, remat):
   params = random_init.init_params(cfg, jax.random.PRNGKey(0))
   wl = problems.make_workload(kind, params, cfg, None, n=2, k_max=8, steps=4, d_sae=128)
   run = lambda spec: engine.recover_examples(spec, params, wl.clamps, wl.problems, spec.config.hparams(), wl.key)
-  plain, remade = run(wl.spec), run(dataclasses.replace(wl.spec, remat=remat))
+  plain, remade = run(dataclasses.replace(wl.spec, remat=False)), run(dataclasses.replace(wl.spec, remat=remat))
   # remat re-fuses the recomputed layers: float-level differences, which Adam carries into the delta
   np.testing.assert_allclose(np.asarray(remade.objective), np.asarray(plain.objective), rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(np.asarray(remade.delta), np.asarray(plain.delta), atol=1e-4)

@@ -34,7 +34,9 @@ class RecoverySpec:
   config: RecoveryConfig; its traced numbers are ignored here (see ``RecoveryConfig.canonical``).
   remat: rematerialise each scanned layer in the step's backward pass (``transformer.forward(remat=...)``:
     False, True / "full", or "dots"): the same gradients, without saving a copy of every layer's
-    weights per step; which is faster depends on batch and device (docs/benchmarks.md).
+    weights per step. Default "dots" (matmul outputs kept, the rest recomputed): the measured best on
+    CPU, where the saved weight copies are a fixed cost per step that no batch amortises (IOI-shaped
+    SmolLM2 step at batch 4: 147 ms off, 112 ms dots; docs/benchmarks.md).
   """
 
   model_cfg: ModelConfig
@@ -43,7 +45,7 @@ class RecoverySpec:
   config: RecoveryConfig
   suffix_len: int | None = 1
   semantics: str = "frozen"
-  remat: bool | str = False
+  remat: bool | str = "dots"
 
   def __post_init__(self):
     n = self.model_cfg.n_layers
