@@ -42,7 +42,7 @@ def main(argv):
         cells = [name, mode, variant, f"{first['n_valid']}/{first['n_examples']}"]
         cells += [f"{pts[r]['n_recovered']}/{pts[r]['n_valid']} [{pts[r]['ci'][0]:.2f}, {pts[r]['ci'][1]:.2f}]"
                   if r in pts else "-" for r in rhos]
-        m = [r["min_rho"] for r in mins if r["mode"] == mode and r["variant"] == variant]
+        m = [min_budget.rho(r["min_rho"]) for r in mins if r["mode"] == mode and r["variant"] == variant]
         med, lo, hi = min_budget.median_ci(m) if m else (None, None, None)
         cells.append(f"{fmt(med)} [{fmt(lo)}, {fmt(hi)}]")
         cells.append(f"{first['act_drift_valid']:.3f} / {last['act_drift_valid']:.3f}")

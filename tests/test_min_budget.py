@@ -84,6 +84,24 @@ def test_rows_reduction_and_median_interval():
   assert min_budget.median_ci([0.2] * 5) == (0.2, 0.2, 0.2)
 
 
+def test_never_recovered_survives_the_jsonl_round_trip(tmp_path):
+  """min_budget.jsonl stores +inf (never recovered) as null; the summary's bisected column reads it back
+  as beyond the sweep, not as a crash or a NaN median."""
+  from recovery_jax import outputs  # pylint: disable=import-outside-toplevel
+  from recovery_jax.experiments import summary  # pylint: disable=import-outside-toplevel
+  rows = [dict(budget_scale="relative", valid=True, mode="none", variant="v", example=e, budget=b, recovered=rec)
+          for e, recs in enumerate([(True, True), (False, False), (False, False)]) for b, rec in zip((0.1, 0.2), recs)]
+  outputs.write_jsonl(str(tmp_path / "mb.jsonl"),
+                      [dict(mode="none", variant="v", example=e, min_rho=m, bisect_steps=2)
+                       for e, m in enumerate((0.075, float("inf"), float("inf")))])
+  refined = summary.read_jsonl(str(tmp_path / "mb.jsonl"))
+  assert refined[1]["min_rho"] is None
+  assert [min_budget.rho(r["min_rho"]) for r in refined] == [0.075, float("inf"), float("inf")]
+  table = summary._min_budget_table(rows, refined)  # pylint: disable=protected-access
+  row = next(l for l in table.splitlines() if l.startswith("| none"))
+  assert row.split("|")[-2].strip().startswith("> 0.2 [0.075") and "nan" not in table  # bisected: median inf
+
+
 def test_grid_run_rows_refined_by_bisection(setup):
   """``experiments.bisect.refine`` on the rows a relative-budget grid run writes: each example's minimum
   lies in the grid bracket, narrowed to (lo, min_rho] by the bisection steps, recovered at min_rho and

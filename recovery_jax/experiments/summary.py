@@ -100,7 +100,7 @@ def _min_budget_table(rows: Sequence[dict], refined: Sequence[dict] = ()) -> str
   bisected = {}
   for r in refined:
     if r.get("bisect_steps"):
-      bisected.setdefault(tuple(r.get(k) for k in keys), []).append(float(r["min_rho"]))
+      bisected.setdefault(tuple(r.get(k) for k in keys), []).append(min_budget.rho(r["min_rho"]))
   steps = max([int(r.get("bisect_steps", 0)) for r in refined] or [0])
   table = []
   for group, mins in min_budget.from_rows(rows, keys).items():

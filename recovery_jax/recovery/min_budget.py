@@ -88,6 +88,11 @@ def from_rows(rows: Sequence[dict], group_keys: Sequence[str]) -> dict[tuple, li
           for g, ex in by_example.items()}
 
 
+def rho(value) -> float:
+  """A minimum rho read back from JSON: ``min_budget.jsonl`` stores +inf (never recovered) as null."""
+  return float("inf") if value is None else float(value)
+
+
 def median_ci(values: Sequence[float], n_boot: int = 2000, seed: int = 0) -> tuple[float, float, float]:
   """(median, lo, hi): the median with a 95 % percentile-bootstrap interval (NumPy generator);
   +inf values (never recovered) take part as the largest."""
