@@ -46,7 +46,8 @@ def main(argv):
         med, lo, hi = min_budget.median_ci(m) if m else (None, None, None)
         cells.append(f"{fmt(med)} [{fmt(lo)}, {fmt(hi)}]")
         cells.append(f"{first['act_drift_valid']:.3f} / {last['act_drift_valid']:.3f}")
-        cells.append(f"{first.get('pre_act_drift_valid') or 0:.3f} / {last.get('pre_act_drift_valid') or 0:.3f}")
+        pre = [p.get("pre_act_drift_valid") for p in (first, last)]  # None: no clamp at the delta site
+        cells.append("-" if None in pre else f"{pre[0]:.3f} / {pre[1]:.3f}")
         cells.append(f"{first['reactivation_valid']:.3f} / {last['reactivation_valid']:.3f}")
         rows.append(cells)
   header = (["threat model", "mode", "variant", "valid/N"] + [f"recovered at rho={r:g} [W 95%]" for r in rhos]
