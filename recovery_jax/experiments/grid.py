@@ -206,8 +206,7 @@ def compute_unit(setting: Grid, config, mesh, u: sweep.WorkUnit) -> dict[str, An
   problems = setting.problems(variant)
   out = runner.gather(engine.recover_grid(spec, setting.params, clamps, problems, hp, keys, mesh=mesh), f"unit:{u.unit_id}")
   res = unit_result(spec, clamps, out)
-  site_clamp = attribution.clamp_at(spec, clamps, spec.delta_sites[0]) if len(spec.delta_sites) == 1 else None
-  if site_clamp is not None:
+  if "pre_drift" in res:  # one delta site, with a clamp at it (``unit_result``)
     k = int(config.recovery.get("attribution_top_k", 0))
     if variant != "shared" and k > 0:
       with profile.phase("evaluation"):  # the path-attribution replay

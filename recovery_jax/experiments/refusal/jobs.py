@@ -1,6 +1,9 @@
 """Refusal recovery work units (paper-method 6.4, 9.4): the context they share, the list of jobs, and
 one job computed: the v4 two-stage recovery, generation with the recovered delta, the detectors,
 the attribution replay; the soft-suffix baseline job.
+
+Size: the context, the job list and a job's computation share the context's fields; split further, each
+piece would import the others.
 """
 
 from __future__ import annotations
