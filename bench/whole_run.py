@@ -9,7 +9,8 @@ Every run is a fresh ``python -m recovery_jax.main --config=configs/demo.py[:tin
 subprocess into a new workdir (``--one_process``: one subprocess per pass running every setting, as
 ``make demo`` does). The passes:
 
-  cold   ``RECOVERY_JAX_COMPILATION_CACHE`` points at a new empty folder, shared by the pass's settings
+  cold   ``RECOVERY_JAX_COMPILATION_CACHE`` points at a new empty folder, shared by the pass's settings,
+         and ``RECOVERY_JAX_CACHE`` (converted weights, tokenizers) at another, as on a fresh machine
          in order (as in one demo run; ``--cache_per_setting``: a new folder per setting, and each
          setting's cold and warm runs follow each other)
   warm   a second run of each setting with the folder(s) the cold pass filled. ``--warm`` alone fills a
@@ -42,6 +43,7 @@ NEEDS_CORPUS = ("unlearning", "tpp")
 CORPUS_MANIFEST = os.path.join(ROOT, ".cache", "corpus", "MANIFEST.json")  # the Makefile's corpus target
 PHASES = ("load", "compile", "preflight", "recovery", "generation", "evaluation", "report", "other")
 CACHE_ENV = "RECOVERY_JAX_COMPILATION_CACHE"
+ASSETS_ENV = "RECOVERY_JAX_CACHE"  # converted weights and tokenizers (models/loading.py)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -106,11 +108,15 @@ def folder_stats(path: str) -> dict:
   return {"files": n, "bytes": size}
 
 
-def run_once(names, *, tiny: bool, cache_dir: str, workdir: str, log_path: str, timeout: float) -> dict:
+def run_once(names, *, tiny: bool, cache_dir: str, workdir: str, log_path: str, timeout: float,
+             assets_dir: str = "") -> dict:
   """One ``recovery_jax.main`` subprocess running the settings ``names`` into ``workdir`` with the
-  compilation cache at ``cache_dir``: its wall time, exit status, load averages, cache folder sizes
-  and each setting's ``profile.json`` (None when missing)."""
+  compilation cache at ``cache_dir`` (and, when given, ``RECOVERY_JAX_CACHE`` at ``assets_dir``): its
+  wall time, exit status, load averages, cache folder sizes and each setting's ``profile.json`` (None
+  when missing)."""
   env = dict(os.environ, **{CACHE_ENV: cache_dir})
+  if assets_dir:
+    env[ASSETS_ENV] = assets_dir
   env.setdefault("HF_HUB_OFFLINE", "1")
   cmd = [sys.executable, "-m", "recovery_jax.main", f"--config={config_spec(names, tiny)}", f"--workdir={workdir}"]
   out = {"settings": list(names), "command": " ".join(cmd), "cache_dir": cache_dir, "workdir": workdir,
@@ -160,7 +166,8 @@ def run(args, log=print, checkpoint=None) -> dict:
     tag = f"{pass_name}_{'-'.join(group)}"
     log(f"[{tag}] {config_spec(group, args.tiny)} (cache {cache_for(group)})")
     r = run_once(group, tiny=args.tiny, cache_dir=cache_for(group), workdir=os.path.join(root, tag),
-                 log_path=os.path.join(root, tag + ".log"), timeout=args.timeout)
+                 log_path=os.path.join(root, tag + ".log"), timeout=args.timeout,
+                 assets_dir="" if args.cache_dir else cache_for(group) + "_assets")
     r["pass"] = pass_name
     log(f"[{tag}] exit {r['returncode']}, {r['process_s']:.1f} s, load {r['loadavg_start'][0]:.2f} -> "
         f"{r['loadavg_end'][0]:.2f}")

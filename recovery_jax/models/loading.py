@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from recovery_jax.models import gguf_loader, hf, random_init, tokenizer as tok_lib
+from recovery_jax.models import gguf_loader, hf, random_init, tokenizer as tok_lib, weights_cache
 from recovery_jax.models.config import ModelConfig
 
 NAMED_MODELS = ("smollm2-135m-instruct", "gemma3-270m")
@@ -114,17 +114,22 @@ def place(params, sharding: Any = None, dtype=jnp.float32):
   return jax.tree_util.tree_map_with_path(put, params)
 
 
+def _convert_gguf(path: str):
+  np_params, cfg, meta = gguf_loader.load_gguf(path)
+  return np_params, cfg, tok_lib.tokenizer_from_gguf(path, meta)
+
+
 def load_model(name_or_path: str, *, dtype=jnp.float32, sharding: Any = None, seed: int = 0,
                ) -> tuple[dict, ModelConfig, Any]:
   """Loads a named default, a tiny random model (weights from ``seed``), a ``.gguf`` file or a HF folder
-  -> (params, cfg, tokenizer)."""
+  -> (params, cfg, tokenizer). A GGUF file is converted once and kept under ``cache_dir()``
+  (``weights_cache``)."""
   if name_or_path in TINY_MODELS:
     params, cfg, tokenizer = tiny_random_model(name_or_path, seed, dtype)
     return place(params, sharding, dtype), cfg, tokenizer
   path = resolve_named(name_or_path) if name_or_path in NAMED_MODELS else name_or_path
   if path.endswith(".gguf"):
-    np_params, cfg, meta = gguf_loader.load_gguf(path)
-    tokenizer = tok_lib.tokenizer_from_gguf(path, meta)
+    np_params, cfg, tokenizer = weights_cache.cached(cache_dir(), path, _convert_gguf)
     if name_or_path in NAMED_MODELS:
       cfg = cfg.replace(name=name_or_path)
   elif os.path.isdir(path):
