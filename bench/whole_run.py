@@ -108,6 +108,14 @@ def folder_stats(path: str) -> dict:
   return {"files": n, "bytes": size}
 
 
+def machine_speed() -> float:
+  """GFLOP/s of the best of 5 jitted f32 [1024, 1024] matmul chains (about a second): the host's speed
+  now. Shared virtual CPUs change speed under other tenants' load, which the load average does not
+  show; a run whose speed before and after differ is timed on a different machine than its neighbours."""
+  from bench.recovery_throughput import measure_peak  # pylint: disable=import-outside-toplevel
+  return measure_peak(sizes=(1024,))["flops_per_s"] / 1e9
+
+
 def run_once(names, *, tiny: bool, cache_dir: str, workdir: str, log_path: str, timeout: float,
              assets_dir: str = "") -> dict:
   """One ``recovery_jax.main`` subprocess running the settings ``names`` into ``workdir`` with the
@@ -120,7 +128,8 @@ def run_once(names, *, tiny: bool, cache_dir: str, workdir: str, log_path: str, 
   env.setdefault("HF_HUB_OFFLINE", "1")
   cmd = [sys.executable, "-m", "recovery_jax.main", f"--config={config_spec(names, tiny)}", f"--workdir={workdir}"]
   out = {"settings": list(names), "command": " ".join(cmd), "cache_dir": cache_dir, "workdir": workdir,
-         "log": log_path, "cache_before": folder_stats(cache_dir), "loadavg_start": os.getloadavg()}
+         "log": log_path, "cache_before": folder_stats(cache_dir), "loadavg_start": os.getloadavg(),
+         "gflops_start": machine_speed()}
   t0 = time.perf_counter()
   with open(log_path, "w") as log:
     try:
@@ -129,7 +138,7 @@ def run_once(names, *, tiny: bool, cache_dir: str, workdir: str, log_path: str, 
     except subprocess.TimeoutExpired:
       rc = "timeout"
   out.update(process_s=time.perf_counter() - t0, returncode=rc, loadavg_end=os.getloadavg(),
-             cache_after=folder_stats(cache_dir))
+             cache_after=folder_stats(cache_dir), gflops_end=machine_speed())
   out["profiles"] = {}
   for name in names:
     try:
@@ -214,7 +223,8 @@ def rows(runs) -> list[dict]:
       p = r["profiles"].get(name)
       row = {"pass": r["pass"], "setting": name, "returncode": r["returncode"],
              "process_s": r["process_s"] if len(r["settings"]) == 1 else None,
-             "loadavg_start": r["loadavg_start"][0], "loadavg_end": r["loadavg_end"][0]}
+             "loadavg_start": r["loadavg_start"][0], "loadavg_end": r["loadavg_end"][0],
+             "gflops": (r.get("gflops_start"), r.get("gflops_end"))}
       if p is not None:
         c = p["compilations"]
         row.update(wall_s=p["wall_s"], phases={k: p["phases"].get(k, {"seconds": 0.0, "fraction": 0.0})
@@ -238,7 +248,8 @@ def rows(runs) -> list[dict]:
 def markdown(result: dict) -> str:
   """The table: per setting x pass, process and run wall time, each phase as seconds (fraction),
   compilations and the run's load average."""
-  head = ["setting", "cache", "process s", "run s", *PHASES, "programs", "compiled", "cache hits", "load start/end"]
+  head = ["setting", "cache", "process s", "run s", *PHASES, "programs", "compiled", "cache hits", "load start/end",
+          "GFLOP/s start/end"]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for r in result["rows"]:
     if "wall_s" not in r:
@@ -247,16 +258,18 @@ def markdown(result: dict) -> str:
     proc = "-" if r.get("process_s") is None else f"{r['process_s']:.1f}"
     cells = [f"{r['phases'][k]['seconds']:.1f} ({100 * r['phases'][k]['fraction']:.0f}%)" for k in PHASES]
     load = "" if r["setting"] == "total" else f"{r['loadavg_start']:.2f} / {r['loadavg_end']:.2f}"
+    speed = "" if r["setting"] == "total" or None in r.get("gflops", (None,)) else "%.0f / %.0f" % r["gflops"]
     name = f"**{r['setting']}**" if r["setting"] == "total" else r["setting"]
     lines.append("| " + " | ".join([name, r["pass"], proc, f"{r['wall_s']:.1f}", *cells, str(r["programs"]),
-                                     str(r["compiled"]), str(r["cache_hits"]), load]) + " |")
+                                     str(r["compiled"]), str(r["cache_hits"]), load, speed]) + " |")
   la0, la1 = result["loadavg_start"][0], result["loadavg_end"][0]
   return (("**Partial**: the runs finished so far. " if result.get("partial") else "")
           + f"Whole runs ({'tiny' if result['tiny'] else 'demo'} configs, "
           f"{'one process per pass' if result['one_process'] else 'one process per setting'}; "
           f"{result['machine'].get('cpu', '?')}, {result['machine']['cpu_count']} CPUs), 1-min load average "
           f"{la0:.2f} at the start, {la1:.2f} at the end. process s: the subprocess's wall time (interpreter, "
-          "imports); run s: the run's own (profile.json); phases: exclusive seconds (fraction of run s).\n\n"
+          "imports); run s: the run's own (profile.json); phases: exclusive seconds (fraction of run s); GFLOP/s: "
+          "an f32 matmul's speed on this host just before and after the run (``machine_speed``).\n\n"
           + "\n".join(lines) + "\n")
 
 
