@@ -99,7 +99,7 @@ def read(folder: pathlib.Path) -> tuple[dict, ModelConfig, Any] | None:
 
 def cached(root: pathlib.Path, path: str, convert: Callable[[str], tuple[dict, ModelConfig, Any]]):
   """``convert(path)`` -> (numpy params, cfg, tokenizer), through the cache under ``root``."""
-  if not enabled():
+  if not enabled() or not os.path.isfile(path):  # a missing file: the converter names the error
     return convert(path)
   folder = entry_dir(root, path)
   hit = read(folder)
