@@ -9,10 +9,10 @@ Every run is a fresh ``python -m recovery_jax.main --config=configs/demo.py[:tin
 subprocess into a new workdir (``--one_process``: one subprocess per pass running every setting, as
 ``make demo`` does). The passes:
 
-  cold   ``RECOVERY_JAX_COMPILATION_CACHE`` points at a new empty folder, shared by the pass's settings,
-         and ``RECOVERY_JAX_CACHE`` (converted weights, tokenizers) at another, as on a fresh machine
+  cold   ``RECOVERY_JAX_COMPILATION_CACHE`` points at a new empty folder, shared by the pass's settings
          in order (as in one demo run; ``--cache_per_setting``: a new folder per setting, and each
-         setting's cold and warm runs follow each other)
+         setting's cold and warm runs follow each other), and ``RECOVERY_JAX_CACHE`` (converted
+         weights, tokenizers) at another beside it, as on a fresh machine
   warm   a second run of each setting with the folder(s) the cold pass filled. ``--warm`` alone fills a
          new folder with an unrecorded ``prime`` run first, or uses ``--cache_dir`` as it is
 

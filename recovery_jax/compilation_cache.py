@@ -30,9 +30,10 @@ def cache_dir(env=None) -> str | None:
 def enable(path: str | None = None, min_compile_time_s: float = 0.0) -> str | None:
   """Turns the persistent cache on at ``path`` (default ``cache_dir()``) for programs that took at
   least ``min_compile_time_s`` to compile. The default keeps every program: JAX's own 1 s (or a
-  0.1 s) threshold leaves most of an app's programs to be compiled again by every run (IOI demo, warm:
-  117 of 132 programs and 12.7 s of compiling at 0.1 s; 0 of 132 and 8.5 s at 0; docs/benchmarks.md). Returns the folder, or None when it is off or the folder
-  cannot be created (then nothing changes: compiling still works, only uncached)."""
+  0.1 s) threshold leaves most of an app's programs to be compiled again by every run (IOI demo,
+  warm: 117 of 132 programs and 12.7 s of compiling at 0.1 s; 0 of 132 and 8.5 s at 0;
+  docs/benchmarks.md). Returns the folder, or None when it is off or the folder cannot be created
+  (then nothing changes: compiling still works, only uncached)."""
   import jax  # pylint: disable=import-outside-toplevel
   path = cache_dir() if path is None else path
   if path is None:
