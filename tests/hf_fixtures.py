@@ -55,18 +55,14 @@ def from_gguf(path: str, kind: str):
   size, mtime and the transformers version, and read back from there: the same reference, converted
   once. A tokenizer is kept with ``save_pretrained``; a model (which transformers will not save, as
   it is marked GGUF-quantised) as its dequantised state dict and its config without that mark."""
-  import hashlib
   import json
-  import shutil
-  import tempfile
 
   import torch
   import transformers
-  from recovery_jax.models import loading
+  from recovery_jax.models import loading, weights_cache
 
-  st = os.stat(path)
-  key = f"{os.path.realpath(path)}|{st.st_size}|{st.st_mtime_ns}|{transformers.__version__}|{kind}"
-  folder = loading.cache_dir() / "hf_reference" / f"{kind}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+  key = weights_cache.source_key(path, transformers.__version__, kind)
+  folder = loading.cache_dir() / "hf_reference" / f"{kind}-{key}"
   if (folder / "DONE").exists():
     if kind == "tokenizer":
       return transformers.AutoTokenizer.from_pretrained(str(folder))
@@ -74,25 +70,21 @@ def from_gguf(path: str, kind: str):
                                                           dtype=torch.float32)
     model.load_state_dict(torch.load(folder / "state.pt"))
     return model.eval()
-  folder_, name = os.path.split(path)
+  src, name = os.path.split(path)
   if kind == "tokenizer":
-    out = transformers.AutoTokenizer.from_pretrained(folder_, gguf_file=name)
+    out = transformers.AutoTokenizer.from_pretrained(src, gguf_file=name)
   else:
-    out = transformers.AutoModelForCausalLM.from_pretrained(folder_, gguf_file=name, dtype=torch.float32).eval()
-  folder.parent.mkdir(parents=True, exist_ok=True)
-  tmp = tempfile.mkdtemp(dir=folder.parent, prefix=folder.name + ".partial-")
-  try:
+    out = transformers.AutoModelForCausalLM.from_pretrained(src, gguf_file=name, dtype=torch.float32).eval()
+
+  def fill(tmp):
     if kind == "tokenizer":
-      out.save_pretrained(tmp)
+      out.save_pretrained(str(tmp))
     else:
-      torch.save(out.state_dict(), os.path.join(tmp, "state.pt"))
+      torch.save(out.state_dict(), tmp / "state.pt")
       cfg = {k: v for k, v in out.config.to_dict().items() if k != "quantization_config"}
-      with open(os.path.join(tmp, "config.json"), "w") as f:
-        json.dump(cfg, f)
-    open(os.path.join(tmp, "DONE"), "w").close()
-    os.rename(tmp, folder)
-  except OSError:  # another process stored it first, or no space: the reference is still ``out``
-    shutil.rmtree(tmp, ignore_errors=True)
+      (tmp / "config.json").write_text(json.dumps(cfg))
+    (tmp / "DONE").touch()
+  weights_cache.publish(folder, fill)  # not stored (no space, another process first): still ``out``
   return out
 
 

@@ -35,11 +35,33 @@ def enabled() -> bool:
   return os.environ.get(ENV, "on").strip().lower() not in ("off", "0", "false", "none", "")
 
 
+def source_key(path: str, *extra: str) -> str:
+  """A name for source file ``path`` as it is now: a hash of its real path, size, mtime and ``extra``."""
+  st = os.stat(path)
+  key = "|".join([os.path.realpath(path), str(st.st_size), str(st.st_mtime_ns), *extra])
+  return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
 def entry_dir(root: pathlib.Path, path: str) -> pathlib.Path:
   """The cache folder of source file ``path`` under ``root``."""
-  st = os.stat(path)
-  key = f"{os.path.realpath(path)}|{st.st_size}|{st.st_mtime_ns}|v{VERSION}"
-  return root / "converted" / f"{pathlib.Path(path).stem[:40]}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+  return root / "converted" / f"{pathlib.Path(path).stem[:40]}-{source_key(path, f'v{VERSION}')}"
+
+
+def publish(folder: pathlib.Path, fill: Callable[[pathlib.Path], None]) -> bool:
+  """Creates ``folder`` whole or not at all: ``fill(tmp)`` writes into a new folder beside it, which is
+  then renamed. False where nothing was stored (unwritable, full, or another process stored it first)."""
+  try:
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = pathlib.Path(tempfile.mkdtemp(dir=folder.parent, prefix=folder.name + ".partial-"))
+  except OSError:
+    return False
+  try:
+    fill(tmp)
+    os.rename(tmp, folder)
+    return True
+  except OSError:
+    shutil.rmtree(tmp, ignore_errors=True)
+    return False
 
 
 def _flat(params, prefix=()) -> dict[tuple[str, ...], np.ndarray]:
@@ -53,13 +75,8 @@ def _flat(params, prefix=()) -> dict[tuple[str, ...], np.ndarray]:
 
 
 def write(folder: pathlib.Path, params: dict, cfg: ModelConfig, tokenizer) -> bool:
-  """Stores an entry (atomically); False where the cache folder cannot be written (nothing changes)."""
-  try:
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = pathlib.Path(tempfile.mkdtemp(dir=folder.parent, prefix=folder.name + ".partial-"))
-  except OSError:
-    return False
-  try:
+  """Stores an entry (``publish``); False where nothing was stored."""
+  def fill(tmp: pathlib.Path) -> None:
     leaves = []
     for i, (keys, a) in enumerate(_flat(params).items()):
       np.save(tmp / f"{i}.npy", a, allow_pickle=False)
@@ -67,12 +84,8 @@ def write(folder: pathlib.Path, params: dict, cfg: ModelConfig, tokenizer) -> bo
     (tmp / "tokenizer.json").write_text("" if tokenizer is None else tokenizer.to_str())
     meta = {"version": VERSION, "config": dataclasses.asdict(cfg), "leaves": leaves,
             "tokenizer": tokenizer is not None}
-    (tmp / "config.json").write_text(json.dumps(meta))  # written last: its presence marks a whole entry
-    os.rename(tmp, folder)
-    return True
-  except OSError:  # another process stored it first, or the disk is full: keep theirs / none
-    shutil.rmtree(tmp, ignore_errors=True)
-    return False
+    (tmp / "config.json").write_text(json.dumps(meta))
+  return publish(folder, fill)
 
 
 def read(folder: pathlib.Path) -> tuple[dict, ModelConfig, Any] | None:
