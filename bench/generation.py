@@ -29,6 +29,11 @@ tokens (rows whose first N tokens all agree, the fraction of agreeing tokens, th
 prefix), and how many rows the clamp changed. FLOPs are the model's analytic count
 (``bench.flops.forward``: prefill, then one token per step over the real context), the same for
 all variants; with ``--peak_sizes`` their rate is given as a fraction of the best jitted f32 matmul.
+Floor: a decode step's weight matmuls alone (every layer's Q, K, V, O, gate, up and down projections
+and the unembedding, ``--batch`` rows each, nothing else), timed for JAX (jitted, the model's stacked
+weights in a ``lax.scan``) and for torch (``F.linear`` on the HF model's own weights), interleaved
+like the variants. ``batch / floor`` is the decode throughput no decoder built on that library's
+matmuls can pass: attention, norms, the KV cache and the clamp all come on top.
 Results: ``bench/results/generation_<date>.json`` and ``.md`` (``--tiny``: ``generation_tiny_<date>``).
 """
 
@@ -69,6 +74,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   ap.add_argument("--torch_threads", type=int, default=0, help="torch.set_num_threads (0: os.cpu_count())")
   ap.add_argument("--torch_device", default="cpu", choices=("cpu", "cuda"))
   ap.add_argument("--no_torch", action="store_true", help="skip transformers (and the agreement check)")
+  ap.add_argument("--no_floor", action="store_true", help="skip the weight-matmul floor of a decode step")
+  ap.add_argument("--floor_dtype", default="float32", choices=("float32", "bfloat16"),
+                  help="the JAX floor's weights and rows (bfloat16: stored and multiplied in bf16)")
   ap.add_argument("--peak_sizes", default="", help="matmul sizes of a peak FLOP/s measurement (e.g. 512,1024,2048; "
                   "empty: none)")
   ap.add_argument("--out", default="", help="results JSON (default bench/results/generation[_tiny]_<date>.json; "
@@ -206,6 +214,62 @@ def torch_variant(hf, toks, mask, pad: int, n_new: int, device: str):
   return call
 
 
+def jax_floor_weights(params):
+  """(stacked projections {"attn": W_Q, W_K, W_V, W_O; "mlp": W_gate, W_in, W_out}, unembedding [V, D])."""
+  blocks = params["blocks"]
+  return ({"attn": {k: blocks["attn"][k] for k in ("W_Q", "W_K", "W_V", "W_O")},
+           "mlp": {k: blocks["mlp"][k] for k in ("W_gate", "W_in", "W_out")}}, params["embed"]["W_E"])
+
+
+def torch_floor_weights(hf) -> list:
+  """The weight of every ``nn.Linear`` of the HF model, in module order (a tied LM head once)."""
+  import torch  # pylint: disable=import-outside-toplevel
+  return [m.weight for m in hf.modules() if isinstance(m, torch.nn.Linear)]
+
+
+def jax_floor(params, batch: int, dtype=jnp.float32):
+  """fn() for the weight matmuls of one decode step in JAX: ``batch`` rows through every projection of
+  every layer (the stacked weights in a ``lax.scan``, one dot each) and the unembedding, in ``dtype``."""
+  blocks = params["blocks"]
+  d = blocks["attn"]["W_Q"].shape[1]
+
+  @jax.jit
+  def step(blocks, w_e, x):
+    def layer(h, p):
+      a, m = p["attn"], p["mlp"]
+      q = jnp.einsum("bd,dhk->bhk", h, a["W_Q"])
+      k = jnp.einsum("bd,dhk->bhk", h, a["W_K"])
+      v = jnp.einsum("bd,dhk->bhk", h, a["W_V"])
+      o = jnp.einsum("bhk,hkd->bd", q, a["W_O"])
+      u = jax.nn.silu(h @ m["W_gate"]) * (h @ m["W_in"])
+      h = h + 1e-3 * (o + u @ m["W_out"]) + 0.0 * (k.sum() + v.sum())
+      return h, None
+    h, _ = jax.lax.scan(layer, x, blocks)
+    return h @ w_e.T
+
+  weights = jax.tree.map(lambda w: jnp.asarray(w, dtype), jax_floor_weights(params))
+  x = jnp.full((batch, d), 1e-2, dtype)
+  step(*weights, x).block_until_ready()
+  return lambda: jax.block_until_ready(step(*weights, x))
+
+
+def torch_floor(hf, batch: int, device: str):
+  """fn() for the weight matmuls of one decode step in torch: ``batch`` rows through every
+  ``nn.Linear`` of the HF model, in module order (the projections and the LM head)."""
+  import torch  # pylint: disable=import-outside-toplevel
+  linears = torch_floor_weights(hf)
+  xs = {w.shape[1]: torch.full((batch, w.shape[1]), 1e-2, device=device) for w in linears}
+
+  def call():
+    with torch.no_grad():
+      for w in linears:
+        torch.nn.functional.linear(xs[w.shape[1]], w)
+    if device == "cuda":
+      torch.cuda.synchronize()
+
+  return call
+
+
 def generation_flops(cfg, batch: int, prompt_len: int, n_new: int) -> int:
   """Model FLOPs of one call: the prefill (logits of the last position) and ``n_new - 1`` decode steps
   of one token over the growing context (``bench.flops.forward``)."""
@@ -261,6 +325,18 @@ def run(args, log=print) -> dict:
       t = time.perf_counter()
       call()
       times[v].append(time.perf_counter() - t)
+  if not args.no_floor:
+    floors = {"jax": jax_floor(params, args.batch, jnp.dtype(args.floor_dtype))}
+    if hf is not None:
+      floors["transformers"] = torch_floor(hf, args.batch, args.torch_device)
+    floor_times = {v: [] for v in floors}
+    for _ in range(max(5, args.repeats)):
+      for v, call in floors.items():
+        t = time.perf_counter()
+        call()
+        floor_times[v].append(time.perf_counter() - t)
+    result["floor"] = {v: {"median_s": statistics.median(ts), "times_s": ts,
+                           "tokens_per_s": args.batch / statistics.median(ts)} for v, ts in floor_times.items()}
   n_tok = args.batch * args.new_tokens
   fl = generation_flops(cfg, args.batch, int(toks.shape[1]), args.new_tokens)
   peak = rt.measure_peak(args.peak_sizes)["flops_per_s"] if args.peak_sizes else None
@@ -308,6 +384,13 @@ def markdown(result: dict) -> str:
              f"identical, {100 * a['token_fraction']:.1f}% of tokens, common prefix mean {a['mean_common_prefix']:.1f} "
              f"(min {a['min_common_prefix']}).")
   text += f" The clamp changed {result['clamp_changed_rows']}/{result['batch']} rows.\n"
+  if "floor" in result:
+    text += ("\nThe floor: one decode step's weight matmuls alone (every projection and the unembedding, "
+             f"{result['batch']} rows, JAX in {result['args'].get('floor_dtype', 'float32')}; median of {len(next(iter(result['floor'].values()))['times_s'])}), and the "
+             "decode throughput no decoder on those matmuls can pass (batch / floor):\n\n"
+             "| matmuls of | ms per step | tokens/s at most |\n|---|---|---|\n")
+    for v, f in result["floor"].items():
+      text += f"| {v} | {1e3 * f['median_s']:.1f} | {f['tokens_per_s']:.0f} |\n"
   return text
 
 

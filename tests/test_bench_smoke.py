@@ -6,6 +6,7 @@ import math
 import os
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -120,6 +121,24 @@ def test_generation_bench_rows_agreement_and_files(generation):
   assert len(saved["loadavg_start"]) == 3 and len(saved["loadavg_end"]) == 3
   text = Path(md).read_text()
   assert all(f"| {v} |" in text for v in gen_bench.VARIANTS) and "3/3 rows identical" in text
+  floor = result["floor"]
+  assert sorted(floor) == ["jax", "transformers"] and "| matmuls of |" in text
+  for f in floor.values():
+    assert len(f["times_s"]) == 5 and math.isclose(f["tokens_per_s"], 3 / f["median_s"])
+
+
+def test_generation_floor_covers_the_same_weights_in_both_libraries(generation):
+  """The floor's JAX matmuls and torch's linears are the same weights: equal sizes, equal sums."""
+  import torch
+  from bench import problems, torch_loop
+  gen_bench = generation[0]
+  params, cfg, _ = problems.load_bench_model("tiny-llama")
+  jax_w = [np.asarray(w) for w in jax.tree.leaves(gen_bench.jax_floor_weights(params))]
+  with torch.no_grad():
+    torch_w = [w.numpy() for w in gen_bench.torch_floor_weights(torch_loop.to_hf(params, cfg))]
+  assert sum(w.size for w in jax_w) == sum(w.size for w in torch_w)
+  assert math.isclose(sum(float(np.abs(w).sum()) for w in jax_w), sum(float(np.abs(w).sum()) for w in torch_w),
+                      rel_tol=1e-5)
 
 
 def test_generation_bench_agreement_counts_the_common_prefix():
