@@ -188,3 +188,34 @@ def test_whole_run_bench_collects_a_tiny_setting(tmp_path):
   saved = json.loads(Path(js).read_text())
   assert saved["runs"][0]["profiles"]["ioi"]["wall_s"] == row["wall_s"] and len(saved["loadavg_end"]) == 3
   assert "| ioi | warm |" in Path(md).read_text()
+
+
+# ----------------------------------------------------------------------------------------------
+# bench.step_profile: where a step's time goes, by XLA operation kind
+
+
+def test_step_profile_kinds_and_per_step_arithmetic():
+  from bench import step_profile as sp
+  assert [sp.kind_of(n) for n in ("ynn_fusion.65", "dot.3", "triangular_solve.6", "dynamic-slice_bitcast_fusion.2",
+                                  "bitcast_dynamic-update-slice_fusion", "copy_bitcast_fusion.20", "transpose.1",
+                                  "wrapped_reduce.1", "add_divide_fusion")] == \
+      ["dot", "dot", "solve", "slice", "update", "copy", "copy", "reduce", "elementwise"]
+  ops = sp.step_ops({"ynn_fusion.1": 1.0, "copy.2": 0.5, "add.3": 0.1}, {"ynn_fusion.1": 0.2, "add.3": 0.3}, steps=4)
+  assert ops == {"ynn_fusion.1": 0.2, "copy.2": 0.125, "add.3": 0.0}  # the prepare's share off, never negative
+  kinds = sp.by_kind(ops, top=1)
+  assert math.isclose(sum(k["fraction"] for k in kinds.values()), 1.0)
+  assert kinds["dot"]["top"] == [("ynn_fusion.1", 0.2)] and kinds["slice"]["seconds"] == 0
+
+
+def test_step_profile_runs_on_the_tiny_model(tmp_path):
+  """The traced run finds the engine's matmuls in the profiler's trace and writes its files."""
+  from bench import step_profile as sp
+  from bench import whole_run
+  args = sp.parse_args(["--model=tiny-llama", "--batch=2", "--steps=3", "--repeats=1", f"--out={tmp_path / 'sp.json'}"])
+  result = sp.run(args, log=lambda *a: None)
+  assert result["kinds"]["dot"]["seconds"] > 0 and result["step_wall_s"] > 0
+  assert math.isclose(sum(k["fraction"] for k in result["kinds"].values()), 1.0)
+  tops = [n for k in result["kinds"].values() for n, _ in k["top"]]
+  assert tops and not any(n.startswith(sp.CONTAINERS) for n in tops)  # a while loop's time is its ops' time
+  js, md = whole_run.write_json_md(result, args.out, sp.markdown)
+  assert json.loads(Path(js).read_text())["batch"] == 2 and "| dot |" in Path(md).read_text()
