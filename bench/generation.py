@@ -385,9 +385,10 @@ def markdown(result: dict) -> str:
              f"(min {a['min_common_prefix']}).")
   text += f" The clamp changed {result['clamp_changed_rows']}/{result['batch']} rows.\n"
   if "floor" in result:
+    n = len(next(iter(result["floor"].values()))["times_s"])
     text += ("\nThe floor: one decode step's weight matmuls alone (every projection and the unembedding, "
-             f"{result['batch']} rows, JAX in {result['args'].get('floor_dtype', 'float32')}; median of {len(next(iter(result['floor'].values()))['times_s'])}), and the "
-             "decode throughput no decoder on those matmuls can pass (batch / floor):\n\n"
+             f"{result['batch']} rows, JAX in {result['args'].get('floor_dtype', 'float32')}; median of {n}), "
+             "and the decode throughput no decoder on those matmuls can pass (batch / floor):\n\n"
              "| matmuls of | ms per step | tokens/s at most |\n|---|---|---|\n")
     for v, f in result["floor"].items():
       text += f"| {v} | {1e3 * f['median_s']:.1f} | {f['tokens_per_s']:.0f} |\n"
