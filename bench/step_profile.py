@@ -5,13 +5,12 @@ r"""Where a recovery step's time goes: the batched engine's XLA operations, grou
   python -m bench.step_profile --model=tiny-llama --batch=2 --steps=3     # the smoke test
 
 The workload is ``bench.problems``' (the one ``bench.recovery_throughput`` times as variant (b)). Its
-compiled recovery (prepare, then ``--steps`` steps) and its prepare part alone each run once under
-``jax.profiler`` (a Perfetto trace); every XLA CPU operation's time is summed by name, the prepare's
-sums are taken off the recovery's, and the rest is divided by the steps (control flow, ``while`` and
-``conditional``, is left out: its time is its operations'). What a recovery does once outside the
-prepare part (the projection's factorisation, the final evaluation) is spread over the steps, so use
-enough steps. Kinds, from the fusion names
-XLA gives:
+compiled recovery runs once under ``jax.profiler`` (a Perfetto trace) with ``--steps`` steps and once
+with twice as many; every XLA CPU operation's time is summed by name in each, and the difference,
+divided by ``--steps``, is what a step costs (the prepare part and whatever a recovery does once
+cancel out). The two programs differ only in the loop's trip count, so their operations have the same
+names; a run where they do not is an error. Control flow (``while``, ``conditional``, ``call``) is left
+out: its time is its operations'. Kinds, from the fusion names XLA gives:
 
   dot             matmuls (``dot``, and the XNNPACK / YNNPACK / oneDNN fusions that wrap them)
   solve           triangular solves and Cholesky factorisations (the encoder projection's ridge solve)
@@ -83,10 +82,13 @@ def op_seconds(fn) -> dict[str, float]:
   return dict(out)
 
 
-def step_ops(recover_s: dict[str, float], prepare_s: dict[str, float], steps: int) -> dict[str, float]:
-  """Per-step seconds per operation: the recovery's sums less the prepare's, over ``steps``."""
-  names = set(recover_s) | set(prepare_s)
-  return {n: max(recover_s.get(n, 0.0) - prepare_s.get(n, 0.0), 0.0) / steps for n in names}
+def step_ops(short_s: dict[str, float], long_s: dict[str, float], steps: int) -> dict[str, float]:
+  """Per-step seconds per operation: (the ``2 * steps`` run's sums - the ``steps`` run's) / ``steps``,
+  never negative. Both runs must have the same operations (names)."""
+  if set(short_s) != set(long_s):
+    diff = sorted(set(short_s) ^ set(long_s))[:5]
+    raise RuntimeError(f"the two recoveries' programs differ beyond their step count (operations {diff})")
+  return {n: max(long_s[n] - short_s[n], 0.0) / steps for n in short_s}
 
 
 def by_kind(ops: dict[str, float], top: int = 3) -> dict[str, dict]:
@@ -105,11 +107,14 @@ def run(args, log=print) -> dict:
   eng = engine_batched.EngineBatched(params, wl)
   compile_s = eng.compile()["compile_s"]
   timed = eng.run(args.repeats)
-  rec, prep = eng.compiled
-  call_args = eng._args()  # pylint: disable=protected-access
-  rec_s = op_seconds(lambda: jax.block_until_ready(rec(*call_args).objective))
-  prep_s = op_seconds(lambda: jax.block_until_ready(prep(*call_args[:3])))
-  ops = step_ops(rec_s, prep_s, args.steps)
+  longer = engine_batched.EngineBatched(params, problems.make_workload(
+      args.workload, params, cfg, tok, n=args.batch, k_max=args.k_max, steps=2 * args.steps))
+  longer.compile()
+  traced = []
+  for e in (eng, longer):
+    rec, call_args = e.compiled[0], e._args()  # pylint: disable=protected-access
+    traced.append(op_seconds(lambda rec=rec, call_args=call_args: jax.block_until_ready(rec(*call_args).objective)))
+  ops = step_ops(*traced, args.steps)
   step_wall = max(timed["wall_s"] - timed["prepare_s"], 0.0) / args.steps
   result = {"command": "python -m bench.step_profile " + " ".join(sys.argv[1:]) if __name__ == "__main__"
             else "bench.step_profile.run", "date": datetime.datetime.now().isoformat(timespec="seconds"),

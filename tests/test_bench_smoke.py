@@ -200,8 +200,11 @@ def test_step_profile_kinds_and_per_step_arithmetic():
                                   "bitcast_dynamic-update-slice_fusion", "copy_bitcast_fusion.20", "transpose.1",
                                   "wrapped_reduce.1", "add_divide_fusion")] == \
       ["dot", "dot", "solve", "slice", "update", "copy", "copy", "reduce", "elementwise"]
-  ops = sp.step_ops({"ynn_fusion.1": 1.0, "copy.2": 0.5, "add.3": 0.1}, {"ynn_fusion.1": 0.2, "add.3": 0.3}, steps=4)
-  assert ops == {"ynn_fusion.1": 0.2, "copy.2": 0.125, "add.3": 0.0}  # the prepare's share off, never negative
+  short = {"ynn_fusion.1": 0.2, "copy.2": 0.1, "add.3": 0.3}
+  ops = sp.step_ops(short, {"ynn_fusion.1": 1.0, "copy.2": 0.6, "add.3": 0.1}, steps=4)
+  assert ops == {"ynn_fusion.1": 0.2, "copy.2": 0.125, "add.3": 0.0}  # the once-per-run part off, never negative
+  with pytest.raises(RuntimeError, match="differ beyond their step count"):
+    sp.step_ops(short, {"ynn_fusion.1": 1.0}, steps=4)
   kinds = sp.by_kind(ops, top=1)
   assert math.isclose(sum(k["fraction"] for k in kinds.values()), 1.0)
   assert kinds["dot"]["top"] == [("ynn_fusion.1", 0.2)] and kinds["slice"]["seconds"] == 0
