@@ -29,10 +29,9 @@ tokens (rows whose first N tokens all agree, the fraction of agreeing tokens, th
 prefix), and how many rows the clamp changed. FLOPs are the model's analytic count
 (``bench.flops.forward``: prefill, then one token per step over the real context), the same for
 all variants; with ``--peak_sizes`` their rate is given as a fraction of the best jitted f32 matmul.
-Floor: a decode step's weight matmuls alone (every layer's Q, K, V, O, gate, up and down projections
-and the unembedding, ``--batch`` rows each, nothing else), timed for JAX (jitted, the model's stacked
-weights in a ``lax.scan``) and for torch (``F.linear`` on the HF model's own weights), interleaved
-like the variants. ``batch / floor`` is the decode throughput no decoder built on that library's
+Floor (``bench.decode_floor``): a decode step's weight matmuls alone (every layer's Q, K, V, O, gate,
+up and down projections and the unembedding, ``--batch`` rows each, nothing else), timed for JAX and
+for torch, interleaved like the variants. ``batch / floor`` is the decode throughput no decoder built on that library's
 matmuls can pass: attention, norms, the KV cache and the clamp all come on top.
 Results: ``bench/results/generation_<date>.json`` and ``.md`` (``--tiny``: ``generation_tiny_<date>``).
 """
@@ -50,6 +49,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bench import decode_floor
 from bench import flops as flops_lib
 from bench import whole_run
 
@@ -214,60 +214,16 @@ def torch_variant(hf, toks, mask, pad: int, n_new: int, device: str):
   return call
 
 
-def jax_floor_weights(params):
-  """(stacked projections {"attn": W_Q, W_K, W_V, W_O; "mlp": W_gate, W_in, W_out}, unembedding [V, D])."""
-  blocks = params["blocks"]
-  return ({"attn": {k: blocks["attn"][k] for k in ("W_Q", "W_K", "W_V", "W_O")},
-           "mlp": {k: blocks["mlp"][k] for k in ("W_gate", "W_in", "W_out")}}, params["embed"]["W_E"])
-
-
-def torch_floor_weights(hf) -> list:
-  """The weight of every ``nn.Linear`` of the HF model, in module order (a tied LM head once)."""
-  import torch  # pylint: disable=import-outside-toplevel
-  return [m.weight for m in hf.modules() if isinstance(m, torch.nn.Linear)]
-
-
-def jax_floor(params, batch: int, dtype=jnp.float32):
-  """fn() for the weight matmuls of one decode step in JAX: ``batch`` rows through every projection of
-  every layer (the stacked weights in a ``lax.scan``, one dot each) and the unembedding, in ``dtype``."""
-  blocks = params["blocks"]
-  d = blocks["attn"]["W_Q"].shape[1]
-
-  @jax.jit
-  def step(blocks, w_e, x):
-    def layer(h, p):
-      a, m = p["attn"], p["mlp"]
-      q = jnp.einsum("bd,dhk->bhk", h, a["W_Q"])
-      k = jnp.einsum("bd,dhk->bhk", h, a["W_K"])
-      v = jnp.einsum("bd,dhk->bhk", h, a["W_V"])
-      o = jnp.einsum("bhk,hkd->bd", q, a["W_O"])
-      u = jax.nn.silu(h @ m["W_gate"]) * (h @ m["W_in"])
-      h = h + 1e-3 * (o + u @ m["W_out"]) + 0.0 * (k.sum() + v.sum())
-      return h, None
-    h, _ = jax.lax.scan(layer, x, blocks)
-    return h @ w_e.T
-
-  weights = jax.tree.map(lambda w: jnp.asarray(w, dtype), jax_floor_weights(params))
-  x = jnp.full((batch, d), 1e-2, dtype)
-  step(*weights, x).block_until_ready()
-  return lambda: jax.block_until_ready(step(*weights, x))
-
-
-def torch_floor(hf, batch: int, device: str):
-  """fn() for the weight matmuls of one decode step in torch: ``batch`` rows through every
-  ``nn.Linear`` of the HF model, in module order (the projections and the LM head)."""
-  import torch  # pylint: disable=import-outside-toplevel
-  linears = torch_floor_weights(hf)
-  xs = {w.shape[1]: torch.full((batch, w.shape[1]), 1e-2, device=device) for w in linears}
-
-  def call():
-    with torch.no_grad():
-      for w in linears:
-        torch.nn.functional.linear(xs[w.shape[1]], w)
-    if device == "cuda":
-      torch.cuda.synchronize()
-
-  return call
+def round_robin(calls: dict, repeats: int) -> dict[str, list[float]]:
+  """Seconds of ``repeats`` calls of each of ``calls`` (name -> fn()), interleaved: a change in the
+  host's speed hits every entry alike."""
+  times = {v: [] for v in calls}
+  for _ in range(repeats):
+    for v, call in calls.items():
+      t = time.perf_counter()
+      call()
+      times[v].append(time.perf_counter() - t)
+  return times
 
 
 def generation_flops(cfg, batch: int, prompt_len: int, n_new: int) -> int:
@@ -315,26 +271,17 @@ def run(args, log=print) -> dict:
   compile_s["jax+clamp"], calls["jax+clamp"] = jax_variant(params, cfg, toks, mask, pad, args.new_tokens, clamp)
   if hf is not None:
     calls["transformers"] = torch_variant(hf, toks, mask, pad, args.new_tokens, args.torch_device)
-  tokens, first_s, times = {}, {}, {v: [] for v in calls}
+  tokens, first_s = {}, {}
   for v, call in calls.items():  # warm-up (transformers: its first call)
     t = time.perf_counter()
     tokens[v] = call()
     first_s[v] = time.perf_counter() - t
-  for _ in range(args.repeats):
-    for v, call in calls.items():
-      t = time.perf_counter()
-      call()
-      times[v].append(time.perf_counter() - t)
+  times = round_robin(calls, args.repeats)
   if not args.no_floor:
-    floors = {"jax": jax_floor(params, args.batch, jnp.dtype(args.floor_dtype))}
+    floors = {"jax": decode_floor.jax_floor(params, args.batch, jnp.dtype(args.floor_dtype))}
     if hf is not None:
-      floors["transformers"] = torch_floor(hf, args.batch, args.torch_device)
-    floor_times = {v: [] for v in floors}
-    for _ in range(max(5, args.repeats)):
-      for v, call in floors.items():
-        t = time.perf_counter()
-        call()
-        floor_times[v].append(time.perf_counter() - t)
+      floors["transformers"] = decode_floor.torch_floor(hf, args.batch, args.torch_device)
+    floor_times = round_robin(floors, max(5, args.repeats))
     result["floor"] = {v: {"median_s": statistics.median(ts), "times_s": ts,
                            "tokens_per_s": args.batch / statistics.median(ts)} for v, ts in floor_times.items()}
   n_tok = args.batch * args.new_tokens

@@ -127,15 +127,14 @@ def test_generation_bench_rows_agreement_and_files(generation):
     assert len(f["times_s"]) == 5 and math.isclose(f["tokens_per_s"], 3 / f["median_s"])
 
 
-def test_generation_floor_covers_the_same_weights_in_both_libraries(generation):
+def test_generation_floor_covers_the_same_weights_in_both_libraries():
   """The floor's JAX matmuls and torch's linears are the same weights: equal sizes, equal sums."""
   import torch
-  from bench import problems, torch_loop
-  gen_bench = generation[0]
+  from bench import decode_floor, problems, torch_loop
   params, cfg, _ = problems.load_bench_model("tiny-llama")
-  jax_w = [np.asarray(w) for w in jax.tree.leaves(gen_bench.jax_floor_weights(params))]
+  jax_w = [np.asarray(w) for w in jax.tree.leaves(decode_floor.jax_floor_weights(params))]
   with torch.no_grad():
-    torch_w = [w.numpy() for w in gen_bench.torch_floor_weights(torch_loop.to_hf(params, cfg))]
+    torch_w = [w.numpy() for w in decode_floor.torch_floor_weights(torch_loop.to_hf(params, cfg))]
   assert sum(w.size for w in jax_w) == sum(w.size for w in torch_w)
   assert math.isclose(sum(float(np.abs(w).sum()) for w in jax_w), sum(float(np.abs(w).sum()) for w in torch_w),
                       rel_tol=1e-5)
